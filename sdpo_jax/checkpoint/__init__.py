@@ -1,0 +1,1 @@
+"""Reading and writing model checkpoints: safetensors, Hugging Face folders, GGUF."""

@@ -1,0 +1,199 @@
+"""Flax (linen) Llama-family decoder: one definition for policy and reference.
+
+Parameters are kept in ``param_dtype`` (float32 master weights by default) and cast to the
+compute ``dtype`` at use; matrix products accumulate in float32 (``preferred_element_type``)
+whatever the compute dtype. Every parameter dimension carries a logical axis name
+(``vocab``, ``embed``, ``q_heads``, ``kv_heads``, ``head_dim``, ``mlp``, ``norm``, and ``layers`` for
+the stacked decoder layers) so that sharding rules can map them to mesh axes.
+
+The decoder layers run under ``nn.scan`` (one compiled layer body, parameters stacked on a
+leading ``layers`` axis), optionally rematerialised with a ``jax.checkpoint`` policy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdpo_jax.models.attention import causal_attention_mask, grouped_query_attention, resolve_implementation
+from sdpo_jax.models.config import ModelConfig
+from sdpo_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_INIT_STD = 0.02
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=None):
+    init = init or nn.initializers.normal(_INIT_STD)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
+
+
+def _matmul(spec: str, x: jnp.ndarray, w: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
+    """einsum in the compute dtype with float32 accumulation, returned in the compute dtype."""
+    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """y = scale * x / sqrt(mean(x^2) + eps), the statistics in float32."""
+
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", (x.shape[-1],), ("norm",), nn.initializers.ones)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(jnp.float32) * normed.astype(self.dtype).astype(jnp.float32)).astype(self.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    implementation: str
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        c = self.config
+        d, h, k, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        projections = {}
+        for name, heads, head_axis in (("q_proj", h, "q_heads"), ("k_proj", k, "kv_heads"), ("v_proj", k, "kv_heads")):
+            kernel = _param(self, f"{name}_kernel", (d, heads, hd), ("embed", head_axis, "head_dim"))
+            y = _matmul("bsd,dhk->bshk", x, kernel, self.dtype)
+            if c.qkv_bias:
+                bias = _param(self, f"{name}_bias", (heads, hd), (head_axis, "head_dim"), nn.initializers.zeros)
+                y = y + bias.astype(self.dtype)
+            projections[name] = y
+        q = apply_rotary(projections["q_proj"], cos, sin)
+        key = apply_rotary(projections["k_proj"], cos, sin)
+        out = grouped_query_attention(q, key, projections["v_proj"], mask, self.implementation)
+        o_kernel = _param(self, "o_proj_kernel", (h, hd, d), ("q_heads", "head_dim", "embed"))
+        y = _matmul("bshk,hkd->bsd", out, o_kernel, self.dtype)
+        if c.o_bias:
+            y = y + _param(self, "o_proj_bias", (d,), ("embed",), nn.initializers.zeros).astype(self.dtype)
+        return y
+
+
+class MLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        d, f = c.hidden_size, c.intermediate_size
+
+        def dense(name, shape, axes, inp, spec, out_dim):
+            y = _matmul(spec, inp, _param(self, f"{name}_kernel", shape, axes), self.dtype)
+            if c.mlp_bias:
+                y = y + _param(self, f"{name}_bias", (out_dim,), (axes[-1],), nn.initializers.zeros).astype(self.dtype)
+            return y
+
+        gate = dense("gate_proj", (d, f), ("embed", "mlp"), x, "bsd,df->bsf", f)
+        up = dense("up_proj", (d, f), ("embed", "mlp"), x, "bsd,df->bsf", f)
+        hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(self.dtype)
+        return dense("down_proj", (f, d), ("mlp", "embed"), hidden, "bsf,fd->bsd", d)
+
+
+class DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any
+    param_dtype: Any
+    implementation: str
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask):
+        c = self.config
+        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+        h = x + Attention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask
+        )
+        out = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
+        return out, None
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM.
+
+    ``__call__(input_ids [B, S], attention_mask [B, S] = all ones, positions [B, S] = derived,
+    mask [B, 1, S, S] = causal+padding(+window))`` returns float32 logits [B, S, vocab], or the
+    final normalised hidden states [B, S, hidden] in the compute dtype with ``return_hidden=True``
+    (for chunked log-probs that never build the full logits; see ``output_embedding``).
+    Positions default to cumsum(attention_mask) - 1, which equals 0..S-1 for right padding.
+    """
+
+    config: ModelConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_implementation: str = "auto"
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False):
+        c = self.config
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, dtype=jnp.int32)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        if mask is None:
+            mask = attention_mask_for(attention_mask, positions, c)
+        embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
+        cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_parameters))
+
+        layer = DecoderLayer
+        if REMAT_POLICIES.get(self.remat, "missing") == "missing":
+            raise ValueError(f"remat policy {self.remat!r} is not one of {tuple(REMAT_POLICIES)}")
+        if self.remat != "none":
+            layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        implementation = resolve_implementation(self.attention_implementation, self.dtype)
+        x, _ = layers(c, self.dtype, self.param_dtype, implementation, name="layers")(x, cos, sin, mask)
+        hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
+        if not c.tie_word_embeddings:
+            _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+        if return_hidden:
+            return hidden
+        head = output_embedding(self.variables["params"], c)
+        return jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+def attention_mask_for(attention_mask: jnp.ndarray, positions: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
+    """The default attention mask of this architecture (causal, padding, Mistral's window)."""
+    return causal_attention_mask(attention_mask, positions, config.sliding_window)
+
+
+def output_embedding(params: Any, config: ModelConfig) -> jnp.ndarray:
+    """The [hidden, vocab] matrix that maps final hidden states to logits (tied or not)."""
+    params = nn.meta.unbox(params)
+    return params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+
+
+def init_params(model: LlamaForCausalLM, rng: jax.Array, seq_len: int = 8) -> Any:
+    """Random parameters (normal(0.02) matrices, unit norms, zero biases), unboxed."""
+    tokens = jnp.zeros((1, seq_len), dtype=jnp.int32)
+    return nn.meta.unbox(model.init(rng, tokens)["params"])
+
+
+def logical_axes(model: LlamaForCausalLM) -> Any:
+    """A pytree of PartitionSpecs of logical axis names, shaped like the params."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    return nn.get_partition_spec(shapes)

@@ -1,0 +1,38 @@
+"""Installs sdpo_jax: stepwise DPO (sDPO) for JAX/Flax on TPU, GPU and CPU."""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "transformers>=5.0",
+    "datasets>=5.0",
+    "ml-collections>=1.1",
+    "absl-py>=2.0",
+    "safetensors>=0.7",
+    "ml_dtypes>=0.5",
+    "numpy>=2.0",
+    "gguf>=0.17",
+    "tqdm>=4.66",
+]
+# torch==2.13.0 is pinned: it is the CPU build; a looser pin pulls a multi-GB CUDA build.
+TEST = ["pytest>=8", "torch==2.13.0"]
+BENCH = ["torch==2.13.0"]
+
+setup(
+    name="sdpo_jax",
+    version="0.1.0",
+    description="Stepwise Direct Preference Optimization (sDPO) for JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sdpo_jax", "sdpo_jax.*", "configs"]),
+    install_requires=RUNTIME,
+    extras_require={"test": TEST, "bench": BENCH},
+    entry_points={
+        "console_scripts": [
+            "sdpo-convert=sdpo_jax.cli.convert:main",
+        ]
+    },
+)

@@ -1,0 +1,56 @@
+"""Tiny real Hugging Face checkpoints of each supported family, built locally with transformers.
+
+Weights are random (seeded) with a larger init scale than training uses, so logits are of
+order 1-10 and parity tolerances mean something.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama"
+
+_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256,
+               initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+FAMILIES = {
+    "llama2": (transformers.LlamaConfig, dict(num_attention_heads=4, num_key_value_heads=4, rms_norm_eps=1e-5)),
+    "llama3": (
+        transformers.LlamaConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=True,
+             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 64, "rope_theta": 500000.0}),
+    ),
+    "mistral": (transformers.MistralConfig, dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=5)),
+    "qwen2": (transformers.Qwen2Config, dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6)),
+    "solar": (transformers.LlamaConfig, dict(num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3, rms_norm_eps=1e-5)),
+}
+
+
+def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool = True) -> Path:
+    """Save a random tiny ``family`` model (float32 safetensors) and the Llama tokenizer files."""
+    config_class, overrides = FAMILIES[family]
+    config = config_class(**{**_COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # norms are initialised to one; make them informative
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer.json", folder / "tokenizer.json")
+        shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer_config.json", folder / "tokenizer_config.json")
+    return folder
+
+
+def load_torch_model(folder: str | os.PathLike, dtype=torch.float32):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").eval()

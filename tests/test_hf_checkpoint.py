@@ -1,0 +1,165 @@
+"""Hugging Face checkpoint import and export: round trips, shards, dtypes and refusals."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from hf_fixtures import FAMILIES, load_torch_model
+from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
+from sdpo_jax.checkpoint.hf_import import CheckpointError, load_hf_checkpoint
+from sdpo_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from sdpo_jax.models import UnsupportedModelError
+
+
+def _assert_trees_identical(a, b):
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_import_export_import_is_bit_identical(hf_checkpoint, tmp_path, family):
+    folder = hf_checkpoint(family)
+    config, params = load_hf_checkpoint(folder)
+    save_hf_checkpoint(params, config, tmp_path / "out", source_folder=folder)
+    config2, params2 = load_hf_checkpoint(tmp_path / "out")
+    assert config2 == config
+    _assert_trees_identical(params, params2)
+    # The exported tensors are byte-for-byte the ones transformers wrote.
+    with SafetensorsFile(folder / "model.safetensors") as original, SafetensorsFile(tmp_path / "out" / "model.safetensors") as ours:
+        assert sorted(original.keys()) == sorted(ours.keys())
+        for name in original.keys():
+            np.testing.assert_array_equal(original[name], ours[name])
+
+
+def test_export_loads_in_transformers_with_same_logits_and_tokenizer(hf_checkpoint, tmp_path):
+    folder = hf_checkpoint("qwen2")
+    config, params = load_hf_checkpoint(folder)
+    out = save_hf_checkpoint(params, config, tmp_path / "export", source_folder=folder)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        expected = load_torch_model(folder)(input_ids=ids).logits
+        got = load_torch_model(out)(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.encode("Hello world")[0] == 1  # the Llama tokenizer adds <s>
+    assert json.loads((tmp_path / "export" / "generation_config.json").read_text())["eos_token_id"] == 2
+
+
+def test_export_without_source_writes_a_config_transformers_reads(hf_checkpoint, tmp_path):
+    folder = hf_checkpoint("mistral")
+    config, params = load_hf_checkpoint(folder)
+    out = save_hf_checkpoint(params, config, tmp_path / "bare")
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    assert type(hf_config).__name__ == "MistralConfig" and hf_config.sliding_window == config.sliding_window
+    ids = torch.arange(10)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits)
+
+
+def test_sharded_checkpoints_both_ways(hf_checkpoint, tmp_path):
+    folder = hf_checkpoint("llama3")
+    config, params = load_hf_checkpoint(folder)
+    load_torch_model(folder).save_pretrained(tmp_path / "hf_sharded", max_shard_size="40KB")
+    assert (tmp_path / "hf_sharded" / "model.safetensors.index.json").is_file()
+    _assert_trees_identical(load_hf_checkpoint(tmp_path / "hf_sharded")[1], params)
+
+    out = save_hf_checkpoint(params, config, tmp_path / "ours_sharded", source_folder=folder, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "ours_sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    assert not (tmp_path / "ours_sharded" / "model.safetensors").exists()
+    _assert_trees_identical(load_hf_checkpoint(out)[1], params)
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits)
+
+
+def test_bfloat16_checkpoints(hf_checkpoint, tmp_path):
+    folder = hf_checkpoint("llama2")
+    load_torch_model(folder, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    config, params = load_hf_checkpoint(tmp_path / "bf16")  # into float32 master weights
+    _, params_bf16 = load_hf_checkpoint(tmp_path / "bf16", param_dtype=ml_dtypes.bfloat16)
+    assert params["embed_tokens"].dtype == np.float32 and params_bf16["embed_tokens"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(params["embed_tokens"], params_bf16["embed_tokens"].astype(np.float32))
+    save_hf_checkpoint(params, config, tmp_path / "bf16_again", dtype="bfloat16", source_folder=folder)
+    with SafetensorsFile(tmp_path / "bf16" / "model.safetensors") as a, SafetensorsFile(tmp_path / "bf16_again" / "model.safetensors") as b:
+        for name in a.keys():
+            assert b.dtype(name) == ml_dtypes.bfloat16
+            np.testing.assert_array_equal(a[name], b[name])
+    assert load_torch_model(tmp_path / "bf16_again", dtype=None).dtype == torch.bfloat16
+
+
+def _copy(folder, tmp_path):
+    target = tmp_path / "broken"
+    shutil.copytree(folder, target)
+    return target
+
+
+def _rewrite_weights(folder, edit):
+    with SafetensorsFile(folder / "model.safetensors") as f:
+        tensors = {name: np.array(f[name]) for name in f.keys()}
+    edit(tensors)
+    write_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
+
+
+def _edit_config(folder, **changes):
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(hf_checkpoint, tmp_path):
+    folder = _copy(hf_checkpoint("llama2"), tmp_path)
+    _edit_config(folder, architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(UnsupportedModelError, match=r"config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+        load_hf_checkpoint(folder)
+
+
+@pytest.mark.parametrize(
+    "case, edit, message",
+    [
+        ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
+        ("extra", lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}), r"unexpected tensor 'model.layers.0.extra.weight'"),
+        ("shape", lambda t: t.update({"model.norm.weight": np.zeros(65, np.float32)}), r"tensor 'model.norm.weight' has shape \[65\], config.json implies \[64\]"),
+    ],
+)
+def test_bad_tensors_are_refused(hf_checkpoint, tmp_path, case, edit, message):
+    folder = _copy(hf_checkpoint("llama2"), tmp_path)
+    _rewrite_weights(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_hf_checkpoint(folder)
+
+
+def test_config_that_disagrees_with_the_weights_is_refused(hf_checkpoint, tmp_path):
+    folder = _copy(hf_checkpoint("qwen2"), tmp_path)
+    _edit_config(folder, intermediate_size=128)
+    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight' has shape \[160, 64\], config.json implies \[128, 64\]"):
+        load_hf_checkpoint(folder)
+
+
+def test_missing_weights_and_missing_shards_are_refused(hf_checkpoint, tmp_path):
+    folder = _copy(hf_checkpoint("llama2"), tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_hf_checkpoint(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match="lists shard 'model-00001-of-00002.safetensors', which is not in the folder"):
+        load_hf_checkpoint(folder)
+
+
+def test_untied_lm_head_beside_tied_embeddings_is_refused(hf_checkpoint, tmp_path):
+    folder = _copy(hf_checkpoint("llama3"), tmp_path)
+    _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
+    with pytest.raises(CheckpointError, match="'lm_head.weight' differs from the embeddings"):
+        load_hf_checkpoint(folder)
+    _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"].copy()}))
+    load_hf_checkpoint(folder)  # an equal copy is accepted
