@@ -13,12 +13,11 @@ import shutil
 from typing import Any, Callable
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from sdpo_jax.checkpoint.hf_import import INDEX_FILE, SINGLE_FILE
 from sdpo_jax.checkpoint.param_mapping import get_leaf, hf_names, tensor_specs
-from sdpo_jax.checkpoint.safetensors_io import tensor_nbytes, write_safetensors
+from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, tensor_nbytes, write_safetensors
 from sdpo_jax.models.config import ModelConfig
 
 TOKENIZER_FILES = (
@@ -32,7 +31,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
@@ -49,7 +47,7 @@ class LazyTensor:
 
 def hf_tensors(params: Any, config: ModelConfig, dtype: str = "float32") -> list[tuple[str, LazyTensor]]:
     """(HF name, lazy tensor in ``dtype``) for every parameter, in Hugging Face's order."""
-    np_dtype = np.dtype(EXPORT_DTYPES[dtype])
+    np_dtype = np.dtype(STORAGE_DTYPES[dtype])
     tensors = []
     for spec in tensor_specs(config):
         leaf = get_leaf(params, spec.path)
@@ -75,8 +73,8 @@ def save_hf_checkpoint(
     config.json is the source's own (so every field transformers reads is preserved) with the
     dtype updated, or, without a source, the one ``config`` describes.
     """
-    if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"export dtype {dtype!r} is not one of {tuple(EXPORT_DTYPES)}")
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"export dtype {dtype!r} is not one of {tuple(STORAGE_DTYPES)}")
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tensors = hf_tensors(params, config, dtype)

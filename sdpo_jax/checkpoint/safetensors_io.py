@@ -35,6 +35,8 @@ _DTYPES = {
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+# The dtypes a converted or exported checkpoint may be stored in, by their transformers names.
+STORAGE_DTYPES = {"float32": _DTYPES["F32"], "bfloat16": _DTYPES["BF16"], "float16": _DTYPES["F16"]}
 
 
 class SafetensorsError(ValueError):

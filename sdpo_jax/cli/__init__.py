@@ -1,0 +1,1 @@
+"""Command-line tools of sdpo_jax (console scripts declared in setup.py)."""

@@ -1,0 +1,142 @@
+"""Static-shape training batches from length buckets, with an exactly resumable position.
+
+Plan of an epoch (identical on every process, since it depends only on the pair lengths, the
+seed and the epoch):
+1. Shuffle all pairs with a generator seeded by (seed, epoch) (or keep their order, for eval).
+2. Walk the buckets from short to long. Each bucket's pairs, in shuffled order and after the
+   pairs carried over from the shorter buckets, are cut into global batches of `batch_size`;
+   the remainder is carried up into the next bucket (a short pair fits a longer shape).
+3. The last remainder forms one final batch padded with invalid pairs (index -1, `valid`
+   False, all masks zero), so nothing is dropped and an epoch has ceil(n / batch_size) steps.
+4. The batches are shuffled with the same generator.
+A batch's length L is the smallest bucket holding its longest sequence, so the set of shapes is
+the bucket list. Each process takes rows [p * B/P, (p+1) * B/P) of every global batch; a pair's
+chosen and rejected are always in the same row.
+
+`state()` is {'epoch', 'position', ...}; `restore(state)` continues with exactly the batch an
+uninterrupted run would have produced next (the process count may differ on restore).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from sdpo_jax.data.pairs import TokenizedPairs
+
+
+def default_buckets(max_length: int) -> tuple[int, ...]:
+    """Powers of two from max_length/8 up to max_length, plus max_length itself."""
+    buckets = {max_length}
+    size = 1
+    while size < max_length:
+        if size >= max_length // 8:
+            buckets.add(size)
+        size *= 2
+    return tuple(sorted(buckets))
+
+
+def resolve_buckets(length_buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+    """`data.length_buckets` (empty: `default_buckets`), checked to reach `max_length`."""
+    buckets = tuple(sorted(set(int(b) for b in length_buckets))) or default_buckets(max_length)
+    if buckets[0] <= 0 or buckets[-1] < max_length:
+        raise ValueError(f"data.length_buckets {buckets} must be positive and reach "
+                         f"max_length {max_length}")
+    return buckets
+
+
+class PairBatcher:
+    """Iterator over this process's slice of bucketed global batches (see module docstring)."""
+
+    def __init__(self, pairs: TokenizedPairs, batch_size: int, seed: int, buckets: Sequence[int],
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+        if batch_size <= 0 or batch_size % process_count:
+            raise ValueError(f"batch size {batch_size} must be a positive multiple of the "
+                             f"process count {process_count}")
+        if not len(pairs):
+            raise ValueError("no pairs to batch")
+        self.pairs = pairs
+        self.batch_size = batch_size
+        self.seed = seed
+        self.buckets = np.asarray(sorted(set(int(b) for b in buckets)), np.int64)
+        self.shuffle = shuffle
+        self.local_size = batch_size // process_count
+        self.local_rows = slice(process_index * self.local_size,
+                                (process_index + 1) * self.local_size)
+        lengths = pairs.lengths
+        if lengths.max() > self.buckets[-1]:
+            raise ValueError(f"a pair of {lengths.max()} tokens exceeds the largest bucket "
+                             f"{self.buckets[-1]}")
+        self.bucket_of = np.searchsorted(self.buckets, lengths)
+        self.epoch, self.position = 0, 0
+        self._plan_epoch, self._plan = -1, []
+        self._identity = hashlib.sha256(lengths.tobytes() + self.buckets.tobytes()
+                                        + bytes([shuffle])).hexdigest()[:16]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.pairs) // self.batch_size)
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The global batches of `epoch` as arrays of pair indices (-1 pads the last one)."""
+        if epoch == self._plan_epoch:
+            return self._plan
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.pairs)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        batches, carry = [], np.zeros(0, np.int64)
+        for bucket in range(len(self.buckets)):
+            pool = np.concatenate([carry, order[self.bucket_of[order] == bucket]])
+            full = len(pool) - len(pool) % self.batch_size
+            batches.extend(pool[:full].reshape(-1, self.batch_size))
+            carry = pool[full:]
+        if len(carry):
+            batches.append(np.concatenate([carry, np.full(self.batch_size - len(carry), -1)]))
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        self._plan_epoch, self._plan = epoch, batches
+        return batches
+
+    def batch_length(self, indices: np.ndarray) -> int:
+        """The smallest bucket that holds the longest sequence among `indices`."""
+        real = indices[indices >= 0]
+        return int(self.buckets[np.searchsorted(self.buckets, self.pairs.lengths[real].max())])
+
+    def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch `indices`, padded to the batch's bucket."""
+        return self.pairs.gather(indices[self.local_rows], self.batch_length(indices))
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """All batches of one epoch, without moving the iterator (e.g. for evaluation)."""
+        for indices in self.plan(epoch):
+            yield self.make_batch(indices)
+
+    def __iter__(self) -> "PairBatcher":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The next batch; runs on into the next epoch (check `epoch` to stop)."""
+        batch = self.make_batch(self.plan(self.epoch)[self.position])
+        self.position += 1
+        if self.position == self.steps_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+    def state(self) -> dict:
+        """JSON-able position: the next batch is batch `position` of epoch `epoch`."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
+                "batch_size": self.batch_size, "num_pairs": len(self.pairs),
+                "data_id": self._identity}
+
+    def restore(self, state: dict) -> None:
+        """Continues from `state()`; refuses a state taken with other data or settings."""
+        mine = self.state()
+        for key in ("seed", "batch_size", "num_pairs", "data_id"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"cannot restore the data iterator: {key} was {state.get(key)!r}, "
+                                 f"now {mine[key]!r}")
+        if not 0 <= state["position"] < self.steps_per_epoch:
+            raise ValueError(f"cannot restore the data iterator: position {state['position']} "
+                             f"outside an epoch of {self.steps_per_epoch} steps")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,0 +1,153 @@
+"""`TokenizedPairs`: the canonical tokenized preference pairs of one dataset, in flat arrays.
+
+Every format ends up here. All token ids live in one int32 array; each pair points into it with
+(start, length) for prompt, chosen and rejected, so truncation and subsetting only change those
+pointers and batches are gathered with vectorized numpy indexing. `pair_index` in batches is
+the index into this object. `prompt_ids(i)` etc. return a pair's (truncated) ids as lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from sdpo_jax.data.errors import Location
+from sdpo_jax.data.truncation import truncate
+
+SIDES = ("prompt", "chosen", "rejected")
+
+
+@dataclasses.dataclass
+class TokenizedPairs:
+    """Preference pairs as pointers into one flat token array (see the module docstring).
+
+    A prompt is `tokens[prompt_start : prompt_start + head]` (a kept BOS, see truncation) then
+    `tokens[body_start : body_start + prompt_len - head]`; completions are plain slices.
+    """
+
+    tokens: np.ndarray
+    prompt_start: np.ndarray
+    head: np.ndarray
+    body_start: np.ndarray
+    prompt_len: np.ndarray
+    chosen_start: np.ndarray
+    chosen_len: np.ndarray
+    rejected_start: np.ndarray
+    rejected_len: np.ndarray
+    source_id: np.ndarray
+    number: np.ndarray
+    sources: list[tuple[str, str]]          # (name, 'line' | 'row') per source id
+    report: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_tables(cls, tables: Sequence, sources: Sequence[tuple[str, str]],
+                    report: dict | None = None) -> "TokenizedPairs":
+        """Builds from pyarrow tables with prompt_ids/chosen_ids/rejected_ids/number columns."""
+        import pyarrow.compute as pc
+
+        chunks, fields, base = [], {f"{s}_{k}": [] for s in SIDES for k in ("start", "len")}, 0
+        ids, numbers = [], []
+        for source_id, table in enumerate(tables):
+            for side in SIDES:
+                column = table.column(f"{side}_ids").combine_chunks()
+                values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32)
+                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+                fields[f"{side}_start"].append(base + np.cumsum(lengths) - lengths)
+                fields[f"{side}_len"].append(lengths)
+                chunks.append(values)
+                base += len(values)
+            numbers.append(table.column("number").to_numpy().astype(np.int64))
+            ids.append(np.full(table.num_rows, source_id, np.int32))
+        cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in fields.items()}
+        return cls(tokens=np.concatenate(chunks) if chunks else np.zeros(0, np.int32),
+                   prompt_start=cat["prompt_start"], head=np.zeros_like(cat["prompt_len"]),
+                   body_start=cat["prompt_start"], prompt_len=cat["prompt_len"],
+                   chosen_start=cat["chosen_start"], chosen_len=cat["chosen_len"],
+                   rejected_start=cat["rejected_start"], rejected_len=cat["rejected_len"],
+                   source_id=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+                   number=np.concatenate(numbers) if numbers else np.zeros(0, np.int64),
+                   sources=list(sources), report=dict(report or {}))
+
+    def __len__(self) -> int:
+        return len(self.prompt_len)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Longest sequence of each pair: prompt + the longer completion."""
+        return self.prompt_len + np.maximum(self.chosen_len, self.rejected_len)
+
+    def location(self, i: int) -> Location:
+        """The source line/row pair `i` came from (for messages)."""
+        name, unit = self.sources[self.source_id[i]]
+        return Location(name, unit, int(self.number[i]))
+
+    def prompt_ids(self, i: int) -> list[int]:
+        head = self.tokens[self.prompt_start[i]: self.prompt_start[i] + self.head[i]]
+        body = self.tokens[self.body_start[i]: self.body_start[i] + self.prompt_len[i] - self.head[i]]
+        return np.concatenate([head, body]).tolist()
+
+    def chosen_ids(self, i: int) -> list[int]:
+        return self.tokens[self.chosen_start[i]: self.chosen_start[i] + self.chosen_len[i]].tolist()
+
+    def rejected_ids(self, i: int) -> list[int]:
+        return self.tokens[self.rejected_start[i]: self.rejected_start[i] + self.rejected_len[i]].tolist()
+
+    def subset(self, indices: np.ndarray) -> "TokenizedPairs":
+        """The pairs at `indices` (the token array is shared, not copied)."""
+        indices = np.asarray(indices, np.int64)
+        per_pair = {f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
+                    if f.name not in ("tokens", "sources", "report")}
+        return TokenizedPairs(tokens=self.tokens, sources=self.sources, report=dict(self.report),
+                              **per_pair)
+
+    def truncated(self, max_length: int, max_prompt_length: int, mode: str,
+                  bos_id: int | None) -> "TokenizedPairs":
+        """Applies `truncation.truncate`; drops (and reports) pairs left without a completion."""
+        starts_with_bos = (self.tokens[np.minimum(self.prompt_start, len(self.tokens) - 1)] == bos_id
+                           if bos_id is not None and len(self.tokens) else np.zeros(len(self), bool))
+        t = truncate(self.prompt_len, self.chosen_len, self.rejected_len, starts_with_bos,
+                     max_length, max_prompt_length, mode)
+        out = dataclasses.replace(
+            self, head=t.head, body_start=self.prompt_start + t.body_offset,
+            prompt_len=t.prompt_len, chosen_len=t.chosen_len, rejected_len=t.rejected_len)
+        empty = np.flatnonzero(t.empty)
+        report = dict(self.report,
+                      truncated_prompts=int((t.prompt_len < self.prompt_len).sum()),
+                      truncated_completions=int(((t.chosen_len < self.chosen_len)
+                                                 | (t.rejected_len < self.rejected_len)).sum()),
+                      dropped_empty_completion=len(empty),
+                      dropped_examples=[str(self.location(i)) for i in empty[:5]])
+        kept = out.subset(np.flatnonzero(~t.empty))
+        kept.report = report
+        return kept
+
+    def gather(self, indices: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """Right-padded input ids, attention and loss masks of both sides for `indices`.
+
+        Index -1 is a padding pair: all zeros/False. Loss masks are True on completion tokens.
+        """
+        indices = np.asarray(indices, np.int64)
+        valid = indices >= 0
+        idx = np.where(valid, indices, 0)
+        j = np.arange(length, dtype=np.int64)[None, :]
+        prompt_len = np.where(valid, self.prompt_len[idx], 0)[:, None]
+        head = self.head[idx][:, None]
+        prompt_pos = np.where(j < head, self.prompt_start[idx][:, None],
+                              self.body_start[idx][:, None] + j - head)
+        out = {}
+        for side in ("chosen", "rejected"):
+            side_len = np.where(valid, getattr(self, f"{side}_len")[idx], 0)[:, None]
+            pos = np.where(j < prompt_len, prompt_pos,
+                           getattr(self, f"{side}_start")[idx][:, None] + j - prompt_len)
+            if (prompt_len + side_len > length).any():
+                raise ValueError(f"a {side} sequence is longer than the batch length {length}")
+            real = j < prompt_len + side_len
+            ids = self.tokens[np.clip(pos, 0, max(len(self.tokens) - 1, 0))] if len(self.tokens) \
+                else np.zeros(pos.shape, np.int32)
+            out[f"{side}_input_ids"] = np.where(real, ids, 0).astype(np.int32)
+            out[f"{side}_attention_mask"] = real.astype(np.int32)
+            out[f"{side}_loss_mask"] = real & (j >= prompt_len)
+        out["pair_index"] = indices.astype(np.int32)
+        out["valid"] = valid
+        return out

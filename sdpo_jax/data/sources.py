@@ -1,0 +1,177 @@
+"""Reading raw preference records from local files, dataset folders and hub dataset names.
+
+A source string is `PATH_OR_NAME[@SPLIT]`. `sample:NAME/FILE` points into the samples shipped
+in this package (`sdpo_jax/data/samples/`). Files are read by this module itself (not by
+`datasets`) so that every bad byte or line can be reported with its line number:
+
+- .jsonl / .jsonl.gz: one JSON object per line; blank lines are ignored; located by line (1-based).
+- .json: a JSON list of objects; located by row (0-based).
+- .parquet: located by row (0-based).
+- anything else (a folder, or a hub name such as `Intel/orca_dpo_pairs`): `datasets.load_dataset`.
+
+Undecodable records do not raise here: they become `Record`s holding a `DataError`, so that the
+caller can either stop at the first or skip and count them (`data.skip_invalid`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from sdpo_jax.data.errors import DataError, Location, type_name
+
+SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples")
+FILE_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
+
+
+@dataclasses.dataclass
+class Record:
+    """One raw record: its location and either the decoded object or why it could not be read."""
+
+    where: Location
+    value: dict | DataError
+
+
+@dataclasses.dataclass
+class RawSource:
+    """All records of one source."""
+
+    name: str
+    records: list[Record]
+
+
+def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
+    """Splits 'path_or_name@split' (the split part must not contain '/'); resolves `sample:`."""
+    name, split = spec, default_split
+    head, at, tail = spec.rpartition("@")
+    if at and head and tail and "/" not in tail:
+        name, split = head, tail
+    if name.startswith("sample:"):
+        name = os.path.join(SAMPLES_DIR, name[len("sample:"):])
+    return name, split
+
+
+def read_source(spec: str, default_split: str = "train", limit: int = 0,
+                sample_seed: int = 0) -> RawSource:
+    """Reads one source; `limit` > 0 keeps that many records (a seeded sample if `sample_seed`)."""
+    name, split = parse_spec(spec, default_split)
+    if name.endswith(FILE_SUFFIXES):
+        if not os.path.isfile(name):
+            raise DataError(name, "file not found", reason="missing file")
+        with open(name, "rb") as f:
+            data = f.read()
+        if name.endswith(".gz"):
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError) as err:
+                raise DataError(name, f"not a readable gzip file ({err})", reason="unreadable file")
+        if not data.strip():
+            raise DataError(name, "file is empty", reason="empty file")
+        if name.endswith((".jsonl", ".jsonl.gz")):
+            lines = [(i + 1, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+            lines = _select(lines, limit, sample_seed)
+            records = [_jsonl_record(name, number, line) for number, line in lines]
+        elif name.endswith(".json"):
+            records = _select(_json_records(name, data), limit, sample_seed)
+        else:
+            records = _select(_parquet_records(name), limit, sample_seed)
+    else:
+        rows = _load_dataset(name, split).to_list()
+        records = _select([Record(Location(name, "row", i), row) for i, row in enumerate(rows)],
+                          limit, sample_seed)
+    if not records:
+        raise DataError(name, "file is empty" if name.endswith(FILE_SUFFIXES)
+                        else "dataset has no rows", reason="empty file")
+    return RawSource(name=name, records=records)
+
+
+def source_fingerprint(spec: str, default_split: str = "train") -> str:
+    """A hash of the source's content (files) or the `datasets` fingerprint (hub, folders)."""
+    name, split = parse_spec(spec, default_split)
+    if name.endswith(FILE_SUFFIXES):
+        if not os.path.isfile(name):
+            raise DataError(name, "file not found", reason="missing file")
+        h = hashlib.blake2b(digest_size=16)
+        with open(name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+    return f"{_load_dataset(name, split)._fingerprint}:{split}"
+
+
+def _select(items: list, limit: int, sample_seed: int) -> list:
+    if limit <= 0 or len(items) <= limit:
+        return items
+    if sample_seed:
+        keep = np.sort(np.random.default_rng(sample_seed).choice(len(items), limit, replace=False))
+        return [items[i] for i in keep]
+    return items[:limit]
+
+
+def _jsonl_record(path: str, number: int, line: bytes) -> Record:
+    where = Location(path, "line", number)
+    try:
+        text = line.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        return Record(where, DataError(
+            where, f"invalid UTF-8 byte 0x{line[err.start]:02x} at column {err.start + 1}",
+            reason="invalid UTF-8"))
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Record(where, DataError(where, f"invalid JSON ({err.msg} at column {err.colno})",
+                                       reason="invalid JSON"))
+    return Record(where, _require_object(where, value))
+
+
+def _json_records(path: str, data: bytes) -> list[Record]:
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(Location(path, "line", line),
+                        f"invalid UTF-8 byte 0x{data[err.start]:02x}", reason="invalid UTF-8")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(Location(path, "line", err.lineno),
+                        f"invalid JSON ({err.msg} at column {err.colno})", reason="invalid JSON")
+    if not isinstance(value, list):
+        raise DataError(path, f"expected a JSON list of records, got {type_name(value)}",
+                        reason="wrong type")
+    return [Record(Location(path, "row", i), _require_object(Location(path, "row", i), v))
+            for i, v in enumerate(value)]
+
+
+def _parquet_records(path: str) -> list[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise DataError(path, f"not a readable parquet file ({err})", reason="unreadable file")
+    return [Record(Location(path, "row", i), row) for i, row in enumerate(rows)]
+
+
+def _load_dataset(name: str, split: str):
+    import datasets
+
+    if os.path.sep in name and not os.path.exists(name) and name.startswith((".", os.path.sep)):
+        raise DataError(name, "file not found", reason="missing file")
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as err:  # datasets raises many types (missing, offline, bad split, ...)
+        raise DataError(name, f"cannot load dataset split '{split}' ({err})",
+                        reason="unreadable file")
+    return ds
+
+
+def _require_object(where: Location, value: Any) -> dict | DataError:
+    if isinstance(value, dict):
+        return value
+    return DataError(where, f"expected a JSON object, got {type_name(value)}", reason="wrong type")

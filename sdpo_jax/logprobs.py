@@ -1,0 +1,56 @@
+"""Completion log-probabilities from final hidden states, without full-vocabulary logits.
+
+For a row with tokens x_0..x_{S-1} and a completion mask m_i (1 where x_i belongs to the
+completion), the sequence log-probability is
+
+    log pi(y | x) = sum_{i=1}^{S-1} m_i * log softmax(h_{i-1} W)[x_i]
+
+with h the final normalised hidden states and W the [hidden, vocab] output embedding. The
+logits h W are computed for one chunk of ``chunk_size`` positions at a time inside ``lax.scan``;
+each chunk is wrapped in ``jax.checkpoint`` so the backward pass recomputes its logits instead of
+keeping them. Peak memory is therefore rows x chunk_size x vocab floats, not rows x S x vocab.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logps(hidden: jnp.ndarray, output_embedding: jnp.ndarray, targets: jnp.ndarray, chunk_size: int) -> jnp.ndarray:
+    """log softmax(hidden @ output_embedding)[targets], float32 [rows, seq], chunked over seq.
+
+    ``hidden`` [rows, seq, hidden] predicts ``targets`` [rows, seq] at the same index (the caller
+    shifts). ``chunk_size`` >= seq computes everything in one chunk.
+    """
+    rows, seq, _ = hidden.shape
+    chunk = max(1, min(chunk_size, seq))
+    padded = -(-seq // chunk) * chunk
+    if padded != seq:
+        hidden = jnp.pad(hidden, ((0, 0), (0, padded - seq), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, padded - seq)))
+    # [chunks, rows, chunk, ...]: the batch axis stays where sharding put it.
+    hidden_chunks = hidden.reshape(rows, padded // chunk, chunk, -1).swapaxes(0, 1)
+    target_chunks = targets.reshape(rows, padded // chunk, chunk).swapaxes(0, 1)
+    weights = output_embedding.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def chunk_logps(h, t):
+        logits = jnp.einsum("rcd,dv->rcv", h, weights, preferred_element_type=jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+    _, logps = jax.lax.scan(lambda carry, xs: (carry, chunk_logps(*xs)), None, (hidden_chunks, target_chunks))
+    return logps.swapaxes(0, 1).reshape(rows, padded)[:, :seq]
+
+
+def sequence_logps(
+    hidden: jnp.ndarray, output_embedding: jnp.ndarray, input_ids: jnp.ndarray, loss_mask: jnp.ndarray, chunk_size: int
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(sum of completion-token log-probs [rows], number of completion tokens [rows]).
+
+    ``loss_mask[r, i]`` is true where ``input_ids[r, i]`` is a completion token; position 0 can
+    never be one (nothing predicts it).
+    """
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    logps = token_logps(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size)
+    return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
