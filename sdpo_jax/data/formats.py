@@ -31,7 +31,8 @@ from sdpo_jax.data.validation import Problems, require_messages, require_text, r
 # (name, keys that identify it, the column map it implies). Checked in order.
 KNOWN_LAYOUTS = (
     ("OpenAI DPO", {"input", "preferred_output", "non_preferred_output"},
-     {"input.messages": "prompt", "preferred_output": "chosen", "non_preferred_output": "rejected"}),
+     {"input.messages": "prompt", "preferred_output": "chosen",
+      "non_preferred_output": "rejected"}),
     ("ShareGPT", {"conversations", "chosen", "rejected"}, {"conversations": "prompt"}),
     ("orca_dpo_pairs", {"system", "question", "chosen", "rejected"}, {"question": "prompt"}),
     ("UltraFeedback", {"prompt", "prompt_id", "chosen", "rejected", "messages"},
@@ -166,7 +167,8 @@ def _check_fields(rec: dict, fmt: str, where: Location, extra_fields: str) -> No
 
 
 def _read_text(rec, where, marker, vocab_size):
-    return ("text",) + tuple(require_text(rec[f], where, f) for f in ("prompt", "chosen", "rejected"))
+    return ("text",) + tuple(require_text(rec[f], where, f)
+                             for f in ("prompt", "chosen", "rejected"))
 
 
 def _read_conversational(rec, where, marker, vocab_size):

@@ -52,7 +52,8 @@ class TokenizedPairs:
             for side in SIDES:
                 column = table.column(f"{side}_ids").combine_chunks()
                 values = pc.list_flatten(column).to_numpy(zero_copy_only=False).astype(np.int32)
-                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+                lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+                lengths = lengths.astype(np.int64)
                 fields[f"{side}_start"].append(base + np.cumsum(lengths) - lengths)
                 fields[f"{side}_len"].append(lengths)
                 chunks.append(values)
@@ -83,15 +84,17 @@ class TokenizedPairs:
         return Location(name, unit, int(self.number[i]))
 
     def prompt_ids(self, i: int) -> list[int]:
-        head = self.tokens[self.prompt_start[i]: self.prompt_start[i] + self.head[i]]
-        body = self.tokens[self.body_start[i]: self.body_start[i] + self.prompt_len[i] - self.head[i]]
-        return np.concatenate([head, body]).tolist()
+        return self._slice(self.prompt_start[i], self.head[i]) + \
+            self._slice(self.body_start[i], self.prompt_len[i] - self.head[i])
 
     def chosen_ids(self, i: int) -> list[int]:
-        return self.tokens[self.chosen_start[i]: self.chosen_start[i] + self.chosen_len[i]].tolist()
+        return self._slice(self.chosen_start[i], self.chosen_len[i])
 
     def rejected_ids(self, i: int) -> list[int]:
-        return self.tokens[self.rejected_start[i]: self.rejected_start[i] + self.rejected_len[i]].tolist()
+        return self._slice(self.rejected_start[i], self.rejected_len[i])
+
+    def _slice(self, start: int, length: int) -> list[int]:
+        return self.tokens[start: start + length].tolist()
 
     def subset(self, indices: np.ndarray) -> "TokenizedPairs":
         """The pairs at `indices` (the token array is shared, not copied)."""
@@ -104,8 +107,9 @@ class TokenizedPairs:
     def truncated(self, max_length: int, max_prompt_length: int, mode: str,
                   bos_id: int | None) -> "TokenizedPairs":
         """Applies `truncation.truncate`; drops (and reports) pairs left without a completion."""
-        starts_with_bos = (self.tokens[np.minimum(self.prompt_start, len(self.tokens) - 1)] == bos_id
-                           if bos_id is not None and len(self.tokens) else np.zeros(len(self), bool))
+        first = self.tokens[np.minimum(self.prompt_start, max(len(self.tokens) - 1, 0))] \
+            if len(self.tokens) else np.zeros(len(self), np.int32)
+        starts_with_bos = first == bos_id if bos_id is not None else np.zeros(len(self), bool)
         t = truncate(self.prompt_len, self.chosen_len, self.rejected_len, starts_with_bos,
                      max_length, max_prompt_length, mode)
         out = dataclasses.replace(

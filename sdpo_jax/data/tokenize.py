@@ -124,7 +124,8 @@ class PairEncoder:
                                                   add_generation_prompt=generation_prompt)
 
     def _encode(self, texts: Sequence[str], add_special: bool) -> list[list[int]]:
-        ids = self.tokenizer(list(texts), add_special_tokens=add_special, verbose=False)["input_ids"]
+        ids = self.tokenizer(list(texts), add_special_tokens=add_special,
+                             verbose=False)["input_ids"]
         if add_special and self.bos_id is not None:
             ids = [x[1:] if x[:2] == [self.bos_id, self.bos_id] and t.startswith(self.bos_text)
                    else x for x, t in zip(ids, texts)]
