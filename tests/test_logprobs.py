@@ -10,7 +10,7 @@ import torch
 from batch_fixtures import random_pair_batch
 from hf_fixtures import load_torch_model
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
-from sdpo_jax.logprobs import sequence_logps, token_logps
+from sdpo_jax.logprobs import token_logps
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.train_step import completion_logps
 

@@ -1,0 +1,48 @@
+"""Reference log-probs precomputed once per stage chunk, then looked up by pair index.
+
+One forward pass of the frozen reference over every pair of the chunk gives
+log pi_ref(y_w|x) and log pi_ref(y_l|x) per pair; training batches then carry them
+(``ref_chosen_logps``/``ref_rejected_logps``) and the reference params can leave the device.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from sdpo_jax.models.llama import LlamaForCausalLM
+from sdpo_jax.sharded_steps import jit_reference_step
+from sdpo_jax.train_step import make_reference_step
+
+
+def precompute_reference_logps(
+    model: LlamaForCausalLM,
+    ref_params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    num_pairs: int,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    chunk_size: int = 128,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(chosen, rejected) float32 [num_pairs], filled from batches that cover every pair once."""
+    step = jit_reference_step(make_reference_step(model, chunk_size), mesh, param_shardings)
+    chosen = np.full(num_pairs, np.nan, np.float32)
+    rejected = np.full(num_pairs, np.nan, np.float32)
+    for batch in batches:
+        ref_chosen, ref_rejected = jax.device_get(step(ref_params, batch))
+        rows = batch["valid"].astype(bool)
+        chosen[batch["pair_index"][rows]] = ref_chosen[rows]
+        rejected[batch["pair_index"][rows]] = ref_rejected[rows]
+    missing = np.flatnonzero(np.isnan(chosen) | np.isnan(rejected))
+    if missing.size:
+        raise ValueError(f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover the chunk")
+    return chosen, rejected
+
+
+def attach_reference(batch: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch plus its pairs' precomputed reference log-probs (0 on padding rows)."""
+    index = np.where(batch["valid"].astype(bool), batch["pair_index"], 0)
+    valid = batch["valid"].astype(bool)
+    return {**batch, "ref_chosen_logps": np.where(valid, chosen[index], 0.0).astype(np.float32),
+            "ref_rejected_logps": np.where(valid, rejected[index], 0.0).astype(np.float32)}
