@@ -35,7 +35,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, write_safetensors
+from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, LazyTensor, write_safetensors
 
 QType = gguf.GGMLQuantizationType
 
@@ -259,26 +259,15 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-class DequantizedTensor:
-    """One GGUF tensor, dequantized only when NumPy asks for its data.
+def dequantized(tensor: gguf.ReaderTensor, dtype: np.dtype, rope_heads: int | None) -> LazyTensor:
+    """One GGUF tensor in NumPy order, dequantized (and q/k rows un-permuted) only when written."""
+    shape = tuple(reversed([int(dim) for dim in tensor.shape]))
 
-    ``write_safetensors`` reads ``shape``, ``dtype`` and ``size`` to lay out the header, then calls
-    ``np.ascontiguousarray`` on each tensor in turn, so a checkpoint is written with only one
-    dequantized tensor in memory at a time.
-    """
+    def compute() -> np.ndarray:
+        weight = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        return weight if rope_heads is None else unpermute_rope_rows(weight, rope_heads)
 
-    def __init__(self, tensor: gguf.ReaderTensor, dtype: np.dtype, rope_heads: int | None):
-        self.tensor = tensor
-        self.dtype = dtype
-        self.shape = tuple(reversed([int(dim) for dim in tensor.shape]))
-        self.size = int(np.prod(self.shape))
-        self.rope_heads = rope_heads
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        weight = gguf.quants.dequantize(self.tensor.data, self.tensor.tensor_type).reshape(self.shape)
-        if self.rope_heads is not None:
-            weight = unpermute_rope_rows(weight, self.rope_heads)
-        return weight.astype(dtype or self.dtype)
+    return LazyTensor(shape, dtype, compute)
 
 
 def _rope_heads(hf_name: str, shape: LlamaShape) -> int | None:
@@ -291,7 +280,7 @@ def _rope_heads(hf_name: str, shape: LlamaShape) -> int | None:
 
 def plan_tensors(
     reader: gguf.GGUFReader, shape: LlamaShape, dtype: np.dtype, path: Path
-) -> list[tuple[str, DequantizedTensor]]:
+) -> list[tuple[str, LazyTensor]]:
     """Map every GGUF tensor to its Hugging Face name, checking name, type and shape before any work.
 
     ``lm_head.weight`` is optional (absent: the embeddings are tied); every other tensor the config
@@ -309,7 +298,7 @@ def plan_tensors(
                 f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not supported; "
                 f"supported: {', '.join(t.name for t in SUPPORTED_TENSOR_TYPES)}"
             )
-        lazy = DequantizedTensor(tensor, dtype, _rope_heads(hf_name, shape))
+        lazy = dequantized(tensor, dtype, _rope_heads(hf_name, shape))
         if lazy.shape != expected[hf_name]:
             raise GGUFImportError(
                 f"{path}: tensor {tensor.name!r} has shape {list(lazy.shape)} (NumPy order), "

@@ -3,21 +3,21 @@
 Writes config.json, generation_config.json, ``model.safetensors`` (or shards of at most
 ``max_shard_bytes`` named model-0000i-of-0000n.safetensors plus model.safetensors.index.json),
 and the tokenizer files of the source model folder. Tensors are produced and written one at a
-time (`LazyTensor`), so host memory holds one tensor beyond the parameters.
+time (`safetensors_io.LazyTensor`), so host memory holds one tensor beyond the parameters.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from sdpo_jax.checkpoint.hf_import import INDEX_FILE, SINGLE_FILE
 from sdpo_jax.checkpoint.param_mapping import get_leaf, hf_names, tensor_specs
-from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, tensor_nbytes, write_safetensors
+from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, LazyTensor, tensor_nbytes, write_safetensors
 from sdpo_jax.models.config import ModelConfig
 
 TOKENIZER_FILES = (
@@ -32,17 +32,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-class LazyTensor:
-    """A tensor known by shape and dtype, computed only when ``np.asarray`` asks for it."""
-
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, compute: Callable[[], np.ndarray]):
-        self.shape, self.dtype, self._compute = tuple(shape), np.dtype(dtype), compute
-
-    def __array__(self, dtype=None, copy=None):
-        array = np.asarray(self._compute(), dtype=self.dtype)
-        return array if dtype is None else array.astype(dtype)
 
 
 def hf_tensors(params: Any, config: ModelConfig, dtype: str = "float32") -> list[tuple[str, LazyTensor]]:

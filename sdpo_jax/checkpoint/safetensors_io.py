@@ -15,7 +15,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -121,6 +121,17 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class LazyTensor:
+    """A tensor known by shape and dtype, computed only when ``np.asarray`` asks for it."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, compute: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._compute = tuple(shape), np.dtype(dtype), compute
+
+    def __array__(self, dtype=None, copy=None):
+        array = np.asarray(self._compute(), dtype=self.dtype)
+        return array if dtype is None else array.astype(dtype)
 
 
 def tensor_nbytes(array) -> int:
