@@ -36,6 +36,8 @@ setup(
         "console_scripts": [
             "sdpo-convert=sdpo_jax.cli.convert:main",
             "sdpo-eval=sdpo_jax.cli.eval:main",
+            "sdpo-train=sdpo_jax.cli.train:main",
+            "sdpo-export=sdpo_jax.cli.export:main",
         ]
     },
 )

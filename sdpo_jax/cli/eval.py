@@ -77,19 +77,15 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sdpo_jax.checkpoint.hf_import import CheckpointError
-    from sdpo_jax.data.errors import DataError
+    from sdpo_jax.cli.errors import user_errors
 
-    try:
+    with user_errors("sdpo-eval"):
         for folder in (args.policy, args.reference):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"{folder}: no such model folder")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
         metrics = run(args)
-    except (DataError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"sdpo-eval: error: {str(err).splitlines()[0]}", file=sys.stderr)
-        return 2
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(metrics, f, indent=2)
         f.write("\n")

@@ -1,17 +1,27 @@
-"""Grouped-query attention: a plain XLA path and the fused `jax.nn.dot_product_attention`.
+"""Grouped-query attention: a plain XLA path, cuDNN's fused kernel and TPU splash attention.
 
 For query heads h = 1..H grouped onto key/value heads k = h // (H / K):
   out[b, t, h] = sum_s softmax_s(q[b,t,h] . k[b,s,k] / sqrt(d) + bias[b,t,s]) v[b,s,k]
 where bias is 0 where attention is allowed and the most negative finite float32 elsewhere
 (finite, so a query with no allowed key gives a uniform average instead of NaN; such queries are
 padding and never reach a loss).
+
+Where attention is allowed comes either as a dense boolean mask [B, 1, T, S] (any pattern; the
+'xla' and 'cudnn' paths) or as a `PaddedCausalMask` (the architecture's default pattern given by
+its parameters: causal by index, padding keys hidden, optional sliding window), which every path
+takes and which is the only form 'splash' takes: the TPU kernel builds its block-sparse mask from
+the pattern and cannot read an arbitrary dense one (see `sdpo_jax.models.splash`).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+from sdpo_jax.models.splash import splash_attention
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def causal_attention_mask(
@@ -31,20 +41,63 @@ def causal_attention_mask(
     return allowed[:, None]
 
 
-def resolve_implementation(name: str, dtype: jnp.dtype) -> str:
-    """'auto' picks cuDNN's fused kernel on GPU for 16-bit compute, else the XLA path."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PaddedCausalMask:
+    """The default mask as parameters: ``causal_attention_mask(attention_mask, arange(S), window)``.
+
+    The window counts token indices, which equals counting positions whenever a row's real tokens
+    have positions equal to their index plus a constant (the default positions cumsum - 1 when the
+    real tokens are contiguous: right or left padding). ``attention_mask`` [B, S] is 1 on real
+    tokens; ``sliding_window`` is static (part of the pytree structure).
+    """
+
+    attention_mask: jnp.ndarray
+    sliding_window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def dense(self) -> jnp.ndarray:
+        """The boolean [B, 1, S, S] mask this stands for."""
+        positions = jnp.broadcast_to(jnp.arange(self.attention_mask.shape[1]), self.attention_mask.shape)
+        return causal_attention_mask(self.attention_mask, positions, self.sliding_window)
+
+
+def resolve_implementation(name: str, dtype: jnp.dtype, custom_mask: bool = False) -> str:
+    """The attention path to use; ``custom_mask`` says the mask is not a `PaddedCausalMask`.
+
+    'auto' picks splash on TPU (unless the mask is custom: then the XLA path), cuDNN's fused kernel
+    on GPU for 16-bit compute, else the XLA path. An explicit 'splash' with a custom mask is an error.
+    """
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {name!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if name == "splash" and custom_mask:
+        raise ValueError(
+            "attention implementation 'splash' takes only the default causal/padding/window mask "
+            "(with default positions when there is a sliding window); use 'xla' or 'cudnn' for a custom mask"
+        )
     if name != "auto":
         return name
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+    backend = jax.default_backend()
+    if backend == "tpu" and not custom_mask:
+        return "splash"
+    return "cudnn" if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
 def grouped_query_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray, implementation: str
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | PaddedCausalMask, implementation: str
 ) -> jnp.ndarray:
-    """q [B, T, H, d], k/v [B, S, K, d], mask bool [B, 1, T, S] -> [B, T, H, d] in q's dtype."""
+    """q [B, T, H, d], k/v [B, S, K, d], mask bool [B, 1, T, S] or a `PaddedCausalMask` -> [B, T, H, d].
+
+    The output is in q's dtype. 'splash' requires a `PaddedCausalMask` (and T == S).
+    """
+    if implementation == "splash":
+        if not isinstance(mask, PaddedCausalMask):
+            raise ValueError(
+                "attention implementation 'splash' needs a PaddedCausalMask (the default causal/padding/window "
+                "mask), not a dense mask; use 'xla' or 'cudnn' for a custom mask"
+            )
+        return splash_attention(q, k, v, mask.attention_mask, mask.sliding_window)
+    if isinstance(mask, PaddedCausalMask):
+        mask = mask.dense()
     if implementation == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     batch, q_len, heads, head_dim = q.shape

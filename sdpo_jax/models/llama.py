@@ -17,7 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdpo_jax.models.attention import causal_attention_mask, grouped_query_attention, resolve_implementation
+from sdpo_jax.models.attention import (
+    PaddedCausalMask,
+    causal_attention_mask,
+    grouped_query_attention,
+    resolve_implementation,
+)
 from sdpo_jax.models.config import ModelConfig
 from sdpo_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -131,6 +136,8 @@ class LlamaForCausalLM(nn.Module):
     final normalised hidden states [B, S, hidden] in the compute dtype with ``return_hidden=True``
     (for chunked log-probs that never build the full logits; see ``output_embedding``).
     Positions default to cumsum(attention_mask) - 1, which equals 0..S-1 for right padding.
+    With ``attention_implementation='splash'`` (TPU) the mask must be the default one, and with a
+    sliding window the positions too (the kernel's window counts token indices).
     """
 
     config: ModelConfig
@@ -142,12 +149,14 @@ class LlamaForCausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False):
         c = self.config
+        custom_mask = mask is not None or (positions is not None and c.sliding_window is not None)
+        implementation = resolve_implementation(self.attention_implementation, self.dtype, custom_mask)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, dtype=jnp.int32)
         if positions is None:
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         if mask is None:
-            mask = attention_mask_for(attention_mask, positions, c)
+            mask = attention_mask_for(attention_mask, positions, c, implementation)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_parameters))
@@ -165,7 +174,6 @@ class LlamaForCausalLM(nn.Module):
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        implementation = resolve_implementation(self.attention_implementation, self.dtype)
         x, _ = layers(c, self.dtype, self.param_dtype, implementation, name="layers")(x, cos, sin, mask)
         hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if not c.tie_word_embeddings:
@@ -176,8 +184,16 @@ class LlamaForCausalLM(nn.Module):
         return jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
 
 
-def attention_mask_for(attention_mask: jnp.ndarray, positions: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
-    """The default attention mask of this architecture (causal, padding, Mistral's window)."""
+def attention_mask_for(
+    attention_mask: jnp.ndarray, positions: jnp.ndarray, config: ModelConfig, implementation: str = "xla"
+) -> jnp.ndarray | PaddedCausalMask:
+    """The default attention mask of this architecture (causal, padding, Mistral's window).
+
+    Dense [B, 1, S, S] by ``positions``, or for 'splash' the same pattern as a `PaddedCausalMask`
+    (window by index: the caller keeps positions default when there is a window).
+    """
+    if implementation == "splash":
+        return PaddedCausalMask(attention_mask, config.sliding_window)
     return causal_attention_mask(attention_mask, positions, config.sliding_window)
 
 

@@ -1,0 +1,86 @@
+"""Orbax checkpoints of a run: mid-stage train states and end-of-stage snapshots.
+
+Layout under ``output_dir/checkpoints``:
+    stage_<t>/steps/<step>/{state, meta}   mid-stage: TrainState (params, optimizer state, step)
+                                            plus JSON meta (stage, step, data iterator position)
+    stage_<t>/final/0/{params, meta}        the aligned model M_t: the next stage's reference and
+                                            policy start, and what sdpo-export writes out
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save (also during an async save) leaves only complete checkpoints behind. Saves are
+collective across processes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class RunCheckpoints:
+    def __init__(self, output_dir: str | Path, keep: int = 2, async_save: bool = True):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep, self.async_save = keep, async_save
+        self._managers: dict[tuple[int, str], ocp.CheckpointManager] = {}
+
+    def _manager(self, stage: int, kind: str) -> ocp.CheckpointManager:
+        key = (stage, kind)
+        if key not in self._managers:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=self.keep if kind == "steps" else 1,
+                enable_async_checkpointing=self.async_save and kind == "steps",
+                create=True,
+            )
+            self._managers[key] = ocp.CheckpointManager(self.root / f"stage_{stage}" / kind, options=options)
+        return self._managers[key]
+
+    def save_step(self, stage: int, step: int, state: Any, meta: dict) -> None:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager(stage, "steps").save(step, args=args)
+
+    def latest_step(self, stage: int) -> int | None:
+        if not (self.root / f"stage_{stage}" / "steps").is_dir():
+            return None
+        return self._manager(stage, "steps").latest_step()
+
+    def restore_step(self, stage: int, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        restored = self._manager(stage, "steps").restore(step, args=args)
+        return restored.state, restored.meta
+
+    def save_stage(self, stage: int, params: Any, meta: dict) -> None:
+        """The end-of-stage snapshot, written synchronously (the next stage needs it)."""
+        self.wait()
+        manager = self._manager(stage, "final")
+        manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
+        manager.wait_until_finished()
+
+    def finished_stages(self) -> list[int]:
+        stages = []
+        for folder in sorted(self.root.glob("stage_*/final")):
+            stage = int(folder.parent.name.split("_")[1])
+            if self._manager(stage, "final").latest_step() is not None:
+                stages.append(stage)
+        return sorted(stages)
+
+    def load_stage(self, stage: int, abstract_params: Any) -> tuple[Any, dict]:
+        manager = self._manager(stage, "final")
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"{self.root}: stage {stage} has no finished snapshot")
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
+        restored = manager.restore(0, args=args)
+        return restored.params, restored.meta
+
+    def wait(self) -> None:
+        for manager in self._managers.values():
+            manager.wait_until_finished()
+
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.close()
+        self._managers.clear()

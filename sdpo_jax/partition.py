@@ -1,0 +1,94 @@
+"""Splitting the preference pairs into the T stage chunks of sDPO, easiest first.
+
+Strategies (``sdpo.partition``):
+  * ``datasets``: source k of ``data.train`` is stage k, in the given order (the paper's setup:
+    orca_dpo_pairs, then UltraFeedback Cleaned); needs exactly T sources.
+  * ``random``: a seeded permutation of all pairs cut into T chunks whose sizes follow
+    ``sdpo.stage_fractions`` (equal when empty).
+  * ``easy_to_hard``: every pair is scored by the SFT model with
+        gamma(x, y_w, y_l) = log pi_SFT(y_w|x) - log pi_SFT(y_l|x)
+    (the reference log-ratio the first stage's policy must beat) and ordered easiest first.
+    ``sdpo.difficulty`` chooses the unit:
+      - ``source_accuracy`` (default, the paper's rule): one source per stage, sources ordered
+        by the SFT model's preference accuracy mean[gamma > 0], highest first;
+      - ``pair_logratio``: pairs sorted by gamma, highest first, cut into T chunks as above.
+Every pair lands in exactly one chunk; chunks keep the pairs' original order.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+PARTITIONS = ("datasets", "random", "easy_to_hard")
+DIFFICULTIES = ("source_accuracy", "pair_logratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """The pair indices of each stage (into the combined training pairs) and their sources."""
+
+    indices: list[np.ndarray]
+    sources: list[list[str]]
+    source_scores: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def chunk_sizes(total: int, num_stages: int, fractions=()) -> list[int]:
+    """Sizes of T chunks of ``total`` items: proportional to ``fractions`` (equal if empty)."""
+    weights = np.asarray(fractions if len(fractions) else [1.0] * num_stages, np.float64)
+    if len(weights) != num_stages or np.any(weights <= 0):
+        raise ValueError(f"sdpo.stage_fractions must hold {num_stages} positive numbers, got {tuple(fractions)}")
+    bounds = np.round(np.cumsum(weights) / weights.sum() * total).astype(int)
+    sizes = np.diff(np.concatenate([[0], bounds])).tolist()
+    if min(sizes) < 1:
+        raise ValueError(f"{total} pairs cannot fill {num_stages} stages with fractions {tuple(fractions) or 'equal'}")
+    return sizes
+
+
+def _cut(order: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
+    return [np.sort(part) for part in np.split(order, np.cumsum(sizes)[:-1])]
+
+
+def plan_stages(
+    partition: str,
+    num_stages: int,
+    source_id: np.ndarray,
+    source_names: list[str],
+    seed: int = 0,
+    fractions=(),
+    difficulty: str = "source_accuracy",
+    gamma: np.ndarray | None = None,
+) -> StagePlan:
+    """The stage chunks for ``partition``; ``gamma`` (per pair, SFT model) is needed for easy_to_hard."""
+    if partition not in PARTITIONS:
+        raise ValueError(f"sdpo.partition {partition!r} is not one of {PARTITIONS}")
+    if num_stages < 1:
+        raise ValueError(f"sdpo.num_stages must be >= 1, got {num_stages}")
+    total = len(source_id)
+    if partition == "random":
+        order = np.random.default_rng(seed).permutation(total)
+        chunks = _cut(order, chunk_sizes(total, num_stages, fractions))
+        return StagePlan(chunks, [_sources_of(c, source_id, source_names) for c in chunks])
+    if partition == "datasets" or difficulty == "source_accuracy":
+        if len(source_names) != num_stages:
+            raise ValueError(
+                f"sdpo.partition={partition!r}{' with difficulty source_accuracy' if partition == 'easy_to_hard' else ''} "
+                f"puts one source per stage: data.train has {len(source_names)} sources, sdpo.num_stages is {num_stages}"
+            )
+        order = list(range(len(source_names)))
+        scores: dict[str, float] = {}
+        if partition == "easy_to_hard":
+            accuracy = [float(np.mean(gamma[source_id == k] > 0)) for k in order]
+            scores = {source_names[k]: accuracy[k] for k in order}
+            order = sorted(order, key=lambda k: -accuracy[k])  # stable: ties keep the listed order
+        chunks = [np.flatnonzero(source_id == k) for k in order]
+        return StagePlan(chunks, [[source_names[k]] for k in order], scores)
+    if difficulty != "pair_logratio":
+        raise ValueError(f"sdpo.difficulty {difficulty!r} is not one of {DIFFICULTIES}")
+    order = np.argsort(-gamma, kind="stable")
+    chunks = _cut(order, chunk_sizes(total, num_stages, fractions))
+    return StagePlan(chunks, [_sources_of(c, source_id, source_names) for c in chunks])
+
+
+def _sources_of(chunk: np.ndarray, source_id: np.ndarray, source_names: list[str]) -> list[str]:
+    return [source_names[k] for k in np.unique(source_id[chunk])]

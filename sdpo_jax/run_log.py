@@ -1,0 +1,58 @@
+"""What a run writes down: config.json, metrics.jsonl, stage_report.json, console lines.
+
+Only process 0 writes or prints. ``metrics.jsonl`` holds one JSON object per logged step with
+``split`` ("train" or "eval"), ``stage`` and ``step``; on resume the rows past the restored
+position are dropped first, so the file reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+class RunLog:
+    def __init__(self, output_dir: str | Path, is_main: bool = True):
+        self.dir = Path(output_dir)
+        self.is_main = is_main
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.report_path = self.dir / "stage_report.json"
+        self._started = time.perf_counter()
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(f"[sdpo {time.perf_counter() - self._started:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def rewind_metrics(self, stage: int, step: int) -> None:
+        """Keep only rows at or before (stage, step); eval 'after' rows of that stage go too."""
+        if not self.is_main or not self.metrics_path.exists():
+            return
+        kept = []
+        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            position = (row["stage"], row["step"])
+            if position < (stage, step) or (position == (stage, step) and row.get("when") != "after"):
+                kept.append(line)
+        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def read_report(self) -> list[dict]:
+        if self.report_path.exists():
+            return json.loads(self.report_path.read_text(encoding="utf-8"))["stages"]
+        return []
+
+    def write_report(self, stages: list[dict]) -> None:
+        if self.is_main:
+            tmp = self.report_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"stages": stages}, indent=2) + "\n", encoding="utf-8")
+            tmp.replace(self.report_path)
+
+    def write_json(self, name: str, value: Any) -> None:
+        if self.is_main:
+            (self.dir / name).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

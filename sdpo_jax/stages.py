@@ -1,0 +1,297 @@
+"""The sDPO stage driver: T rounds of DPO, each against the previous round's model.
+
+    M_0 = SFT model;  for t = 1..T:  reference_t = M_{t-1} (frozen),  policy_t starts at M_{t-1}
+    with a fresh optimizer and its own schedule, DPO on chunk D_t  ->  M_t.
+
+T = 1 is plain DPO through the same code. Per stage the driver records gamma_t, the mean over
+D_t of log pi_ref(y_w|x) - log pi_ref(y_l|x) under reference_t, and held-out metrics before and
+after the stage. Held-out metrics always use the SFT model as their reference (its eval-set
+log-probs are computed once), so rewards are comparable across stages: eval_after of stage t is
+M_t against M_0.
+
+Everything that a rerun of the same command needs to continue exactly is on disk: mid-stage
+Orbax checkpoints (TrainState + data position), end-of-stage snapshots, the partition, and the
+reference log-probs of each chunk (cached, keyed by the chunk and the reference's identity).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import transformers
+
+from sdpo_jax.checkpointing import RunCheckpoints, abstract_with_shardings
+from sdpo_jax.data.batching import PairBatcher, resolve_buckets
+from sdpo_jax.data.load import load_datasets
+from sdpo_jax.evaluation import evaluate_pairs
+from sdpo_jax.losses import DPOSettings
+from sdpo_jax.models.loading import load_model
+from sdpo_jax.optim import OptimizerSettings, make_optimizer
+from sdpo_jax.partition import plan_stages
+from sdpo_jax.reference import attach_reference, precompute_reference_logps
+from sdpo_jax.run_log import RunLog
+from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
+from sdpo_jax.sharding import batch_sharding, build_mesh
+from sdpo_jax.train_step import TrainState, make_train_step
+
+PREEMPTED_EXIT_CODE = 143
+_OVERRIDABLE = {"dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.rpo_alpha", "train.learning_rate", "train.steps_per_stage"}
+_RESUME_NEUTRAL = {"checkpoint.force_resume", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "train.log_every"}
+
+
+class Preempted(Exception):
+    """SIGTERM arrived; the state was saved and the run can be resumed by the same command."""
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: int) -> ml_collections.ConfigDict:
+    """The config with this stage's ``sdpo.stage_overrides`` ("STAGE:section.field=value") applied."""
+    result = ml_collections.ConfigDict(config.to_dict())
+    for item in config.sdpo.stage_overrides:
+        try:
+            where, assignment = item.split(":", 1)
+            field, value = assignment.split("=", 1)
+            target_stage = int(where)
+        except ValueError:
+            raise ValueError(f"sdpo.stage_overrides: {item!r} is not STAGE:section.field=value") from None
+        if field not in _OVERRIDABLE:
+            raise ValueError(f"sdpo.stage_overrides: {field!r} cannot vary per stage; allowed: {sorted(_OVERRIDABLE)}")
+        if target_stage == stage:
+            section, name = field.split(".")
+            current = result[section][name]
+            result[section][name] = type(current)(value)
+    return result
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_resume_config(stored: dict, current: dict, force: bool) -> None:
+    """A resumed run must have the config it started with (up to checkpoint/logging cadence)."""
+    a, b = _flat(stored), _flat(current)
+    differences = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in _RESUME_NEUTRAL]
+    if differences and not force:
+        raise ValueError(
+            "the config differs from the run already in output_dir ("
+            + "; ".join(differences)
+            + "); use another output_dir, or --config.checkpoint.force_resume=True"
+        )
+
+
+def fingerprint(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def folder_identity(folder: Path) -> str:
+    """Identity of a model folder: its config and the names, sizes and times of its weight files."""
+    digest = hashlib.sha256((folder / "config.json").read_bytes())
+    for path in sorted(folder.glob("*.safetensors")):
+        stat = path.stat()
+        digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Global arrays from this process's rows of the batch (multi-host safe)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+@dataclasses.dataclass
+class _Run:
+    config: ml_collections.ConfigDict
+    log: RunLog
+    checkpoints: RunCheckpoints
+    model: Any
+    model_folder: Path
+    mesh: Any
+    buckets: tuple[int, ...]
+    param_shardings: Any
+    abstract_params: Any
+
+    def batches(self, pairs, shuffle=False, seed=0):
+        return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
+                           process_index=jax.process_index(), process_count=jax.process_count())
+
+    def reference_logps(self, ref_params, pairs, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Reference log-probs of every pair, from ``cache`` when it was made for ``key``."""
+        if cache.exists():
+            stored = np.load(cache)
+            if str(stored["key"]) == key:
+                return stored["chosen"], stored["rejected"]
+        chosen, rejected = precompute_reference_logps(self.model, ref_params, self.batches(pairs).epoch_batches(0), len(pairs), self.mesh,
+                                                      self.param_shardings, self.config.model.logprob_chunk)
+        if jax.process_index() == 0:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp.npz")
+            np.savez(tmp, key=key, chosen=chosen, rejected=rejected)
+            tmp.replace(cache)
+        return chosen, rejected
+
+    def evaluate(self, params, eval_pairs, eval_ref, settings) -> dict:
+        batches = (attach_reference(b, *eval_ref) for b in self.batches(eval_pairs).epoch_batches(0))
+        return evaluate_pairs(self.model, params, None, batches, settings, self.mesh, self.param_shardings,
+                              self.config.model.logprob_chunk)
+
+
+def _settings(config) -> DPOSettings:
+    d = config.dpo
+    return DPOSettings(beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing, rpo_alpha=d.rpo_alpha,
+                       reference_free=d.reference_free)
+
+
+def train(config: ml_collections.ConfigDict) -> list[dict]:
+    """Run (or resume) every stage; returns the stage report."""
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, is_main=jax.process_index() == 0)
+    resolved = config.to_dict()
+    if (out / "config.json").exists():
+        check_resume_config(json.loads((out / "config.json").read_text()), json.loads(json.dumps(resolved)),
+                            config.checkpoint.force_resume)
+    log.write_json("config.json", resolved)
+
+    model, sft_params, folder = load_model(config.model)
+    mesh = build_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of mesh data*fsdp "
+                         f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    train_pairs, eval_pairs = load_datasets(config.data, tokenizer, vocab_size=model.config.vocab_size,
+                                            process_index=jax.process_index())
+    probe_shardings, abstract = state_shardings(model, make_optimizer(OptimizerSettings()), mesh)
+    run = _Run(config, log, RunCheckpoints(out, config.checkpoint.keep, config.checkpoint.async_save), model, folder,
+               mesh, resolve_buckets(config.data.length_buckets, config.data.max_length), probe_shardings.params,
+               abstract.params)
+    sft_params = place(sft_params, run.param_shardings)
+    sft_key = folder_identity(folder)
+    data_key = fingerprint(train_pairs.tokens, train_pairs.lengths, train_pairs.source_id)
+    log.info(f"model {folder} ({model.config.num_params / 1e6:.1f}M params), mesh {dict(mesh.shape)}, "
+             f"{len(train_pairs)} train pairs, {len(eval_pairs) if eval_pairs else 0} eval pairs, "
+             f"{config.sdpo.num_stages} stage(s), outputs in {out}")
+
+    plan = _plan(run, train_pairs, sft_params, f"{sft_key}-{data_key}")
+    eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval") if eval_pairs else None
+    report = log.read_report()
+    finished = run.checkpoints.finished_stages()
+    report = [entry for entry in report if entry["stage"] in finished]
+    previous_params = sft_params
+    if finished:
+        previous_params, _ = run.checkpoints.load_stage(finished[-1], abstract_with_shardings(run.abstract_params, run.param_shardings))
+        log.info(f"resuming after finished stage {finished[-1]}")
+    previous_key = sft_key if not finished else f"stage{finished[-1]}-{sft_key}-{data_key}"
+    stop = {"requested": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    try:
+        for stage in range(len(finished) + 1, config.sdpo.num_stages + 1):
+            chunk = train_pairs.subset(plan.indices[stage - 1])
+            entry = _train_stage(run, stage_config(config, stage), stage, chunk, plan.sources[stage - 1],
+                                 previous_params, previous_key, eval_pairs, eval_ref, stop)
+            report.append(entry)
+            log.write_report(report)
+            previous_params, _ = run.checkpoints.load_stage(stage, abstract_with_shardings(run.abstract_params, run.param_shardings))
+            previous_key = f"stage{stage}-{sft_key}-{data_key}"
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        run.checkpoints.wait()
+        run.checkpoints.close()
+    log.info(f"done: {len(report)} stage(s); report in {log.report_path}")
+    return report
+
+
+def _plan(run: _Run, train_pairs, sft_params, key: str):
+    config = run.config
+    gamma = None
+    if config.sdpo.partition == "easy_to_hard":
+        chosen, rejected = run.reference_logps(sft_params, train_pairs, Path(config.output_dir) / "reference" / "train_sft.npz", key)
+        gamma = chosen - rejected
+    names = [name for name, _ in train_pairs.sources]
+    plan = plan_stages(config.sdpo.partition, config.sdpo.num_stages, train_pairs.source_id, names, seed=config.train.seed,
+                       fractions=tuple(config.sdpo.stage_fractions), difficulty=config.sdpo.difficulty, gamma=gamma)
+    run.log.write_json("partition.json", {
+        "partition": config.sdpo.partition, "difficulty": config.sdpo.difficulty if gamma is not None else None,
+        "source_scores": plan.source_scores, "stages": [{"stage": t + 1, "num_pairs": len(idx), "sources": src}
+                                                       for t, (idx, src) in enumerate(zip(plan.indices, plan.sources))],
+    })
+    if plan.source_scores:
+        run.log.info("easy-to-hard by SFT preference accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in plan.source_scores.items()))
+    return plan
+
+
+def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_key: str, eval_pairs, eval_ref, stop) -> dict:
+    log, settings = run.log, _settings(config)
+    chunk_key = f"{ref_key}-{fingerprint(chunk.tokens, chunk.lengths, chunk.source_id)}"
+    ref_chosen, ref_rejected = run.reference_logps(ref_params, chunk, Path(config.output_dir) / "reference" / f"stage_{stage}.npz", chunk_key)
+    batcher = run.batches(chunk, shuffle=True, seed=config.train.seed + stage)
+    steps = config.train.steps_per_stage or batcher.steps_per_epoch
+    optimizer = make_optimizer(OptimizerSettings(
+        learning_rate=config.train.learning_rate, total_steps=steps, warmup_steps=int(round(config.train.warmup_ratio * steps)),
+        schedule=config.train.lr_schedule, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm))
+    shardings, abstract_state = state_shardings(run.model, optimizer, run.mesh)
+    precompute = config.train.precompute_reference
+    step_fn = jit_train_step(make_train_step(run.model, settings, optimizer, config.train.grad_accum, config.model.logprob_chunk),
+                             run.mesh, shardings, with_reference_params=not precompute)
+    entry = {"stage": stage, "num_pairs": len(chunk), "sources": sources, "steps": steps,
+             "ref_logratio_mean": float(np.mean(ref_chosen - ref_rejected)), "eval_before": {}, "eval_after": {},
+             "dpo": {k: v for k, v in config.dpo.to_dict().items()}, "learning_rate": config.train.learning_rate}
+    resume_step = run.checkpoints.latest_step(stage)
+    if resume_step is not None:
+        state, meta = run.checkpoints.restore_step(stage, resume_step, abstract_with_shardings(abstract_state, shardings))
+        batcher.restore(meta["data"])
+        entry["eval_before"] = meta["eval_before"]
+        log.rewind_metrics(stage, resume_step)
+        log.info(f"stage {stage}: resuming at step {resume_step}/{steps}")
+    else:
+        log.rewind_metrics(stage, 0)
+        if eval_pairs is not None:
+            entry["eval_before"] = run.evaluate(ref_params, eval_pairs, eval_ref, settings)
+            log.metrics({"split": "eval", "when": "before", "stage": stage, "step": 0, **entry["eval_before"]})
+        state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, ref_params), optimizer), shardings)
+        resume_step = 0
+    log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(chunk)} pairs from {', '.join(sources)}, {steps} steps, "
+             f"reference log-ratio mean {entry['ref_logratio_mean']:.3f}")
+    ref_arg = None if precompute else ref_params
+    started = time.perf_counter()
+    for step in range(resume_step, steps):
+        local = next(batcher)
+        if precompute:
+            local = attach_reference(local, ref_chosen, ref_rejected)
+        state, metrics = step_fn(state, ref_arg, _global_batch(local, run.mesh))
+        done = step + 1
+        if done % config.train.log_every == 0 or done == steps:
+            row = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            log.metrics({"split": "train", "stage": stage, "step": done, **row})
+            rate = (time.perf_counter() - started) / (done - resume_step)
+            log.info(f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
+                     f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
+        if done < steps and (done % config.checkpoint.every_steps == 0 or stop["requested"]):
+            run.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": batcher.state(),
+                                                           "eval_before": entry["eval_before"]})
+        if stop["requested"] and done < steps:
+            run.checkpoints.wait()
+            log.info(f"SIGTERM: saved stage {stage} step {done}; run the same command to resume")
+            raise Preempted(f"preempted at stage {stage} step {done}")
+    if eval_pairs is not None:
+        entry["eval_after"] = run.evaluate(state.params, eval_pairs, eval_ref, settings)
+        log.metrics({"split": "eval", "when": "after", "stage": stage, "step": steps, **entry["eval_after"]})
+    run.checkpoints.save_stage(stage, state.params, {"stage": stage, "steps": steps})
+    log.info(f"stage {stage} done: eval {json.dumps({k: round(v, 4) for k, v in entry['eval_after'].items()})}")
+    return entry

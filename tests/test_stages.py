@@ -1,0 +1,221 @@
+"""The sDPO stage driver end to end: report, stage chaining, export, and exact resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import torch
+
+from configs.default import get_config
+from hf_fixtures import load_torch_model, make_hf_checkpoint
+from sdpo_jax.checkpointing import RunCheckpoints
+from sdpo_jax.cli.export import export
+from sdpo_jax.models import LlamaForCausalLM, ModelConfig
+from sdpo_jax.models.llama import init_params
+from sdpo_jax.stages import train
+
+CONTRACT_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    model = make_hf_checkpoint("llama2", root / "model", seed=0)
+    rng = np.random.default_rng(0)
+    sources = []
+    for name, count in (("easy", 14), ("hard", 18)):
+        rows = [{"prompt_ids": rng.integers(3, 160, rng.integers(2, 16)).tolist(),
+                 "chosen_ids": rng.integers(3, 160, rng.integers(1, 12)).tolist() + [2],
+                 "rejected_ids": rng.integers(3, 160, rng.integers(1, 12)).tolist() + [2]} for _ in range(count)]
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        sources.append(str(path))
+    overrides = {
+        "model.path": str(model), "data.train": tuple(sources), "data.limit": 0, "data.max_length": 64,
+        "data.max_prompt_length": 32, "data.length_buckets": (64,), "data.eval_fraction": 0.125,
+        "data.cache_dir": str(root / "data_cache"), "sdpo.partition": "datasets",
+        "train.batch_size": 2, "train.learning_rate": 1e-3, "checkpoint.every_steps": 2,
+    }
+    return root, model, overrides
+
+
+def _config(overrides: dict, output_dir: Path) -> ml_collections.ConfigDict:
+    config = get_config()
+    for key, value in {**overrides, "output_dir": str(output_dir)}.items():
+        section, name = key.split(".") if "." in key else (None, key)
+        (config[section] if section else config)[name] = value
+    return config
+
+
+def _flags(overrides: dict, output_dir: Path) -> list[str]:
+    return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in {**overrides, "output_dir": output_dir}.items()]
+
+
+def _final_params(output_dir: Path, model_folder: Path, stage: int):
+    config = ModelConfig.from_pretrained(model_folder)
+    abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
+    checkpoints = RunCheckpoints(output_dir)
+    params, _ = checkpoints.load_stage(stage, abstract)
+    checkpoints.close()
+    return jax.device_get(params)
+
+
+def _train_rows(output_dir: Path) -> list[dict]:
+    return [row for row in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if row["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+    root, _, overrides = setup
+    report = train(_config(overrides, root / "baseline"))
+    return root / "baseline", report
+
+
+def _torch_logps(model, pairs_rows):
+    chosen, rejected = [], []
+    for row in pairs_rows:
+        for completion, out in ((row["chosen_ids"], chosen), (row["rejected_ids"], rejected)):
+            ids = torch.tensor([row["prompt_ids"] + completion])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            targets = ids[0, 1:]
+            out.append(logp[torch.arange(len(targets)), targets][len(row["prompt_ids"]) - 1:].sum().item())
+    return np.array(chosen), np.array(rejected)
+
+
+def test_two_stage_run_writes_the_contract_files(baseline):
+    output_dir, report = baseline
+    assert [s["stage"] for s in report] == [1, 2]
+    assert json.loads((output_dir / "stage_report.json").read_text())["stages"] == report
+    for entry in report:
+        assert CONTRACT_METRICS <= set(entry["eval_before"]) and CONTRACT_METRICS <= set(entry["eval_after"])
+        assert entry["num_pairs"] > 0 and len(entry["sources"]) == 1
+    assert report[0]["sources"][0].endswith("easy.jsonl") and report[1]["sources"][0].endswith("hard.jsonl")
+    # eval_before of stage 2 is M_1 against the SFT model: exactly stage 1's eval_after.
+    assert report[1]["eval_before"] == report[0]["eval_after"]
+    rows = _train_rows(output_dir)
+    assert {r["stage"] for r in rows} == {1, 2} and all({"loss", "stage", "step"} <= set(r) for r in rows)
+    assert json.loads((output_dir / "config.json").read_text())["sdpo"]["num_stages"] == 2
+
+
+def test_stage_two_reference_is_stage_one_and_gamma_is_exact(setup, baseline, tmp_path):
+    """Export M_1, run it in transformers over stage 2's pairs: its mean log-ratio is the reported gamma."""
+    root, model_folder, _ = setup
+    output_dir, report = baseline
+    exported = export(str(output_dir), str(tmp_path / "m1"), stage=1)
+    torch_m1 = load_torch_model(exported)
+    hard_rows = [json.loads(line) for line in Path(report[1]["sources"][0]).read_text().splitlines()]
+    stage2 = np.load(output_dir / "reference" / "stage_2.npz")
+    chosen, rejected = _torch_logps(torch_m1, hard_rows)
+    held_out = len(hard_rows) - report[1]["num_pairs"]
+    # Which rows were held out is the data layer's choice; the reference log-probs of the kept rows
+    # must each appear among the independently computed ones.
+    gamma_torch = chosen - rejected
+    gamma_ours = stage2["chosen"] - stage2["rejected"]
+    assert len(gamma_ours) == report[1]["num_pairs"] and held_out >= 0
+    for value in gamma_ours:
+        assert np.min(np.abs(gamma_torch - value)) < 1e-3
+    np.testing.assert_allclose(report[1]["ref_logratio_mean"], gamma_ours.mean(), rtol=1e-6)
+    # And the reference differs from the SFT model's: stage 2 really chained on M_1.
+    sft_chosen, sft_rejected = _torch_logps(load_torch_model(model_folder), hard_rows)
+    assert np.abs(np.sort(gamma_torch) - np.sort(sft_chosen - sft_rejected)).max() > 1e-3
+
+
+def test_every_stage_exports_and_loads_in_transformers(setup, baseline, tmp_path):
+    _, model_folder, _ = setup
+    output_dir, _ = baseline
+    ids = torch.arange(3, 20)[None]
+    outputs = []
+    for stage in (1, 2):
+        folder = export(str(output_dir), str(tmp_path / f"s{stage}"), stage=stage)
+        with torch.no_grad():
+            outputs.append(load_torch_model(folder)(input_ids=ids).logits)
+        np.testing.assert_array_equal(
+            load_torch_model(folder).model.embed_tokens.weight.detach().numpy(),
+            _final_params(output_dir, model_folder, stage)["embed_tokens"],
+        )
+    assert not torch.equal(outputs[0], outputs[1])
+
+
+def _start(overrides, output_dir):
+    return subprocess.Popen([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, output_dir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.02)
+    raise TimeoutError
+
+
+def _rows_logged(output_dir, stage, step):
+    path = output_dir / "metrics.jsonl"
+    return path.exists() and any(r["stage"] == stage and r["step"] >= step and r["split"] == "train"
+                                 for r in map(json.loads, path.read_text().splitlines()))
+
+
+def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_path):
+    """SIGKILL mid-stage, SIGKILL during a checkpoint save, SIGTERM (preemption) mid-stage 2, SIGKILL at the
+    stage boundary: each time the same command continues, and the end equals the uninterrupted run."""
+    _, model_folder, overrides = setup
+    baseline_dir, _ = baseline
+    run = tmp_path / "run"
+    kills = [
+        (signal.SIGKILL, lambda: _rows_logged(run, 1, 3)),                                   # mid-stage 1
+        (signal.SIGKILL, lambda: any((run / "checkpoints" / "stage_1" / "steps").glob("*"))),  # around a save
+        (signal.SIGKILL, lambda: (run / "checkpoints" / "stage_1" / "final").is_dir()),      # stage boundary
+        (signal.SIGTERM, lambda: _rows_logged(run, 2, 3)),                                   # preemption
+    ]
+    interrupted, codes = 0, []
+    for sig, when in kills:
+        process = _start(overrides, run)
+        if _wait_for(when, process):
+            process.send_signal(sig)
+            interrupted += 1
+        _, stderr = process.communicate(timeout=240)
+        if sig == signal.SIGTERM and process.returncode == 143:
+            assert "run the same command to resume" in stderr
+        assert process.returncode in (0, 143, -signal.SIGKILL), stderr[-2000:]
+        codes.append(process.returncode)
+    assert interrupted >= 3 and 143 in codes and -signal.SIGKILL in codes, codes
+    process = _start(overrides, run)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-2000:]
+    for stage in (1, 2):
+        ours, reference = _final_params(run, model_folder, stage), _final_params(baseline_dir, model_folder, stage)
+        for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
+            np.testing.assert_array_equal(a, b)
+    assert _train_rows(run) == _train_rows(baseline_dir)
+    assert json.loads((run / "stage_report.json").read_text()) == json.loads((baseline_dir / "stage_report.json").read_text())
+
+
+def test_resume_with_another_config_is_refused(setup, baseline):
+    _, _, overrides = setup
+    output_dir, _ = baseline
+    result = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train",
+                             *_flags({**overrides, "train.learning_rate": 2e-3}, output_dir)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("sdpo-train: error: the config differs") and "train.learning_rate: 0.001 -> 0.002" in last
+
+
+def test_plain_dpo_is_one_stage(setup, tmp_path):
+    _, _, overrides = setup
+    report = train(_config({**overrides, "sdpo.num_stages": 1, "sdpo.partition": "random"}, tmp_path / "dpo"))
+    assert len(report) == 1 and report[0]["num_pairs"] == 28  # 32 pairs less the 4 held out
+    assert os.path.isdir(tmp_path / "dpo" / "checkpoints" / "stage_1" / "final")
