@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.sdpo = ml_collections.ConfigDict()
     c.sdpo.num_stages = 2
     c.sdpo.partition = "easy_to_hard"  # datasets | random | easy_to_hard
-    c.sdpo.difficulty = "source_accuracy"  # easy_to_hard unit: source_accuracy | pair_logratio
+    c.sdpo.difficulty = "source_accuracy"  # easy_to_hard score: source_accuracy | pair_logratio | dpo_probe
+    c.sdpo.probe_steps = 20  # dpo_probe: DPO steps of the difficulty probe
     c.sdpo.stage_fractions = ()  # random / pair_logratio chunk sizes (equal when empty)
     c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7")
 

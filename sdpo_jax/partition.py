@@ -11,7 +11,11 @@ Strategies (``sdpo.partition``):
     ``sdpo.difficulty`` chooses the unit:
       - ``source_accuracy`` (default, the paper's rule): one source per stage, sources ordered
         by the SFT model's preference accuracy mean[gamma > 0], highest first;
-      - ``pair_logratio``: pairs sorted by gamma, highest first, cut into T chunks as above.
+      - ``pair_logratio``: pairs sorted by gamma, highest first, cut into T chunks as above;
+      - ``dpo_probe``: pairs sorted by the implicit reward margin after a short DPO probe from
+        the SFT model (``sdpo.probe_steps`` steps over all pairs), highest first:
+            m = [log pi_probe(y_w|x) - log pi_SFT(y_w|x)] - [log pi_probe(y_l|x) - log pi_SFT(y_l|x)]
+        (pairs the model learns fastest are the easy ones); the caller passes m as ``gamma``.
 Every pair lands in exactly one chunk; chunks keep the pairs' original order.
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import dataclasses
 import numpy as np
 
 PARTITIONS = ("datasets", "random", "easy_to_hard")
-DIFFICULTIES = ("source_accuracy", "pair_logratio")
+DIFFICULTIES = ("source_accuracy", "pair_logratio", "dpo_probe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ def plan_stages(
     difficulty: str = "source_accuracy",
     gamma: np.ndarray | None = None,
 ) -> StagePlan:
-    """The stage chunks for ``partition``; ``gamma`` (per pair, SFT model) is needed for easy_to_hard."""
+    """The stage chunks for ``partition``; easy_to_hard needs ``gamma``, the per-pair score (higher = easier)."""
     if partition not in PARTITIONS:
         raise ValueError(f"sdpo.partition {partition!r} is not one of {PARTITIONS}")
     if num_stages < 1:
@@ -83,7 +87,7 @@ def plan_stages(
             order = sorted(order, key=lambda k: -accuracy[k])  # stable: ties keep the listed order
         chunks = [np.flatnonzero(source_id == k) for k in order]
         return StagePlan(chunks, [[source_names[k]] for k in order], scores)
-    if difficulty != "pair_logratio":
+    if difficulty not in DIFFICULTIES:
         raise ValueError(f"sdpo.difficulty {difficulty!r} is not one of {DIFFICULTIES}")
     order = np.argsort(-gamma, kind="stable")
     chunks = _cut(order, chunk_sizes(total, num_stages, fractions))

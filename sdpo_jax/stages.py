@@ -131,12 +131,19 @@ class _Run:
         return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
                            process_index=jax.process_index(), process_count=jax.process_count())
 
-    def reference_logps(self, ref_params, pairs, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-        """Reference log-probs of every pair, from ``cache`` when it was made for ``key``."""
+    @staticmethod
+    def cached_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         if cache.exists():
             stored = np.load(cache)
             if str(stored["key"]) == key:
                 return stored["chosen"], stored["rejected"]
+        return None
+
+    def reference_logps(self, ref_params, pairs, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Reference log-probs of every pair, from ``cache`` when it was made for ``key``."""
+        cached = self.cached_logps(cache, key)
+        if cached is not None:
+            return cached
         chosen, rejected = precompute_reference_logps(self.model, ref_params, self.batches(pairs).epoch_batches(0), len(pairs), self.mesh,
                                                       self.param_shardings, self.config.model.logprob_chunk)
         if jax.process_index() == 0:
@@ -221,8 +228,7 @@ def _plan(run: _Run, train_pairs, sft_params, key: str):
     config = run.config
     gamma = None
     if config.sdpo.partition == "easy_to_hard":
-        chosen, rejected = run.reference_logps(sft_params, train_pairs, Path(config.output_dir) / "reference" / "train_sft.npz", key)
-        gamma = chosen - rejected
+        gamma = _difficulty_scores(run, train_pairs, sft_params, key)
     names = [name for name, _ in train_pairs.sources]
     plan = plan_stages(config.sdpo.partition, config.sdpo.num_stages, train_pairs.source_id, names, seed=config.train.seed,
                        fractions=tuple(config.sdpo.stage_fractions), difficulty=config.sdpo.difficulty, gamma=gamma)
@@ -234,6 +240,31 @@ def _plan(run: _Run, train_pairs, sft_params, key: str):
     if plan.source_scores:
         run.log.info("easy-to-hard by SFT preference accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in plan.source_scores.items()))
     return plan
+
+
+def _difficulty_scores(run: _Run, train_pairs, sft_params, key: str) -> np.ndarray:
+    """Per-pair easiness (higher = easier): the SFT log-ratio, or the margin a short DPO probe learns."""
+    config, cache = run.config, Path(run.config.output_dir) / "reference"
+    chosen, rejected = run.reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key)
+    if config.sdpo.difficulty != "dpo_probe":
+        return chosen - rejected
+    steps = config.sdpo.probe_steps
+    optimizer = make_optimizer(OptimizerSettings(learning_rate=config.train.learning_rate, total_steps=steps,
+                                                 max_grad_norm=config.train.max_grad_norm))
+    shardings, _ = state_shardings(run.model, optimizer, run.mesh)
+    step_fn = jit_train_step(make_train_step(run.model, _settings(config), optimizer, config.train.grad_accum,
+                                             config.model.logprob_chunk), run.mesh, shardings, with_reference_params=False)
+    probe_key = f"{key}-probe{steps}-{config.train.learning_rate}-{config.dpo.beta}-{config.train.seed}"
+    probe = run.cached_logps(cache / "train_probe.npz", probe_key)
+    if probe is None:
+        run.log.info(f"DPO probe: {steps} steps over all {len(train_pairs)} pairs to score difficulty")
+        state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, sft_params), optimizer), shardings)
+        batcher = run.batches(train_pairs, shuffle=True, seed=config.train.seed)
+        for _ in range(steps):
+            state, _ = step_fn(state, None, _global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
+        probe = run.reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key)
+    probe_chosen, probe_rejected = probe
+    return (probe_chosen - chosen) - (probe_rejected - rejected)
 
 
 def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_key: str, eval_pairs, eval_ref, stop) -> dict:
@@ -255,6 +286,9 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
     resume_step = run.checkpoints.latest_step(stage)
     if resume_step is not None:
         state, meta = run.checkpoints.restore_step(stage, resume_step, abstract_with_shardings(abstract_state, shardings))
+        if meta["chunk"] != chunk_key and not config.checkpoint.force_resume:
+            raise ValueError(f"stage {stage}: the training data or its reference differ from the checkpoint's "
+                             f"(tokenized pairs of the chunk or the reference model changed); use another output_dir")
         batcher.restore(meta["data"])
         entry["eval_before"] = meta["eval_before"]
         log.rewind_metrics(stage, resume_step)
@@ -284,7 +318,8 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
                      f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
         if done < steps and (done % config.checkpoint.every_steps == 0 or stop["requested"]):
             run.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": batcher.state(),
-                                                           "eval_before": entry["eval_before"]})
+                                                           "chunk": chunk_key, "eval_before": entry["eval_before"],
+                                                           "config": config.to_dict()})
         if stop["requested"] and done < steps:
             run.checkpoints.wait()
             log.info(f"SIGTERM: saved stage {stage} step {done}; run the same command to resume")

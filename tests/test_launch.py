@@ -209,6 +209,27 @@ def test_tpu_passthrough_args_survive_two_shells(env):
     check_tpu_run(cmds, workers=1, overrides=(odd,), install=False)
 
 
+def test_tpu_worker_command_runs_in_a_shell(env, tmp_path):
+    """The --command string a worker's shell runs: cwd, argv, log file, tail and status on failure."""
+    odd = "--config.run_note=it's a b"
+    cmds, _ = dry(TPU, [*TPU_BASE, "--type", "v4-8", "--no-install", "--extra", "--config.x=1",
+                        "--", odd], env)
+    remote = flag(gcloud(cmds, *VM, "ssh")[-1][1], "command")
+    home = tmp_path / "home"
+    (home / "sdpo_jax").mkdir(parents=True)
+    (home / "sdpo_venv" / "bin").mkdir(parents=True)
+    trainer = home / "sdpo_venv" / "bin" / "sdpo-train"
+    trainer.write_text('#!/bin/sh\npwd\nprintf "%s\\n" "$@"\nexit 4\n')
+    trainer.chmod(0o755)
+    proc = subprocess.run(["bash", "-c", remote], cwd=home, capture_output=True, text=True,
+                          env={**env, "HOME": str(home)}, timeout=30)
+    assert proc.returncode == 4
+    log = (home / "sdpo_logs" / "sdpo-a.log").read_text().splitlines()
+    assert log == [str(home / "sdpo_jax"), "--config", CONFIG, "--config.output_dir=gs://bkt/runs/a",
+                   "--config.x=1", odd]
+    assert proc.stdout.splitlines() == log  # the tail of the log on failure
+
+
 @pytest.mark.parametrize("acc_type,hosts", [
     ("v2-8", 1), ("v3-32", 4), ("v4-8", 1), ("v4-32", 4), ("v4-128", 16), ("v5p-8", 1),
     ("v5p-64", 8), ("v5litepod-1", 1), ("v5litepod-8", 1), ("v5litepod-16", 4),
@@ -367,7 +388,7 @@ def test_gpu_explicit_multi_node_rank1(env):
     envs, train = train_argv(argv)
     assert envs == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.90"}
     assert train == ["sdpo-train", "--config", CONFIG, "--coordinator", "10.0.0.1:8476",
-                     "--num-processes", "2", "--process-id", "1"]
+                     "--num_processes", "2", "--process_id", "1"]
     assert log == "logs/exp/node-1.log"
     # the same through the environment
     same = launch(GPU, [], env, extra_env={
@@ -403,6 +424,19 @@ def test_sbatch_template_runs_gpu_sh(env):
     assert f"--output={REPO}/logs/sdpo-77/node-%t.log" in argv
     assert argv[argv.index("sdpo-train"):] == [
         "sdpo-train", "--config", CONFIG, "--config.output_dir=/shared/x", "--config.seed=5"]
+
+
+def test_gpu_flags_match_the_trainer():
+    """The multi-host flags gpu.sh passes are the ones sdpo-train defines (absl, underscores)."""
+    train_py = REPO / "sdpo_jax" / "cli" / "train.py"
+    if not train_py.exists():
+        pytest.skip("sdpo_jax/cli/train.py not written yet")
+    import re
+    defined = set(re.findall(r"DEFINE_\w+\(\s*[\"'](\w+)[\"']", train_py.read_text()))
+    passed = {a[2:] for a in re.findall(r"--\w+", GPU.read_text().split("explicit)\n", 1)[1])}
+    for name in ("coordinator", "num_processes", "process_id"):
+        assert name in defined, f"sdpo-train defines no --{name}: update launch/gpu.sh"
+        assert name in passed
 
 
 @pytest.mark.parametrize("args,needle", [

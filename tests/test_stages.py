@@ -219,3 +219,24 @@ def test_plain_dpo_is_one_stage(setup, tmp_path):
     report = train(_config({**overrides, "sdpo.num_stages": 1, "sdpo.partition": "random"}, tmp_path / "dpo"))
     assert len(report) == 1 and report[0]["num_pairs"] == 28  # 32 pairs less the 4 held out
     assert os.path.isdir(tmp_path / "dpo" / "checkpoints" / "stage_1" / "final")
+
+
+def test_dpo_probe_partition_and_stage_overrides(setup, tmp_path):
+    _, _, overrides = setup
+    config = _config({**overrides, "sdpo.partition": "easy_to_hard", "sdpo.difficulty": "dpo_probe", "sdpo.probe_steps": 3,
+                      "sdpo.stage_overrides": ("2:dpo.beta=0.3", "2:train.steps_per_stage=2")}, tmp_path / "probe")
+    report = train(config)
+    partition = json.loads((tmp_path / "probe" / "partition.json").read_text())
+    assert partition["difficulty"] == "dpo_probe" and [s["num_pairs"] for s in partition["stages"]] == [14, 14]
+    assert report[0]["dpo"]["beta"] == 0.1 and report[1]["dpo"]["beta"] == 0.3 and report[1]["steps"] == 2
+    probe_file = tmp_path / "probe" / "reference" / "train_probe.npz"
+    stamp = probe_file.stat().st_mtime_ns
+    config.output_dir = str(tmp_path / "probe")
+    train(config)  # finished run: scores come from the cache, nothing is retrained
+    assert probe_file.stat().st_mtime_ns == stamp
+
+
+def test_bad_stage_override_is_refused(setup, tmp_path):
+    _, _, overrides = setup
+    with pytest.raises(ValueError, match="'model.path' cannot vary per stage"):
+        train(_config({**overrides, "sdpo.stage_overrides": ("2:model.path=x",)}, tmp_path / "bad"))

@@ -5,7 +5,7 @@
 With no --config it runs the embedded default (configs/default.py). Started again with the same
 command after a crash, SIGKILL or SIGTERM, it resumes where the run stopped. Multi-host:
 on Cloud TPU and under SLURM `jax.distributed.initialize()` finds its peers; elsewhere pass
---coordinator HOST:PORT --num-processes N --process-id I.
+--coordinator HOST:PORT --num_processes N --process_id I.
 """
 from __future__ import annotations
 
