@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -24,7 +25,9 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 class RunCheckpoints:
     def __init__(self, output_dir: str | Path, keep: int = 2, async_save: bool = True):
-        self.root = Path(output_dir) / "checkpoints"
+        # Orbax wants absolute paths; a bucket path (gs://...) is absolute already.
+        root = str(output_dir) if "://" in str(output_dir) else str(Path(output_dir).absolute())
+        self.root = epath.Path(root) / "checkpoints"
         self.keep, self.async_save = keep, async_save
         self._managers: dict[tuple[int, str], ocp.CheckpointManager] = {}
 

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from configs.default import get_config
 from hf_fixtures import load_torch_model, make_hf_checkpoint
@@ -214,9 +215,10 @@ def test_resume_with_another_config_is_refused(setup, baseline):
     assert last.startswith("sdpo-train: error: the config differs") and "train.learning_rate: 0.001 -> 0.002" in last
 
 
-def test_plain_dpo_is_one_stage(setup, tmp_path):
+def test_plain_dpo_is_one_stage(setup, tmp_path, monkeypatch):
     _, _, overrides = setup
-    report = train(_config({**overrides, "sdpo.num_stages": 1, "sdpo.partition": "random"}, tmp_path / "dpo"))
+    monkeypatch.chdir(tmp_path)  # a relative output_dir, as the default config has
+    report = train(_config({**overrides, "sdpo.num_stages": 1, "sdpo.partition": "random"}, Path("dpo")))
     assert len(report) == 1 and report[0]["num_pairs"] == 28  # 32 pairs less the 4 held out
     assert os.path.isdir(tmp_path / "dpo" / "checkpoints" / "stage_1" / "final")
 
@@ -240,3 +242,27 @@ def test_bad_stage_override_is_refused(setup, tmp_path):
     _, _, overrides = setup
     with pytest.raises(ValueError, match="'model.path' cannot vary per stage"):
         train(_config({**overrides, "sdpo.stage_overrides": ("2:model.path=x",)}, tmp_path / "bad"))
+
+
+def test_one_command_on_shipped_data_then_export(tmp_path):
+    """`sdpo-train` on the shipped orca + hh-rlhf samples (text, chat template) and `sdpo-export`, as a user runs them."""
+    model = make_hf_checkpoint("llama2", tmp_path / "model", vocab_size=32000)
+    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    run = tmp_path / "run"
+    flags = [f"--config.model.path={model}", "--config.data.limit=12", "--config.data.length_buckets=(192,)",
+             f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
+    result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((run / "stage_report.json").read_text())["stages"]
+    assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {"validation-100.jsonl", "helpful-base-test.jsonl.gz"}
+    assert all(s["eval_after"]["num_pairs"] > 0 for s in report)
+    result = subprocess.run(["sdpo-export", "--run", str(run), "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_torch_model(tmp_path / "hf")
+    assert exported.config.vocab_size == 32000
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == tokenizer_config["chat_template"]
