@@ -9,6 +9,8 @@ with h the final normalised hidden states and W the [hidden, vocab] output embed
 logits h W are computed for one chunk of ``chunk_size`` positions at a time inside ``lax.scan``;
 each chunk is wrapped in ``jax.checkpoint`` so the backward pass recomputes its logits instead of
 keeping them. Peak memory is therefore rows x chunk_size x vocab floats, not rows x S x vocab.
+A chunk in which no row has a completion token (all prompt, or all padding) is skipped
+(``lax.cond``), forward and backward: its log-probs are 0 and never used.
 """
 from __future__ import annotations
 
@@ -16,30 +18,43 @@ import jax
 import jax.numpy as jnp
 
 
-def token_logps(hidden: jnp.ndarray, output_embedding: jnp.ndarray, targets: jnp.ndarray, chunk_size: int) -> jnp.ndarray:
+def token_logps(
+    hidden: jnp.ndarray, output_embedding: jnp.ndarray, targets: jnp.ndarray, chunk_size: int, needed: jnp.ndarray | None = None
+) -> jnp.ndarray:
     """log softmax(hidden @ output_embedding)[targets], float32 [rows, seq], chunked over seq.
 
     ``hidden`` [rows, seq, hidden] predicts ``targets`` [rows, seq] at the same index (the caller
-    shifts). ``chunk_size`` >= seq computes everything in one chunk.
+    shifts). ``chunk_size`` >= seq computes everything in one chunk. With ``needed`` [rows, seq],
+    chunks where it is false for every row are skipped and hold 0.
     """
     rows, seq, _ = hidden.shape
     chunk = max(1, min(chunk_size, seq))
     padded = -(-seq // chunk) * chunk
+    if needed is None:
+        needed = jnp.ones(targets.shape, bool)
     if padded != seq:
         hidden = jnp.pad(hidden, ((0, 0), (0, padded - seq), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, padded - seq)))
+        needed = jnp.pad(needed, ((0, 0), (0, padded - seq)))
     # [chunks, rows, chunk, ...]: the batch axis stays where sharding put it.
     hidden_chunks = hidden.reshape(rows, padded // chunk, chunk, -1).swapaxes(0, 1)
     target_chunks = targets.reshape(rows, padded // chunk, chunk).swapaxes(0, 1)
+    chunk_needed = jnp.any(needed.reshape(rows, padded // chunk, chunk), axis=(0, 2))
     weights = output_embedding.astype(hidden.dtype)
 
-    @jax.checkpoint
     def chunk_logps(h, t):
         logits = jnp.einsum("rcd,dv->rcv", h, weights, preferred_element_type=jnp.float32)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    _, logps = jax.lax.scan(lambda carry, xs: (carry, chunk_logps(*xs)), None, (hidden_chunks, target_chunks))
+    @jax.checkpoint
+    def maybe_chunk_logps(h, t, wanted):
+        return jax.lax.cond(wanted, chunk_logps, lambda h, t: jnp.zeros(t.shape, jnp.float32), h, t)
+
+    def body(carry, xs):
+        return carry, maybe_chunk_logps(*xs)
+
+    _, logps = jax.lax.scan(body, None, (hidden_chunks, target_chunks, chunk_needed))
     return logps.swapaxes(0, 1).reshape(rows, padded)[:, :seq]
 
 
@@ -52,5 +67,5 @@ def sequence_logps(
     never be one (nothing predicts it).
     """
     mask = loss_mask[:, 1:].astype(jnp.float32)
-    logps = token_logps(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size)
+    logps = token_logps(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size, needed=loss_mask[:, 1:])
     return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)

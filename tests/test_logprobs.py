@@ -66,3 +66,18 @@ def test_peak_memory_of_chunked_logps_is_far_below_full_logits():
     full_logits = rows * seq * vocab * 4
     assert naive >= full_logits  # the naive version holds at least the whole float32 logits
     assert chunked < full_logits / 8, (chunked, naive)
+
+
+def test_chunks_without_completion_tokens_are_skipped_exactly():
+    keys = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(keys[0], (2, 24, 16))
+    weights = jax.random.normal(keys[1], (16, 40))
+    targets = jax.random.randint(keys[2], (2, 24), 0, 40)
+    needed = (jnp.arange(24)[None] >= jnp.array([[13], [17]])) & (jnp.arange(24)[None] < 20)  # prompt, completion, padding
+    skipped = token_logps(hidden, weights, targets, 4, needed=needed)
+    naive = _naive_token_logps(hidden, weights, targets)
+    np.testing.assert_allclose(np.where(needed, skipped, 0), np.where(needed, naive, 0), rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(skipped)[:, :12] == 0) and np.all(np.asarray(skipped)[:, 20:] == 0)  # whole chunks skipped
+    grad = lambda fn: jax.grad(lambda h, w: jnp.sum(jnp.where(needed, fn(h, w), 0.0)), argnums=(0, 1))(hidden, weights)
+    for a, b in zip(grad(lambda h, w: token_logps(h, w, targets, 4, needed=needed)), grad(lambda h, w: _naive_token_logps(h, w, targets))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
