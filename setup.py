@@ -18,7 +18,7 @@ RUNTIME = [
 ]
 # torch==2.13.0 is pinned: it is the CPU build; a looser pin pulls a multi-GB CUDA build.
 TEST = ["pytest>=8", "torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
-BENCH = ["torch==2.13.0"]
+BENCH = ["torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
 
 setup(
     name="sdpo_jax",
