@@ -15,6 +15,7 @@ RUNTIME = [
     "numpy>=2.0",
     "gguf>=0.17",
     "tqdm>=4.66",
+    "matplotlib>=3.8",
 ]
 # torch==2.13.0 is pinned: it is the CPU build; a looser pin pulls a multi-GB CUDA build.
 TEST = ["pytest>=8", "torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
@@ -38,6 +39,7 @@ setup(
             "sdpo-eval=sdpo_jax.cli.eval:main",
             "sdpo-train=sdpo_jax.cli.train:main",
             "sdpo-export=sdpo_jax.cli.export:main",
+            "sdpo-report=sdpo_jax.report:main",
         ]
     },
 )

@@ -72,6 +72,12 @@ class RunCheckpoints:
         return sorted(stages)
 
     def load_stage(self, stage: int, abstract_params: Any) -> tuple[Any, dict]:
+        """The stage's params laid out as ``abstract_params`` says; leaves without a sharding go to
+        this host's first device (e.g. exporting a run trained on another mesh or machine)."""
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract_params = jax.tree_util.tree_map(
+            lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+            abstract_params)
         manager = self._manager(stage, "final")
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{self.root}: stage {stage} has no finished snapshot")

@@ -12,7 +12,7 @@ import numpy as np
 
 from sdpo_jax.losses import METRIC_NAMES, DPOSettings
 from sdpo_jax.models.llama import LlamaForCausalLM
-from sdpo_jax.sharded_steps import jit_eval_step
+from sdpo_jax.sharded_steps import global_batch, jit_eval_step
 from sdpo_jax.train_step import make_eval_step, metric_means
 
 
@@ -26,11 +26,11 @@ def evaluate_pairs(
     param_shardings: Any,
     chunk_size: int = 128,
 ) -> dict[str, float]:
-    """TRL-named means over all valid pairs of ``batches`` plus ``num_pairs``."""
+    """TRL-named means over all valid pairs of ``batches`` (this process's rows) plus ``num_pairs``."""
     step = jit_eval_step(make_eval_step(model, settings, chunk_size), mesh, param_shardings, ref_params is not None)
     totals: dict[str, np.ndarray] | None = None
     for batch in batches:
-        sums = jax.device_get(step(params, ref_params, batch))
+        sums = jax.device_get(step(params, ref_params, global_batch(batch, mesh)))
         totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
     if totals is None:
         raise ValueError("evaluation got no batches")

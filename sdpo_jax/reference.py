@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from sdpo_jax.models.llama import LlamaForCausalLM
-from sdpo_jax.sharded_steps import jit_reference_step
+from sdpo_jax.sharded_steps import gather_rows, global_batch, jit_reference_step
 from sdpo_jax.train_step import make_reference_step
 
 
@@ -25,15 +25,19 @@ def precompute_reference_logps(
     param_shardings: Any,
     chunk_size: int = 128,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) float32 [num_pairs], filled from batches that cover every pair once."""
+    """(chosen, rejected) float32 [num_pairs], filled from batches that cover every pair once.
+
+    ``batches`` are this process's rows; every process gets the full arrays back.
+    """
     step = jit_reference_step(make_reference_step(model, chunk_size), mesh, param_shardings)
     chosen = np.full(num_pairs, np.nan, np.float32)
     rejected = np.full(num_pairs, np.nan, np.float32)
     for batch in batches:
-        ref_chosen, ref_rejected = jax.device_get(step(ref_params, batch))
-        rows = batch["valid"].astype(bool)
-        chosen[batch["pair_index"][rows]] = ref_chosen[rows]
-        rejected[batch["pair_index"][rows]] = ref_rejected[rows]
+        ref_chosen, ref_rejected = jax.device_get(step(ref_params, global_batch(batch, mesh)))
+        rows = gather_rows(batch["valid"]).astype(bool)
+        pair_index = gather_rows(batch["pair_index"])
+        chosen[pair_index[rows]] = ref_chosen[rows]
+        rejected[pair_index[rows]] = ref_rejected[rows]
     missing = np.flatnonzero(np.isnan(chosen) | np.isnan(rejected))
     if missing.size:
         raise ValueError(f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover the chunk")

@@ -11,7 +11,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from sdpo_jax.models.llama import LlamaForCausalLM
@@ -38,6 +40,17 @@ def place(tree: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), tree, shardings)
 
 
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays (pairs split over data and fsdp) from this process's rows of a batch."""
+    sharding = batch_sharding(mesh)
+    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
+
+
+def gather_rows(local: np.ndarray) -> np.ndarray:
+    """This host-side per-row array from every process, in global row order."""
+    return np.asarray(multihost_utils.process_allgather(local, tiled=True)) if jax.process_count() > 1 else local
+
+
 def jit_train_step(step: Callable, mesh: Mesh, shardings: TrainState, with_reference_params: bool) -> Callable:
     ref_sharding = shardings.params if with_reference_params else None
     return jax.jit(
@@ -54,4 +67,4 @@ def jit_eval_step(step: Callable, mesh: Mesh, param_shardings: Any, with_referen
 
 
 def jit_reference_step(step: Callable, mesh: Mesh, param_shardings: Any) -> Callable:
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=batch_sharding(mesh))
+    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

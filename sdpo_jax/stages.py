@@ -38,9 +38,10 @@ from sdpo_jax.models.loading import load_model
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.partition import plan_stages
 from sdpo_jax.reference import attach_reference, precompute_reference_logps
+from sdpo_jax.report import write_report
 from sdpo_jax.run_log import RunLog
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
-from sdpo_jax.sharding import batch_sharding, build_mesh
+from sdpo_jax.sharded_steps import global_batch, jit_train_step, place, state_shardings
+from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, make_train_step
 
 PREEMPTED_EXIT_CODE = 143
@@ -107,12 +108,6 @@ def folder_identity(folder: Path) -> str:
         stat = path.stat()
         digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
-
-
-def _global_batch(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Global arrays from this process's rows of the batch (multi-host safe)."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
 @dataclasses.dataclass
@@ -220,7 +215,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
         signal.signal(signal.SIGTERM, previous_handler)
         run.checkpoints.wait()
         run.checkpoints.close()
-    log.info(f"done: {len(report)} stage(s); report in {log.report_path}")
+    if jax.process_index() == 0:
+        log.info(f"done: {len(report)} stage(s); {log.report_path}, report {write_report(out)[-1]}")
     return report
 
 
@@ -261,7 +257,7 @@ def _difficulty_scores(run: _Run, train_pairs, sft_params, key: str) -> np.ndarr
         state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, sft_params), optimizer), shardings)
         batcher = run.batches(train_pairs, shuffle=True, seed=config.train.seed)
         for _ in range(steps):
-            state, _ = step_fn(state, None, _global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
+            state, _ = step_fn(state, None, global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
         probe = run.reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key)
     probe_chosen, probe_rejected = probe
     return (probe_chosen - chosen) - (probe_rejected - rejected)
@@ -308,7 +304,7 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
         local = next(batcher)
         if precompute:
             local = attach_reference(local, ref_chosen, ref_rejected)
-        state, metrics = step_fn(state, ref_arg, _global_batch(local, run.mesh))
+        state, metrics = step_fn(state, ref_arg, global_batch(local, run.mesh))
         done = step + 1
         if done % config.train.log_every == 0 or done == steps:
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}

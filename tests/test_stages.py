@@ -17,6 +17,7 @@ import torch
 import transformers
 
 from configs.default import get_config
+from batch_fixtures import write_token_pairs
 from hf_fixtures import load_torch_model, make_hf_checkpoint
 from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.cli.export import export
@@ -32,14 +33,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     model = make_hf_checkpoint("llama2", root / "model", seed=0)
     rng = np.random.default_rng(0)
-    sources = []
-    for name, count in (("easy", 14), ("hard", 18)):
-        rows = [{"prompt_ids": rng.integers(3, 160, rng.integers(2, 16)).tolist(),
-                 "chosen_ids": rng.integers(3, 160, rng.integers(1, 12)).tolist() + [2],
-                 "rejected_ids": rng.integers(3, 160, rng.integers(1, 12)).tolist() + [2]} for _ in range(count)]
-        path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        sources.append(str(path))
+    sources = [write_token_pairs(root / f"{name}.jsonl", count, rng) for name, count in (("easy", 14), ("hard", 18))]
     overrides = {
         "model.path": str(model), "data.train": tuple(sources), "data.limit": 0, "data.max_length": 64,
         "data.max_prompt_length": 32, "data.length_buckets": (64,), "data.eval_fraction": 0.125,
@@ -106,6 +100,8 @@ def test_two_stage_run_writes_the_contract_files(baseline):
     rows = _train_rows(output_dir)
     assert {r["stage"] for r in rows} == {1, 2} and all({"loss", "stage", "step"} <= set(r) for r in rows)
     assert json.loads((output_dir / "config.json").read_text())["sdpo"]["num_stages"] == 2
+    assert (output_dir / "report.md").is_file()
+    assert {p.name for p in (output_dir / "plots").iterdir()} == {"train_curves.png", "eval_accuracy.png", "ref_logratio.png"}
 
 
 def test_stage_two_reference_is_stage_one_and_gamma_is_exact(setup, baseline, tmp_path):
