@@ -16,18 +16,16 @@ from sdpo_jax.sharded_steps import global_batch, jit_eval_step
 from sdpo_jax.train_step import make_eval_step, metric_means
 
 
+def eval_step(model: LlamaForCausalLM, settings: DPOSettings, mesh: jax.sharding.Mesh, param_shardings: Any,
+              with_reference_params: bool, chunk_size: int = 128):
+    """The jitted ``(params, ref_params, global batch) -> metric sums`` step; build once, reuse."""
+    return jit_eval_step(make_eval_step(model, settings, chunk_size), mesh, param_shardings, with_reference_params)
+
+
 def evaluate_pairs(
-    model: LlamaForCausalLM,
-    params: Any,
-    ref_params: Any,
-    batches: Iterable[dict[str, np.ndarray]],
-    settings: DPOSettings,
-    mesh: jax.sharding.Mesh,
-    param_shardings: Any,
-    chunk_size: int = 128,
+    step, params: Any, ref_params: Any, batches: Iterable[dict[str, np.ndarray]], settings: DPOSettings, mesh: jax.sharding.Mesh
 ) -> dict[str, float]:
     """TRL-named means over all valid pairs of ``batches`` (this process's rows) plus ``num_pairs``."""
-    step = jit_eval_step(make_eval_step(model, settings, chunk_size), mesh, param_shardings, ref_params is not None)
     totals: dict[str, np.ndarray] | None = None
     for batch in batches:
         sums = jax.device_get(step(params, ref_params, global_batch(batch, mesh)))

@@ -16,20 +16,18 @@ from sdpo_jax.sharded_steps import gather_rows, global_batch, jit_reference_step
 from sdpo_jax.train_step import make_reference_step
 
 
+def reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128):
+    """The jitted ``(ref_params, global batch) -> (chosen, rejected)`` step; build once, reuse."""
+    return jit_reference_step(make_reference_step(model, chunk_size), mesh, param_shardings)
+
+
 def precompute_reference_logps(
-    model: LlamaForCausalLM,
-    ref_params: Any,
-    batches: Iterable[dict[str, np.ndarray]],
-    num_pairs: int,
-    mesh: jax.sharding.Mesh,
-    param_shardings: Any,
-    chunk_size: int = 128,
+    step, ref_params: Any, batches: Iterable[dict[str, np.ndarray]], num_pairs: int, mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
     """(chosen, rejected) float32 [num_pairs], filled from batches that cover every pair once.
 
     ``batches`` are this process's rows; every process gets the full arrays back.
     """
-    step = jit_reference_step(make_reference_step(model, chunk_size), mesh, param_shardings)
     chosen = np.full(num_pairs, np.nan, np.float32)
     rejected = np.full(num_pairs, np.nan, np.float32)
     for batch in batches:

@@ -32,12 +32,12 @@ import transformers
 from sdpo_jax.checkpointing import RunCheckpoints, abstract_with_shardings
 from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_datasets
-from sdpo_jax.evaluation import evaluate_pairs
+from sdpo_jax.evaluation import eval_step, evaluate_pairs
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.loading import load_model
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.partition import plan_stages
-from sdpo_jax.reference import attach_reference, precompute_reference_logps
+from sdpo_jax.reference import attach_reference, precompute_reference_logps, reference_step
 from sdpo_jax.report import write_report
 from sdpo_jax.run_log import RunLog
 from sdpo_jax.sharded_steps import global_batch, jit_train_step, place, state_shardings
@@ -121,6 +121,12 @@ class _Run:
     buckets: tuple[int, ...]
     param_shardings: Any
     abstract_params: Any
+    _steps: dict = dataclasses.field(default_factory=dict)  # jitted reference/eval steps, compiled once per run
+
+    def _step(self, key, build):
+        if key not in self._steps:
+            self._steps[key] = build()
+        return self._steps[key]
 
     def batches(self, pairs, shuffle=False, seed=0):
         return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
@@ -139,8 +145,9 @@ class _Run:
         cached = self.cached_logps(cache, key)
         if cached is not None:
             return cached
-        chosen, rejected = precompute_reference_logps(self.model, ref_params, self.batches(pairs).epoch_batches(0), len(pairs), self.mesh,
-                                                      self.param_shardings, self.config.model.logprob_chunk)
+        step = self._step("reference", lambda: reference_step(self.model, self.mesh, self.param_shardings,
+                                                              self.config.model.logprob_chunk))
+        chosen, rejected = precompute_reference_logps(step, ref_params, self.batches(pairs).epoch_batches(0), len(pairs), self.mesh)
         if jax.process_index() == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
@@ -150,8 +157,9 @@ class _Run:
 
     def evaluate(self, params, eval_pairs, eval_ref, settings) -> dict:
         batches = (attach_reference(b, *eval_ref) for b in self.batches(eval_pairs).epoch_batches(0))
-        return evaluate_pairs(self.model, params, None, batches, settings, self.mesh, self.param_shardings,
-                              self.config.model.logprob_chunk)
+        step = self._step(("eval", settings), lambda: eval_step(self.model, settings, self.mesh, self.param_shardings, False,
+                                                                self.config.model.logprob_chunk))
+        return evaluate_pairs(step, params, None, batches, settings, self.mesh)
 
 
 def _settings(config) -> DPOSettings:

@@ -14,7 +14,7 @@ from sdpo_jax.data.load import load_pairs
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
-from sdpo_jax.reference import attach_reference, precompute_reference_logps
+from sdpo_jax.reference import attach_reference, precompute_reference_logps, reference_step
 from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
 from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, make_train_step
@@ -38,7 +38,8 @@ def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
     optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-3, total_steps=3))
     shardings, _ = state_shardings(model, optimizer, mesh)
     ref = place(params, shardings.params)
-    chosen, rejected = precompute_reference_logps(model, ref, batcher.epoch_batches(0), len(pairs), mesh, shardings.params)
+    chosen, rejected = precompute_reference_logps(reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0),
+                                                  len(pairs), mesh)
     assert chosen.shape == (11,) and np.all(chosen < 0)
 
     settings = DPOSettings(beta=0.1)

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> dict:
     from sdpo_jax.data.batching import PairBatcher, resolve_buckets
     from sdpo_jax.data.config import get_data_config
     from sdpo_jax.data.load import load_pairs
-    from sdpo_jax.evaluation import evaluate_pairs
+    from sdpo_jax.evaluation import eval_step, evaluate_pairs
     from sdpo_jax.losses import DPOSettings
     import optax
 
@@ -69,10 +69,9 @@ def run(args: argparse.Namespace) -> dict:
     model = LlamaForCausalLM(config)
     shardings, _ = state_shardings(model, optax.identity(), mesh)
     batcher = PairBatcher(pairs, args.batch_size, seed=0, buckets=resolve_buckets((), args.max_length), shuffle=False)
-    return evaluate_pairs(
-        model, place(params, shardings.params), place(ref_params, shardings.params), batcher.epoch_batches(0),
-        settings, mesh, shardings.params,
-    )
+    step = eval_step(model, settings, mesh, shardings.params, with_reference_params=True)
+    return evaluate_pairs(step, place(params, shardings.params), place(ref_params, shardings.params),
+                          batcher.epoch_batches(0), settings, mesh)
 
 
 def main(argv: list[str] | None = None) -> int:
