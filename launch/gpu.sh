@@ -18,6 +18,7 @@
 # copy-pasteable; '#' lines are comments) instead of executed. Usage errors: one line on
 # stderr, exit status 2. Logs: LOG_DIR/node-<rank>.log (default logs/<name>).
 set -euo pipefail
+exec 3>&1 # run() prints dry-run lines here (launch/lib.sh)
 
 PROG=gpu.sh
 
@@ -50,68 +51,8 @@ exported variables reach the trainer, also through srun.
 EOF
 }
 
-die() { # usage error: one line, exit 2
-  echo "$PROG: error: $*" >&2
-  exit 2
-}
-
-# shq WORD: sets REPLY to WORD quoted for a POSIX shell (unchanged when it holds only safe
-# characters; a --flag=VALUE word keeps --flag= outside the quotes: --command='...').
-# No subshells: a dry run of a 64-host slice stays fast.
-shq() {
-  local s=$1 head="" out="" flag_re='^--[A-Za-z0-9][-A-Za-z0-9_.]*='
-  if [[ $s =~ $flag_re ]]; then
-    head=${BASH_REMATCH[0]}
-    s=${s#"$head"}
-    if [[ -z $s ]]; then REPLY=$head; return; fi
-  fi
-  case $s in
-    '') REPLY="$head''"; return ;;
-    *[!A-Za-z0-9_./:=@%+,-]*) ;;
-    *) REPLY=$head$s; return ;;
-  esac
-  while [[ $s == *\'* ]]; do
-    out="$out${s%%\'*}'\\''"
-    s=${s#*\'}
-  done
-  REPLY="$head'$out$s'"
-}
-
-# quote_cmd ARGS...: sets REPLY to the argument list as one copy-pasteable shell line.
-quote_cmd() {
-  local a line=""
-  for a in "$@"; do
-    shq "$a"
-    line="$line${line:+ }$REPLY"
-  done
-  REPLY=$line
-}
-
-# run [--log FILE] CMD ARGS...: the one place where commands are issued; --dry-run prints them.
-run() {
-  local log="" line
-  if [[ $1 == --log ]]; then log=$2; shift 2; fi
-  quote_cmd "$@"
-  line=$REPLY
-  if [[ -n $log ]]; then
-    shq "$log"
-    line="$line 2>&1 | tee -a $REPLY"
-  fi
-  if [[ $DRY_RUN == 1 ]]; then
-    printf '%s\n' "$line"
-    return 0
-  fi
-  printf '+ %s\n' "$line" >&2
-  if [[ -n $log ]]; then
-    "$@" 2>&1 | tee -a "$log"
-  else
-    "$@"
-  fi
-}
-
-note() {
-  if [[ $DRY_RUN == 1 ]]; then printf '# %s\n' "$*"; else printf '==> %s\n' "$*" >&2; fi
-}
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 CONFIG=${SDPO_CONFIG:-}
 OUTPUT_DIR=${SDPO_OUTPUT_DIR:-}

@@ -5,6 +5,7 @@ order 1-10 and parity tolerances mean something.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -49,6 +50,21 @@ def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, wi
     if with_tokenizer:
         shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer.json", folder / "tokenizer.json")
         shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer_config.json", folder / "tokenizer_config.json")
+    return folder
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+    "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def make_chat_checkpoint(folder: str | os.PathLike) -> Path:
+    """A tiny Llama 2 with the full 32000-token Llama vocabulary and a chat template, for text data."""
+    folder = make_hf_checkpoint("llama2", folder, vocab_size=32000)
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
 
 

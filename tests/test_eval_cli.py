@@ -11,7 +11,7 @@ import transformers
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from hf_fixtures import SHARED_DATA, load_torch_model, make_hf_checkpoint
+from hf_fixtures import SHARED_DATA, load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.cli.eval import main as eval_main
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -99,13 +99,7 @@ def test_bad_input_is_one_line_and_exit_2(models, tmp_path):
 
 def test_text_pairs_use_the_tokenizer(tmp_path):
     """Conversational pairs from the shipped orca sample, through the Llama tokenizer's vocabulary."""
-    policy = make_hf_checkpoint("llama2", tmp_path / "big_vocab", vocab_size=32000)
-    tokenizer_config = json.loads((policy / "tokenizer_config.json").read_text())
-    tokenizer_config["chat_template"] = (
-        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
-    (policy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    policy = make_chat_checkpoint(tmp_path / "big_vocab")
     data = SHARED_DATA / "preference" / "orca_dpo_pairs" / "validation.jsonl"
     out = tmp_path / "m.json"
     assert eval_main(["--policy", str(policy), "--reference", str(policy), "--data", str(data), "--batch-size", "16",

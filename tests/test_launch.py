@@ -475,7 +475,8 @@ def test_bash_syntax(script):
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean():
-    proc = subprocess.run(["shellcheck", "--shell=bash", str(TPU), str(GPU), str(SBATCH)],
+    proc = subprocess.run(["shellcheck", "--shell=bash", "--external-sources", "--source-path=SCRIPTDIR",
+                           str(TPU), str(GPU), str(SBATCH), str(TPU.with_name("lib.sh"))],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

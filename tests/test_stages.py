@@ -18,7 +18,7 @@ import transformers
 
 from configs.default import get_config
 from batch_fixtures import write_token_pairs
-from hf_fixtures import load_torch_model, make_hf_checkpoint
+from hf_fixtures import CHAT_TEMPLATE, load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.cli.export import export
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
@@ -242,13 +242,7 @@ def test_bad_stage_override_is_refused(setup, tmp_path):
 
 def test_one_command_on_shipped_data_then_export(tmp_path):
     """`sdpo-train` on the shipped orca + hh-rlhf samples (text, chat template) and `sdpo-export`, as a user runs them."""
-    model = make_hf_checkpoint("llama2", tmp_path / "model", vocab_size=32000)
-    tokenizer_config = json.loads((model / "tokenizer_config.json").read_text())
-    tokenizer_config["chat_template"] = (
-        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}{% if m['role'] == 'assistant' %}"
-        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[assistant] {% endif %}"
-    )
-    (model / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    model = make_chat_checkpoint(tmp_path / "model")
     run = tmp_path / "run"
     flags = [f"--config.model.path={model}", "--config.data.limit=12", "--config.data.length_buckets=(192,)",
              f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
@@ -261,4 +255,4 @@ def test_one_command_on_shipped_data_then_export(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     exported = load_torch_model(tmp_path / "hf")
     assert exported.config.vocab_size == 32000
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == tokenizer_config["chat_template"]
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == CHAT_TEMPLATE
