@@ -16,6 +16,7 @@ RUNTIME = [
     "gguf>=0.17",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "tensorboardX>=2.6",
 ]
 # torch==2.13.0 is pinned: it is the CPU build; a looser pin pulls a multi-GB CUDA build.
 TEST = ["pytest>=8", "torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
@@ -29,7 +30,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sdpo_jax", "sdpo_jax.*", "configs"]),
-    package_data={"sdpo_jax.data": ["samples/*/*"]},
+    package_data={"sdpo_jax.data": ["samples/*/*"], "sdpo_jax.models": ["assets/*/*"], "configs": ["model_shapes/*/config.json"]},
     include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"test": TEST, "bench": BENCH},
@@ -40,6 +41,8 @@ setup(
             "sdpo-train=sdpo_jax.cli.train:main",
             "sdpo-export=sdpo_jax.cli.export:main",
             "sdpo-report=sdpo_jax.report:main",
+            "sdpo-choices=sdpo_jax.cli.choices:main",
+            "sdpo-plan=sdpo_jax.cli.plan:main",
         ]
     },
 )

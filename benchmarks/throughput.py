@@ -3,19 +3,26 @@
     python benchmarks/throughput.py --hidden H --layers L --heads A --kv-heads K --vocab V
         --prompt-len P --completion-len C --batch B --steps S [--dtype float32|bfloat16] --json
 
-Each step trains on B pairs (2B rows of P + C tokens: chosen and rejected after the same prompt)
+Each step trains on B pairs (2B rows of P + C tokens: chosen and rejected after the same prompt,
+or with --prefix-sharing B rows of P + 2C tokens: prompt, chosen, rejected; sdpo_jax.prefix_sharing)
 with the reference forward inside the step (--reference in-step, default) or precomputed
 (--reference precomputed). Times are the median over S timed steps after compile and --warmup
-steps. FLOPs per pair (the model's work, masked positions included since they are computed):
-    rows = 2, T = P + C tokens per row, per token and layer
+steps. FLOPs per pair count the work the step actually computes (padding and masked positions
+included, prompt tokens once per row they occupy):
+    plain:  rows = 2, T = P + C tokens per row;   packed: rows = 1, T = P + 2C  (or T = --pad-to)
+    per token and layer
       linear    = 2 * (D*H*d + 2*D*K*d + H*d*D + 3*D*F)
       attention = 2 * 2 * T * H*d            (QK^T and AV over the full T x T score matrix)
-    head per token = 2 * D * V
-    forward(row) = T * (layers * (linear + attention) + head)
+    head = 2 * D * V per position that reaches the output layer: plain, every position of each
+           log-prob chunk holding a completion token; packed, the 2C gathered positions (rounded
+           up to whole chunks)
+    forward(row) = T * layers * (linear + attention) + head positions * 2 * D * V
     flops_per_pair = rows * forward * (3 for policy forward+backward + 1 for the reference forward,
                      or + 0 when the reference is precomputed)
 MFU = flops_per_pair * pairs_per_s / peak_flops, where peak_flops is a measured matmul peak in the
 same dtype on this machine (bf16 with float32 accumulation), measured in the same run.
+cpu_s_per_step_median is the process's CPU time (all threads) per step: on a machine shared with
+other work it varies far less than wall time, so it is the better number for A/B comparisons.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.llama import init_params
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
+from sdpo_jax.prefix_sharing import pack_pairs
 from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
 from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, make_train_step
@@ -53,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--logprob-chunk", type=int, default=128)
     p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
     p.add_argument("--attention", default="auto")
+    p.add_argument("--prefix-sharing", action="store_true", help="one packed row per pair (prompt + chosen + rejected)")
+    p.add_argument("--pad-to", type=int, default=0, help="pad every row to this many tokens (the cost of a coarse length bucket)")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
@@ -63,12 +73,29 @@ def model_config(a) -> ModelConfig:
                        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads)
 
 
-def flops_per_pair(c: ModelConfig, tokens: int, reference_in_step: bool) -> float:
+def row_length(a) -> int:
+    """Tokens per row: P + C (plain) or P + 2C (packed), or --pad-to when longer (a coarse bucket)."""
+    return max(a.pad_to, a.prompt_len + a.completion_len * (2 if a.prefix_sharing else 1))
+
+
+def head_positions(a) -> tuple[int, int]:
+    """(rows per pair, positions per row that reach the output layer) in the benchmark's layout."""
+    if a.prefix_sharing:
+        width = 2 * a.completion_len
+        return 1, -(-width // a.logprob_chunk) * a.logprob_chunk if a.logprob_chunk < width else width
+    chunk = min(a.logprob_chunk, row_length(a) - 1)  # position i predicts token i + 1
+    first, last = (a.prompt_len - 1) // chunk, (a.prompt_len + a.completion_len - 2) // chunk
+    return 2, (last - first + 1) * chunk
+
+
+def flops_per_pair(c: ModelConfig, a, reference_in_step: bool) -> float:
+    rows, head = head_positions(a)
+    tokens = row_length(a)
     d, hd, f = c.hidden_size, c.head_dim, c.intermediate_size
     linear = 2 * (d * c.num_attention_heads * hd + 2 * d * c.num_key_value_heads * hd + c.num_attention_heads * hd * d + 3 * d * f)
     attention = 2 * 2 * tokens * c.num_attention_heads * hd
-    forward = tokens * (c.num_hidden_layers * (linear + attention) + 2 * d * c.vocab_size)
-    return 2 * forward * (3 + (1 if reference_in_step else 0))
+    forward = tokens * c.num_hidden_layers * (linear + attention) + head * 2 * d * c.vocab_size
+    return rows * forward * (3 + (1 if reference_in_step else 0))
 
 
 def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
@@ -86,15 +113,18 @@ def matmul_peak(dtype, size: int = 2048, repeats: int = 5) -> float:
 
 
 def random_batch(rng, a, vocab):
+    """B random pairs (one prompt, two completions) in the benchmark's layout, padded to row_length."""
     length = a.prompt_len + a.completion_len
+    pad = ((0, 0), (0, 0 if a.prefix_sharing else row_length(a) - length))
     batch = {}
     prompt = rng.integers(3, vocab, (a.batch, a.prompt_len))
     for side in ("chosen", "rejected"):
-        batch[f"{side}_input_ids"] = np.concatenate([prompt, rng.integers(3, vocab, (a.batch, a.completion_len))], 1).astype(np.int32)
-        batch[f"{side}_attention_mask"] = np.ones((a.batch, length), np.int32)
-        batch[f"{side}_loss_mask"] = np.arange(length)[None].repeat(a.batch, 0) >= a.prompt_len
+        ids = np.concatenate([prompt, rng.integers(3, vocab, (a.batch, a.completion_len))], 1).astype(np.int32)
+        batch[f"{side}_input_ids"] = np.pad(ids, pad)
+        batch[f"{side}_attention_mask"] = np.pad(np.ones((a.batch, length), np.int32), pad)
+        batch[f"{side}_loss_mask"] = np.pad(np.arange(length)[None].repeat(a.batch, 0) >= a.prompt_len, pad)
     batch["valid"] = np.ones(a.batch, bool)
-    return batch
+    return pack_pairs(batch, row_length(a), a.completion_len) if a.prefix_sharing else batch
 
 
 def peak_memory_bytes() -> tuple[str, int]:
@@ -131,14 +161,15 @@ def run(a) -> dict:
     for i in range(a.warmup):
         state, metrics = step(state, ref, batches[i % 4])
     jax.block_until_ready(metrics)
-    times = []
+    times, cpu_times = [], []
     for i in range(a.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         state, metrics = step(state, ref, batches[i % 4])
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     step_s = statistics.median(times)
-    flops = flops_per_pair(config, a.prompt_len + a.completion_len, in_step)
+    flops = flops_per_pair(config, a, in_step)
     peak = matmul_peak(dtype, size=2048 if jax.default_backend() == "cpu" else 8192)
     memory_name, memory = peak_memory_bytes()
     pairs_per_s = a.batch / step_s
@@ -146,6 +177,7 @@ def run(a) -> dict:
         "framework": "sdpo_jax", "device": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
         "dtype": a.dtype, "shape": {k: v for k, v in vars(a).items() if k != "json"}, "num_params": config.num_params,
         "pairs_per_s": pairs_per_s, "step_s_median": step_s, "compile_s": compile_s,
+        "cpu_s_per_step_median": statistics.median(cpu_times),
         "model_flops_per_pair": flops, "peak_flops": peak, "mfu": flops * pairs_per_s / peak,
         memory_name: memory, "final_loss": float(metrics["loss"]),
     }

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.max_prompt_length = 128
     c.data.length_buckets = (96, 192)  # two compiled shapes: compile time dominates on a CPU
     c.data.eval_fraction = 0.1
+    c.data.prefix_sharing = True  # prompt once per pair: 0.70x the CPU time at prompt:completion 1:1, 0.54x at 4:1
 
     c.sdpo = ml_collections.ConfigDict()
     c.sdpo.num_stages = 2
@@ -37,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sdpo.difficulty = "source_accuracy"  # easy_to_hard score: source_accuracy | pair_logratio | dpo_probe
     c.sdpo.probe_steps = 20  # dpo_probe: DPO steps of the difficulty probe
     c.sdpo.stage_fractions = ()  # random / pair_logratio chunk sizes (equal when empty)
+    c.sdpo.policy_init = "previous"  # previous: stage t starts from M(t-1) (the paper) | sft: from M0 (ablation)
     c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7")
 
     c.train = ml_collections.ConfigDict()
@@ -59,7 +61,28 @@ def get_config() -> ml_collections.ConfigDict:
     c.dpo.rpo_alpha = 0.0
     c.dpo.reference_free = False
 
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    c.eval = ml_collections.ConfigDict()
+    c.eval.prompts = (  # fixed prompts answered by M0 and after every stage; the answers go in the report
+        "What is the capital of France?",
+        "Give me two tips for staying focused while studying.",
+        "Is it safe to leave a candle burning overnight? Answer briefly.",
+    )
+    c.eval.max_new_tokens = 48
+    c.eval.temperature = 0.0  # 0 = greedy
+    # Multiple-choice log-likelihood check (ARC/OpenBookQA-style jsonl or json; '' = off) of M0 and each M_t
+    c.eval.choices = "sample:arc_easy/validation.json"
+    c.eval.choices_limit = 100  # first N questions (0 = all)
+    c.eval.choices_chat_template = False  # lm-eval-harness style plain "Question: ...\nAnswer:" prompts
+    c.eval.choices_batch_size = 16  # questions per forward (a multiple of mesh data * fsdp)
+
+    c.log = ml_collections.ConfigDict()
+    c.log.progress = "auto"  # progress bars: auto (when stderr is a terminal) | always | never
+    c.log.tensorboard = True  # event files in output_dir/tensorboard
+    c.log.wandb = False  # Weights & Biases (needs `pip install wandb`)
+    c.log.wandb_project = "sdpo_jax"
+
+    # device mesh: data x fsdp x tensor (-1 = the devices left); dcn_data = data-parallel across TPU slices / nodes
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "dcn_data": 1})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50

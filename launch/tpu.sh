@@ -4,17 +4,19 @@
 # Steps: create the TPU (tpu-vm create, or a queued resource with --queued; --reuse keeps an
 # existing healthy one), wait until it is READY / ACTIVE, ship this repository (git archive of
 # --ref, default HEAD: uncommitted changes do not travel) to every worker, install it there
-# (a uv-made Python 3.12 venv, `pip install -e . jax[tpu]`), run the same sdpo-train command on
-# all workers (--worker=all; JAX's multi-host runtime finds its peers from the TPU metadata),
-# copy each worker's log back to logs/<name>/worker-<i>.log, and optionally delete the TPU.
+# (a uv-made Python 3.12 venv, `pip install -e . jax[tpu]`), mount a gs:// --output-dir's bucket
+# with Cloud Storage FUSE on every worker, run the same sdpo-train command on all workers
+# (--worker=all; JAX's multi-host runtime finds its peers from the TPU metadata), copy each
+# worker's log back to logs/<name>/worker-<i>.log, and optionally delete the TPU.
 #
 # Every command goes through run(): with --dry-run it is printed (one per line, shell-quoted,
 # copy-pasteable; '#' lines are comments) instead of executed, and gcloud is not needed.
 # Usage errors: one line on stderr, exit status 2. Run `launch/tpu.sh --help` for the flags.
 #
 # Spot / preemptible: see launch/README.md. In short, keep --output-dir on persistent storage
-# (a gs:// bucket) and rerun the same command with --reuse after a preemption: the preempted
-# node is deleted and recreated, and sdpo-train resumes from <output_dir>/checkpoints.
+# (a gs:// bucket, which every worker mounts) and rerun the same command with --reuse after a
+# preemption: the preempted node is deleted and recreated, and sdpo-train resumes from
+# <output_dir>/checkpoints.
 set -euo pipefail
 
 PROG=tpu.sh
@@ -32,8 +34,11 @@ Required (flag or environment variable):
   --type TYPE            accelerator type: v4-32, v5p-64, v5litepod-16... TPU_TYPE
   --config PATH          sdpo-train config, relative to the repo root     SDPO_CONFIG
                          (a worker-side absolute path is passed unchanged)
-  --output-dir DIR       --config.output_dir; use gs://BUCKET/... so that SDPO_OUTPUT_DIR
-                         checkpoints outlive the VM (resume after preemption)
+  --output-dir DIR       the run folder; use gs://BUCKET/PATH so that the SDPO_OUTPUT_DIR
+                         run outlives the VM (resume after preemption): every
+                         worker mounts BUCKET at ~/gcs/BUCKET with gcsfuse and
+                         sdpo-train gets --config.output_dir=~/gcs/BUCKET/PATH;
+                         an absolute worker path is passed unchanged
 Options:
   --version V            TPU runtime version (default from the type)      TPU_VERSION
   --spot | --preemptible spot / preemptible capacity (--queued: spot only) TPU_SPOT=1 / TPU_PREEMPTIBLE=1
@@ -198,7 +203,22 @@ fi
 [[ $POLL =~ ^[1-9][0-9]*$ ]] || die "--poll must be a positive integer, got '$POLL'"
 [[ $WAIT_TIMEOUT =~ ^[0-9]+$ ]] || die "--wait-timeout must be an integer, got '$WAIT_TIMEOUT'"
 [[ $OUTPUT_DIR == gs://* || $OUTPUT_DIR == /* ]] ||
-  die "--output-dir '$OUTPUT_DIR' must be gs://... or an absolute worker path"
+  die "--output-dir '$OUTPUT_DIR' must be gs://BUCKET/PATH or an absolute worker path"
+# A gs:// run folder is used through a Cloud Storage FUSE mount: sdpo-train writes its run files
+# (config.json, metrics.jsonl, reports, plots, TensorBoard events, reference caches) with local
+# file I/O, so it gets the mounted path. BUCKET is mounted at ~/gcs/BUCKET on every worker.
+BUCKET=""
+WORKER_OUT=$OUTPUT_DIR # what sdpo-train gets; relative to the worker's home for a bucket
+if [[ $OUTPUT_DIR == gs://* ]]; then
+  BUCKET=${OUTPUT_DIR#gs://}
+  BUCKET=${BUCKET%%/*}
+  bucket_re='^[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$'
+  [[ $BUCKET =~ $bucket_re ]] ||
+    die "--output-dir '$OUTPUT_DIR': '$BUCKET' is not a bucket name (lowercase letters, digits, '-', '_', '.')"
+  sub=${OUTPUT_DIR#gs://"$BUCKET"}
+  while [[ $sub == */ ]]; do sub=${sub%/}; done
+  WORKER_OUT=gcs/$BUCKET$sub
+fi
 if [[ $CONFIG != /* ]]; then # shipped with the repo: it must exist here (ml_collections 'path:arg' ok)
   [[ -f $REPO_ROOT/${CONFIG%%:*} ]] || die "--config '$CONFIG' is not a file under $REPO_ROOT"
 fi
@@ -211,7 +231,7 @@ LOG_DIR=${LOG_DIR:-logs/$NAME}
 
 exec 3>&1 # run() prints dry-run lines here, also from inside $(...)
 
-if [[ $OUTPUT_DIR != gs://* ]]; then
+if [[ -z $BUCKET ]]; then
   note "warning: --output-dir '$OUTPUT_DIR' is not gs://: unless it is a shared mount, each worker" \
     "writes to its own disk, multi-host checkpoints need shared storage, and nothing survives deleting the VM"
 fi
@@ -308,9 +328,61 @@ fi
 
 run mkdir -p "$LOG_DIR"
 
-# ---- 3. copy the repository and install it on every worker ----------------------------------
+# ---- 3. copy the repository and install it on every worker; mount the bucket ----------------
+# home_path REL: sets REPLY to the worker-side shell word for ~/REL ("$HOME" expands there).
+home_path() {
+  shq "$1"
+  REPLY="\"\$HOME\"/$REPLY"
+}
+
+# mount_command: sets REPLY to the worker-side command that mounts gs://$BUCKET at ~/gcs/$BUCKET
+# with Cloud Storage FUSE, then creates the run folder on it (an early check that this VM may
+# write to the bucket). Idempotent: a mounted folder is left alone, and gcsfuse is installed only
+# where it is missing, by Google's apt route for Debian/Ubuntu (TPU VM images are Ubuntu):
+# https://cloud.google.com/storage/docs/cloud-storage-fuse/install (repository gcsfuse-CODENAME,
+# key in /usr/share/keyrings/cloud.google.asc). Mount flags:
+#   --implicit-dirs           folders that exist only as object-name prefixes (a run folder
+#                             copied with `gcloud storage cp`, or written without gcsfuse) show up
+#   --rename-dir-limit=N      Orbax commits a checkpoint by renaming its temporary folder, and
+#                             gcsfuse renames a folder only when it has fewer than N descendants
+#                             (default 0: never). On a flat bucket the rename moves object by
+#                             object, so it is not atomic; a hierarchical-namespace bucket renames
+#                             a folder atomically.
+# No file cache (the default, no --cache-dir): the run reads back only its own small files.
+# metrics.jsonl gets one row per logged step (open, append, close), and gcsfuse uploads the
+# object again at each close (per its semantics doc, only the appended bytes once it is >= 2 MB):
+# a few KiB per step at our logging rates, which is fine.
+mount_command() {
+  local key=/usr/share/keyrings/cloud.google.asc dir
+  home_path "gcs/$BUCKET"
+  dir=$REPLY
+  local m="set -eo pipefail; if ! command -v gcsfuse >/dev/null; then"
+  m="$m echo \"deb [signed-by=$key] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\""
+  m="$m | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+  m="$m; curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee $key >/dev/null"
+  m="$m; sudo apt-get update -q"
+  m="$m; sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 gcsfuse; fi"
+  shq "$BUCKET"
+  m="$m; if ! mountpoint -q $dir; then mkdir -p $dir"
+  m="$m; gcsfuse --implicit-dirs --rename-dir-limit=1000000 $REPLY $dir; fi"
+  home_path "$WORKER_OUT"
+  REPLY="$m; mkdir -p $REPLY"
+}
+
+# The mount runs at the end of the install command, or, with --no-install, as its own step:
+# always before training and never inside the training command, so that a failed install or
+# mount stops the launch before sdpo-train starts, and its output stays out of the sdpo log.
+MOUNT=""
+if [[ -n $BUCKET ]]; then
+  mount_command
+  MOUNT=$REPLY
+fi
 if [[ $NO_INSTALL == 1 ]]; then
   note "--no-install: using the code and venv already on the workers"
+  if [[ -n $MOUNT ]]; then # a recreated or rebooted worker has lost its mount: always (re)mount
+    note "mounting gs://$BUCKET at ~/gcs/$BUCKET on every worker (kept if already mounted)"
+    run "${TPUVM[@]}" ssh "$NAME" --worker=all "${G[@]}" --command="$MOUNT"
+  fi
 else
   if [[ $DRY_RUN != 1 && -n $(GIT_OPTIONAL_LOCKS=0 git -C "$REPO_ROOT" status --porcelain --untracked-files=no) ]]; then
     note "warning: uncommitted changes are not shipped (git archive $REF)"
@@ -327,14 +399,26 @@ else
   shq "$PYVER"
   SETUP="$SETUP; $UV venv --allow-existing --python $REPLY sdpo_venv"
   SETUP="$SETUP; $UV pip install --python sdpo_venv/bin/python -e ./sdpo_jax 'jax[tpu]'"
+  [[ -z $MOUNT ]] || SETUP="$SETUP; $MOUNT"
   run "${TPUVM[@]}" ssh "$NAME" --worker=all "${G[@]}" --command="$SETUP"
 fi
 
 # ---- 4. train: the same command on every worker, output to a log file per worker -----------
-TRAIN=(../sdpo_venv/bin/sdpo-train --config "$CONFIG" --config.output_dir="$OUTPUT_DIR"
-  ${EXTRA[@]+"${EXTRA[@]}"})
-quote_cmd "${TRAIN[@]}"
-REMOTE="mkdir -p sdpo_logs && cd sdpo_jax && PYTHONUNBUFFERED=1 $REPLY"
+# A bucket run folder is the mounted path ~/gcs/BUCKET/PATH, an absolute one is passed as is.
+quote_cmd ../sdpo_venv/bin/sdpo-train --config "$CONFIG"
+TRAIN=$REPLY
+if [[ -n $BUCKET ]]; then
+  home_path "$WORKER_OUT"
+  TRAIN="$TRAIN --config.output_dir=$REPLY"
+else
+  shq "--config.output_dir=$OUTPUT_DIR"
+  TRAIN="$TRAIN $REPLY"
+fi
+if ((${#EXTRA[@]})); then
+  quote_cmd "${EXTRA[@]}"
+  TRAIN="$TRAIN $REPLY"
+fi
+REMOTE="mkdir -p sdpo_logs && cd sdpo_jax && PYTHONUNBUFFERED=1 $TRAIN"
 REMOTE="$REMOTE > ../$REMOTE_LOG 2>&1 || { rc=\$?; tail -n 40 ../$REMOTE_LOG; exit \$rc; }"
 quote_cmd "${TPUVM[@]}" ssh "$NAME" --worker=0 "${G[@]}" --command="tail -f $REMOTE_LOG"
 note "training; follow it with: $REPLY"

@@ -38,6 +38,10 @@ class RunCheckpoints:
                 max_to_keep=self.keep if kind == "steps" else 1,
                 enable_async_checkpointing=self.async_save and kind == "steps",
                 create=True,
+                # A step counts once its commit_success file exists, never by a folder rename: the
+                # same on local disks, on gs:// and on a gcsfuse-mounted bucket (whose renames are
+                # not atomic), so a preemption mid-save leaves no half checkpoint that looks whole.
+                temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath,
             )
             self._managers[key] = ocp.CheckpointManager(self.root / f"stage_{stage}" / kind, options=options)
         return self._managers[key]

@@ -9,13 +9,24 @@ with h the final normalised hidden states and W the [hidden, vocab] output embed
 logits h W are computed for one chunk of ``chunk_size`` positions at a time inside ``lax.scan``;
 each chunk is wrapped in ``jax.checkpoint`` so the backward pass recomputes its logits instead of
 keeping them. Peak memory is therefore rows x chunk_size x vocab floats, not rows x S x vocab.
+When everything fits in one chunk the logits are kept instead: the same peak (the output layer
+is the last thing the forward computes and the first the backward needs), one fewer logits
+matmul. The logits accumulate in float32; in bfloat16 compute the backward products stay
+bfloat16 (``sdpo_jax.mixed_einsum``).
 A chunk in which no row has a completion token (all prompt, or all padding) is skipped
 (``lax.cond``), forward and backward: its log-probs are 0 and never used.
+
+``gathered_token_logps`` goes further when the batch says which hidden state predicts each
+completion token (``index`` [rows, K], as prefix-shared batches do): it gathers those K hidden
+states per row first, so the output layer runs on completion tokens only (rows x K instead of
+rows x S positions), whatever the prompt lengths of the rows.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from sdpo_jax.mixed_einsum import mixed_einsum
 
 
 def token_logps(
@@ -43,13 +54,15 @@ def token_logps(
     weights = output_embedding.astype(hidden.dtype)
 
     def chunk_logps(h, t):
-        logits = jnp.einsum("rcd,dv->rcv", h, weights, preferred_element_type=jnp.float32)
+        logits = mixed_einsum("rcd,dv->rcv", h, weights)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         return target_logit - jax.nn.logsumexp(logits, axis=-1)
 
-    @jax.checkpoint
     def maybe_chunk_logps(h, t, wanted):
         return jax.lax.cond(wanted, chunk_logps, lambda h, t: jnp.zeros(t.shape, jnp.float32), h, t)
+
+    if padded > chunk:  # several chunks: keep no chunk's logits for the backward pass
+        maybe_chunk_logps = jax.checkpoint(maybe_chunk_logps)
 
     def body(carry, xs):
         return carry, maybe_chunk_logps(*xs)
@@ -69,3 +82,17 @@ def sequence_logps(
     mask = loss_mask[:, 1:].astype(jnp.float32)
     logps = token_logps(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size, needed=loss_mask[:, 1:])
     return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
+
+
+def gathered_token_logps(
+    hidden: jnp.ndarray, output_embedding: jnp.ndarray, index: jnp.ndarray, labels: jnp.ndarray, label_mask: jnp.ndarray,
+    chunk_size: int,
+) -> jnp.ndarray:
+    """label_mask[r, k] * log softmax(hidden[r, index[r, k]] W)[labels[r, k]], float32 [rows, K].
+
+    ``hidden`` [rows, S, hidden]; ``index``, ``labels``, ``label_mask`` [rows, K]. Only the K gathered
+    positions reach the output layer (chunked over K as in ``token_logps``).
+    """
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    logps = token_logps(picked, output_embedding, labels, chunk_size, needed=label_mask)
+    return jnp.where(label_mask, logps, 0.0)

@@ -334,6 +334,48 @@ def stage_lines(run: RunData) -> list[str]:
     return _table(header, rows)
 
 
+def per_model(stages: list[dict], key: str) -> dict[int, object]:
+    """{t: value} for M_0..M_T from the stages' ``{key}_before`` (stage 1: M_0) and ``{key}_after`` (M_t)."""
+    values: dict[int, object] = {}
+    for entry in stages:
+        if entry.get(f"{key}_before") and entry["stage"] - 1 not in values:
+            values[entry["stage"] - 1] = entry[f"{key}_before"]
+        if entry.get(f"{key}_after"):
+            values[entry["stage"]] = entry[f"{key}_after"]
+    return dict(sorted(values.items()))
+
+
+def choice_lines(run: RunData) -> list[str]:
+    """Log-likelihood accuracy of every model on the multiple-choice set (``eval.choices``)."""
+    scores = per_model(run.stages, "choices")
+    if not scores:
+        return ["No multiple-choice set in this run (eval.choices is empty)."]
+    source = short_source(run.config.get("eval", {}).get("choices", "?"))
+    first = next(iter(scores.values()))
+    lines = [f"`{source}`, {first['num_questions']} questions, scored as lm-eval-harness does (sum of the answer's "
+             "log-probs; acc_norm divides by its length in bytes).", ""]
+    return lines + _table(["model", "acc", "acc_norm"],
+                          [[f"M{t}", f"{v['acc']:.3f}", f"{v['acc_norm']:.3f}"] for t, v in scores.items()])
+
+
+def generation_lines(run: RunData) -> list[str]:
+    """Each fixed prompt with the answer of every model, M_0 first, quoted as written."""
+    answers = per_model(run.stages, "generations")
+    if not answers:
+        return ["No fixed prompts in this run (eval.prompts is empty)."]
+    settings = run.config.get("eval", {})
+    decoding = "greedy" if not settings.get("temperature") else f"sampled at temperature {settings['temperature']}"
+    lines = [f"{decoding.capitalize()} answers, at most {settings.get('max_new_tokens', '?')} new tokens.", ""]
+    prompts = [g["prompt"] for g in next(iter(answers.values()))]
+    for i, prompt in enumerate(prompts):
+        lines += [f"**{prompt}**", ""]
+        for t, generated in answers.items():
+            text = " ".join(generated[i]["completion"].split()) if i < len(generated) else "–"
+            lines.append(f"- M{t}: {text or '(empty)'}")
+        lines.append("")
+    return lines
+
+
 def _direction(first: float, last: float) -> str:
     return "rose" if last > first else "fell" if last < first else "stayed"
 
@@ -406,6 +448,8 @@ def render_markdown(run: RunData, plots: dict[str, Path | None]) -> str:
         lines.append(f"![{titles[key]}]({path.relative_to(run.output_dir).as_posix()})" if path
                      else f"*{titles[key]}: skipped ({skipped[key]}).*")
         lines.append("")
+    lines += ["## Multiple-choice check", "", *choice_lines(run), ""]
+    lines += ["## Answers to fixed prompts", "", *generation_lines(run)]
     lines += ["## Reading", "", *reading_lines(run), ""]
     return "\n".join(lines)
 

@@ -2,15 +2,17 @@
 
 Only process 0 writes or prints. ``metrics.jsonl`` holds one JSON object per logged step with
 ``split`` ("train" or "eval"), ``stage`` and ``step``; on resume the rows past the restored
-position are dropped first, so the file reads as if the run had never stopped.
+position are dropped first, so the file reads as if the run had never stopped. Trackers
+(TensorBoard, W&B; see sdpo_jax.tracking) get the same rows at the run-wide step.
 """
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from sdpo_jax.progress import say
 
 
 class RunLog:
@@ -20,27 +22,41 @@ class RunLog:
         self.metrics_path = self.dir / "metrics.jsonl"
         self.report_path = self.dir / "stage_report.json"
         self._started = time.perf_counter()
+        self.trackers: list[Any] = []
 
     def info(self, message: str) -> None:
         if self.is_main:
-            print(f"[sdpo {time.perf_counter() - self._started:7.1f}s] {message}", file=sys.stderr, flush=True)
+            say(f"[sdpo {time.perf_counter() - self._started:7.1f}s] {message}")
 
-    def metrics(self, row: dict[str, Any]) -> None:
+    def metrics(self, row: dict[str, Any], global_step: int) -> None:
+        """Append ``row`` to metrics.jsonl and send it to the trackers at run-wide ``global_step``."""
         if self.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
+            for tracker in self.trackers:
+                tracker.write(row, global_step)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()]
 
     def rewind_metrics(self, stage: int, step: int) -> None:
-        """Keep only rows at or before (stage, step); eval 'after' rows of that stage go too."""
-        if not self.is_main or not self.metrics_path.exists():
+        """Keep only the rows a run restored at (stage, step) had written: those before it, and at a
+        mid-stage step > 0 that step's own train row and the stage's 'before' eval (at step 0)."""
+        if not self.is_main:
             return
         kept = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
-            row = json.loads(line)
+        for row in self.read_metrics():
             position = (row["stage"], row["step"])
-            if position < (stage, step) or (position == (stage, step) and row.get("when") != "after"):
-                kept.append(line)
-        self.metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            if position < (stage, step) or (position == (stage, step) and step > 0 and row.get("when") != "after"):
+                kept.append(json.dumps(row) + "\n")
+        self.metrics_path.write_text("".join(kept), encoding="utf-8")
 
     def read_report(self) -> list[dict]:
         if self.report_path.exists():

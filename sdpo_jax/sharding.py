@@ -3,6 +3,12 @@
 Parameters carry logical axis names (see sdpo_jax.models.llama); ``rules`` map each name to
 mesh axes. Batches are split over ("data", "fsdp"): data-parallel replicas and fully sharded
 data parallelism both consume different examples; "tensor" splits heads, MLP and vocabulary.
+
+Multi-slice (several TPU slices joined by the data-centre network, DCN): ``dcn_data`` > 1 makes
+the "data" axis span slices. Each slice holds a (data, fsdp, tensor) mesh over its own chips (fast
+ICI links); the slices are data-parallel replicas of each other, so only the gradient all-reduce
+crosses DCN. The global "data" axis then has dcn_data * data entries, slice-major. On GPU (and
+CPU) nodes the processes are the slices: dcn_data = number of nodes keeps FSDP inside each node.
 """
 from __future__ import annotations
 
@@ -50,11 +56,69 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
     return tuple(sizes)
 
 
-def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def granule_attribute(devices: Sequence[jax.Device]) -> str:
+    """What joins devices by the slow network: TPU slices (``slice_index``), elsewhere processes (hosts)."""
+    return "slice_index" if devices[0].platform == "tpu" else "process_index"
+
+
+def slice_count(devices: Sequence[jax.Device]) -> int:
+    """Number of slices (TPU) or processes (GPU, CPU) the devices belong to."""
+    attribute = granule_attribute(devices)
+    return len({getattr(d, attribute, 0) for d in devices})
+
+
+def hybrid_mesh_shapes(data: int, fsdp: int, tensor: int, dcn_data: int, num_devices: int,
+                       num_slices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(per-slice mesh shape, across-slice shape) for ``num_devices`` devices in ``num_slices`` slices.
+
+    The slices must be equal and there must be exactly ``dcn_data`` of them; -1 in data/fsdp/tensor
+    fills the devices of one slice.
+    """
+    if dcn_data < 1:
+        raise MeshError(f"mesh.dcn_data must be >= 1, got {dcn_data}")
+    if num_slices != dcn_data:
+        raise MeshError(f"mesh.dcn_data={dcn_data} but the {num_devices} devices form {num_slices} slice(s); "
+                        f"set mesh.dcn_data to the slice count")
+    if num_devices % num_slices:
+        raise MeshError(f"mesh: {num_devices} devices do not split evenly into {num_slices} slices")
+    return mesh_shape(data, fsdp, tensor, num_devices // num_slices), (dcn_data, 1, 1)
+
+
+def global_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, dcn_data: int = 1) -> tuple[int, int, int]:
+    """The (data, fsdp, tensor) shape of the whole mesh: the data axis counts dcn_data * data replicas."""
+    (d, f, t), _ = hybrid_mesh_shapes(data, fsdp, tensor, dcn_data, num_devices, dcn_data)
+    return d * dcn_data, f, t
+
+
+def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
+               dcn_data: int = 1) -> Mesh:
+    """The mesh over ``devices`` (default: all); with ``dcn_data`` > 1, over that many slices.
+
+    On GPU and CPU the processes (hosts) play the slices' part. With dcn_data = 1 one mesh spans all
+    devices, as on one TPU slice; several TPU slices need dcn_data = their count.
+    """
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(data, fsdp, tensor, len(devices))
-    grid = mesh_utils.create_device_mesh(shape, devices=devices) if len(devices) > 1 else np.array(devices).reshape(shape)
+    attribute = granule_attribute(devices)
+    slices = slice_count(devices) if dcn_data > 1 or attribute == "slice_index" else 1
+    ici, dcn = hybrid_mesh_shapes(data, fsdp, tensor, dcn_data, len(devices), slices)
+    if dcn_data > 1:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
+                                                    process_is_granule=attribute == "process_index")
+    elif len(devices) > 1:
+        grid = mesh_utils.create_device_mesh(ici, devices=devices)
+    else:
+        grid = np.array(devices).reshape(ici)
     return Mesh(grid, MESH_AXES)
+
+
+def planning_mesh(data: int, fsdp: int, tensor: int, dcn_data: int, devices: Sequence[jax.Device]) -> Mesh:
+    """A mesh of the same global shape as ``build_mesh`` on real slices, laid over stand-in devices.
+
+    For checking shapes and memory on fake host devices, which have no slices: the arrays' shards
+    (and so divisibility and per-device bytes) depend only on the global shape.
+    """
+    shape = global_mesh_shape(data, fsdp, tensor, len(devices), dcn_data)
+    return Mesh(np.array(list(devices)).reshape(shape), MESH_AXES)
 
 
 def logical_to_shardings(logical_specs: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:

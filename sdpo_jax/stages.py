@@ -3,7 +3,8 @@
     M_0 = SFT model;  for t = 1..T:  reference_t = M_{t-1} (frozen),  policy_t starts at M_{t-1}
     with a fresh optimizer and its own schedule, DPO on chunk D_t  ->  M_t.
 
-T = 1 is plain DPO through the same code. Per stage the driver records gamma_t, the mean over
+T = 1 is plain DPO through the same code. ``sdpo.policy_init='sft'`` is the ablation that starts
+every stage's policy from M_0 while its reference stays M_{t-1}. Per stage the driver records gamma_t, the mean over
 D_t of log pi_ref(y_w|x) - log pi_ref(y_l|x) under reference_t, and held-out metrics before and
 after the stage. Held-out metrics always use the SFT model as their reference (its eval-set
 log-probs are computed once), so rewards are comparable across stages: eval_after of stage t is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -30,23 +32,30 @@ import numpy as np
 import transformers
 
 from sdpo_jax.checkpointing import RunCheckpoints, abstract_with_shardings
+from sdpo_jax.choice_eval import choice_step, evaluate_choices, load_choice_questions
 from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_datasets
 from sdpo_jax.evaluation import eval_step, evaluate_pairs
+from sdpo_jax.generation import generate
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.loading import load_model
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.partition import plan_stages
+from sdpo_jax.progress import bars_enabled, progress
 from sdpo_jax.reference import attach_reference, precompute_reference_logps, reference_step
 from sdpo_jax.report import write_report
 from sdpo_jax.run_log import RunLog
 from sdpo_jax.sharded_steps import global_batch, jit_train_step, place, state_shardings
 from sdpo_jax.sharding import build_mesh
+from sdpo_jax.tracking import TensorBoardSink, WandbSink
 from sdpo_jax.train_step import TrainState, make_train_step
 
 PREEMPTED_EXIT_CODE = 143
+POLICY_INITS = ("previous", "sft")  # stage t's policy starts from M(t-1) (the paper) or, as an ablation, from M0
 _OVERRIDABLE = {"dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.rpo_alpha", "train.learning_rate", "train.steps_per_stage"}
-_RESUME_NEUTRAL = {"checkpoint.force_resume", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "train.log_every"}
+_RESUME_NEUTRAL = {"checkpoint.force_resume", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "train.log_every",
+                   "log.progress", "log.tensorboard", "log.wandb", "log.wandb_project",
+                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data"}  # snapshots restore onto any layout
 
 
 class Preempted(Exception):
@@ -121,6 +130,9 @@ class _Run:
     buckets: tuple[int, ...]
     param_shardings: Any
     abstract_params: Any
+    tokenizer: Any
+    bars: bool
+    choice_questions: list = dataclasses.field(default_factory=list)
     _steps: dict = dataclasses.field(default_factory=dict)  # jitted reference/eval steps, compiled once per run
 
     def _step(self, key, build):
@@ -130,7 +142,8 @@ class _Run:
 
     def batches(self, pairs, shuffle=False, seed=0):
         return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
-                           process_index=jax.process_index(), process_count=jax.process_count())
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           prefix_sharing=self.config.data.prefix_sharing)
 
     @staticmethod
     def cached_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -140,14 +153,18 @@ class _Run:
                 return stored["chosen"], stored["rejected"]
         return None
 
-    def reference_logps(self, ref_params, pairs, cache: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    def progress(self, batcher: PairBatcher, description: str):
+        return progress(batcher.epoch_batches(0), batcher.steps_per_epoch, description, self.bars)
+
+    def reference_logps(self, ref_params, pairs, cache: Path, key: str, description: str) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-probs of every pair, from ``cache`` when it was made for ``key``."""
         cached = self.cached_logps(cache, key)
         if cached is not None:
             return cached
         step = self._step("reference", lambda: reference_step(self.model, self.mesh, self.param_shardings,
                                                               self.config.model.logprob_chunk))
-        chosen, rejected = precompute_reference_logps(step, ref_params, self.batches(pairs).epoch_batches(0), len(pairs), self.mesh)
+        chosen, rejected = precompute_reference_logps(step, ref_params, self.progress(self.batches(pairs), description),
+                                                      len(pairs), self.mesh)
         if jax.process_index() == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
@@ -155,11 +172,52 @@ class _Run:
             tmp.replace(cache)
         return chosen, rejected
 
-    def evaluate(self, params, eval_pairs, eval_ref, settings) -> dict:
-        batches = (attach_reference(b, *eval_ref) for b in self.batches(eval_pairs).epoch_batches(0))
+    def evaluate(self, params, eval_pairs, eval_ref, settings, description: str) -> dict:
+        batches = (attach_reference(b, *eval_ref) for b in self.progress(self.batches(eval_pairs), description))
         step = self._step(("eval", settings), lambda: eval_step(self.model, settings, self.mesh, self.param_shardings, False,
                                                                 self.config.model.logprob_chunk))
         return evaluate_pairs(step, params, None, batches, settings, self.mesh)
+
+    def eval_prompt_ids(self) -> list[list[int]]:
+        """Token ids of ``eval.prompts``; a prompt the model's vocabulary cannot hold is an error."""
+        prompts = [prompt_ids(self.tokenizer, text) for text in self.config.eval.prompts]
+        vocab = self.model.config.vocab_size
+        for i, ids in enumerate(prompts):
+            if max(ids, default=-1) >= vocab:
+                raise ValueError(f"eval.prompts[{i}]: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+            if not ids:
+                raise ValueError(f"eval.prompts[{i}]: the prompt tokenizes to nothing")
+        return prompts
+
+    def choices(self, params) -> dict:
+        """Multiple-choice log-likelihood accuracy (acc, acc_norm) on ``eval.choices``; {} without it."""
+        if not self.choice_questions:
+            return {}
+        checks = self.config.eval
+        step = self._step("choices", lambda: choice_step(self.model, self.mesh))
+        result = evaluate_choices(self.model, params, self.tokenizer, self.choice_questions, batch_size=checks.choices_batch_size,
+                                  chat_template=checks.choices_chat_template, mesh=self.mesh, step=step)
+        return {k: result[k] for k in ("acc", "acc_norm", "num_questions")}
+
+    def generations(self, params) -> list[dict]:
+        """Greedy (or sampled) answers of ``params`` to the fixed ``eval.prompts``, decoded with a KV cache."""
+        checks = self.config.eval
+        if not checks.prompts:
+            return []
+        prompts = self.eval_prompt_ids()
+        completions = generate(self.model, params, prompts, checks.max_new_tokens, self.tokenizer.eos_token_id,
+                               temperature=checks.temperature, seed=self.config.train.seed, batch_size=len(prompts))
+        return [{"prompt": text, "completion": self.tokenizer.decode(ids, skip_special_tokens=True)}
+                for text, ids in zip(checks.prompts, completions)]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A user prompt as the model sees it at generation time: the chat template with its generation
+    prompt when the tokenizer has one, else the text with the tokenizer's special tokens (BOS)."""
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
 
 
 def _settings(config) -> DPOSettings:
@@ -170,17 +228,22 @@ def _settings(config) -> DPOSettings:
 
 def train(config: ml_collections.ConfigDict) -> list[dict]:
     """Run (or resume) every stage; returns the stage report."""
+    if "://" in config.output_dir:
+        raise ValueError(f"output_dir {config.output_dir!r}: the run's files are written with local file I/O; mount the "
+                         f"bucket (e.g. gcsfuse, as launch/tpu.sh does for gs:// output dirs) and pass the mounted path")
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, is_main=jax.process_index() == 0)
     resolved = config.to_dict()
+    if config.sdpo.policy_init not in POLICY_INITS:
+        raise ValueError(f"sdpo.policy_init must be one of {POLICY_INITS}, got {config.sdpo.policy_init!r}")
     if (out / "config.json").exists():
         check_resume_config(json.loads((out / "config.json").read_text()), json.loads(json.dumps(resolved)),
                             config.checkpoint.force_resume)
     log.write_json("config.json", resolved)
 
-    model, sft_params, folder = load_model(config.model)
-    mesh = build_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    mesh = build_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data)
+    model, sft_params, folder = load_model(config.model, mesh=mesh)  # each tensor read straight onto its devices
     if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of mesh data*fsdp "
                          f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
@@ -190,16 +253,17 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
     probe_shardings, abstract = state_shardings(model, make_optimizer(OptimizerSettings()), mesh)
     run = _Run(config, log, RunCheckpoints(out, config.checkpoint.keep, config.checkpoint.async_save), model, folder,
                mesh, resolve_buckets(config.data.length_buckets, config.data.max_length), probe_shardings.params,
-               abstract.params)
-    sft_params = place(sft_params, run.param_shardings)
+               abstract.params, tokenizer, bars_enabled(config.log.progress, log.is_main))
     sft_key = folder_identity(folder)
     data_key = fingerprint(train_pairs.tokens, train_pairs.lengths, train_pairs.source_id)
-    log.info(f"model {folder} ({model.config.num_params / 1e6:.1f}M params), mesh {dict(mesh.shape)}, "
-             f"{len(train_pairs)} train pairs, {len(eval_pairs) if eval_pairs else 0} eval pairs, "
-             f"{config.sdpo.num_stages} stage(s), outputs in {out}")
 
+    run.eval_prompt_ids()  # fail now, not after the first stage
+    if config.eval.choices:
+        run.choice_questions = load_choice_questions(config.eval.choices, limit=config.eval.choices_limit or None)
     plan = _plan(run, train_pairs, sft_params, f"{sft_key}-{data_key}")
-    eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval") if eval_pairs else None
+    _summary(run, train_pairs, eval_pairs, plan)
+    eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval",
+                                   "reference log-probs of the eval pairs (M0)") if eval_pairs else None
     report = log.read_report()
     finished = run.checkpoints.finished_stages()
     report = [entry for entry in report if entry["stage"] in finished]
@@ -208,13 +272,17 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
         previous_params, _ = run.checkpoints.load_stage(finished[-1], abstract_with_shardings(run.abstract_params, run.param_shardings))
         log.info(f"resuming after finished stage {finished[-1]}")
     previous_key = sft_key if not finished else f"stage{finished[-1]}-{sft_key}-{data_key}"
+    _open_trackers(run, report, len(finished) + 1)
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     try:
         for stage in range(len(finished) + 1, config.sdpo.num_stages + 1):
             chunk = train_pairs.subset(plan.indices[stage - 1])
+            start_params = sft_params if config.sdpo.policy_init == "sft" else previous_params
             entry = _train_stage(run, stage_config(config, stage), stage, chunk, plan.sources[stage - 1],
-                                 previous_params, previous_key, eval_pairs, eval_ref, stop)
+                                 previous_params, start_params, previous_key, eval_pairs, eval_ref, stop,
+                                 step_offset=sum(e["steps"] for e in report),
+                                 before=_previous_checks(report))
             report.append(entry)
             log.write_report(report)
             previous_params, _ = run.checkpoints.load_stage(stage, abstract_with_shardings(run.abstract_params, run.param_shardings))
@@ -223,9 +291,66 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
         signal.signal(signal.SIGTERM, previous_handler)
         run.checkpoints.wait()
         run.checkpoints.close()
+        log.close()
     if jax.process_index() == 0:
         log.info(f"done: {len(report)} stage(s); {log.report_path}, report {write_report(out)[-1]}")
     return report
+
+
+def _previous_checks(report: list[dict]) -> dict | None:
+    """The previous stage's answers and choice accuracy: this stage's 'before' (its reference is that model)."""
+    if not report:
+        return None
+    return {"generations": report[-1].get("generations_after", []), "choices": report[-1].get("choices_after", {})}
+
+
+def _summary(run: _Run, train_pairs, eval_pairs, plan) -> None:
+    """The start-up summary: model, mesh, data, the stages and their steps, where outputs go."""
+    config, model = run.config, run.model
+    steps = []
+    for t, indices in enumerate(plan.indices, start=1):
+        per_epoch = -(-len(indices) // config.train.batch_size)
+        steps.append(stage_config(config, t).train.steps_per_stage or per_epoch)
+    lines = [
+        f"model {run.model_folder}: {model.config.num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
+        f"compute {config.model.dtype}, attention {config.model.attention}, remat {config.model.remat}",
+        f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)",
+        f"data {len(train_pairs)} train pairs, {len(eval_pairs) if eval_pairs else 0} held-out pairs, length buckets "
+        f"{run.buckets}, {config.train.batch_size} pairs per step",
+        f"{config.sdpo.num_stages} stage(s), partition {config.sdpo.partition}, policy starts from "
+        f"{'M(t-1)' if config.sdpo.policy_init == 'previous' else 'M0 (ablation)'}:",
+    ]
+    for t, (indices, sources, count) in enumerate(zip(plan.indices, plan.sources, steps), start=1):
+        lines.append(f"  stage {t}: {len(indices)} pairs from {', '.join(sources)}; {count} steps")
+    lines.append(f"outputs in {Path(config.output_dir).resolve()} (metrics.jsonl, stage_report.json, report.md, "
+                 f"plots/, tensorboard/, checkpoints/)")
+    for line in lines:
+        run.log.info(line)
+
+
+def _open_trackers(run: _Run, report: list[dict], next_stage: int) -> None:
+    """Rewind metrics.jsonl to where this run continues; start TensorBoard (and W&B when asked).
+
+    The TensorBoard files are written anew from the kept metrics.jsonl rows, so after any number of
+    kills and resumes they hold exactly what an uninterrupted run's would. W&B keeps its own
+    history (a resumed run continues the same W&B run).
+    """
+    config, log = run.config, run.log
+    restored = run.checkpoints.latest_step(next_stage) if next_stage <= config.sdpo.num_stages else None
+    log.rewind_metrics(next_stage, restored or 0)
+    if not log.is_main:
+        return
+    if config.log.tensorboard:
+        folder = Path(config.output_dir) / "tensorboard"
+        shutil.rmtree(folder, ignore_errors=True)
+        board = TensorBoardSink(folder)
+        offsets = np.cumsum([0] + [entry["steps"] for entry in report]).tolist()
+        for row in log.read_metrics():
+            board.write(row, offsets[row["stage"] - 1] + row["step"])
+        log.trackers.append(board)
+    if config.log.wandb:
+        log.trackers.append(WandbSink(config.log.wandb_project, Path(config.output_dir).name, config.to_dict(),
+                                      Path(config.output_dir)))
 
 
 def _plan(run: _Run, train_pairs, sft_params, key: str):
@@ -249,7 +374,8 @@ def _plan(run: _Run, train_pairs, sft_params, key: str):
 def _difficulty_scores(run: _Run, train_pairs, sft_params, key: str) -> np.ndarray:
     """Per-pair easiness (higher = easier): the SFT log-ratio, or the margin a short DPO probe learns."""
     config, cache = run.config, Path(run.config.output_dir) / "reference"
-    chosen, rejected = run.reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key)
+    chosen, rejected = run.reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key,
+                                           "difficulty: SFT log-probs of every train pair")
     if config.sdpo.difficulty != "dpo_probe":
         return chosen - rejected
     steps = config.sdpo.probe_steps
@@ -264,17 +390,25 @@ def _difficulty_scores(run: _Run, train_pairs, sft_params, key: str) -> np.ndarr
         run.log.info(f"DPO probe: {steps} steps over all {len(train_pairs)} pairs to score difficulty")
         state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, sft_params), optimizer), shardings)
         batcher = run.batches(train_pairs, shuffle=True, seed=config.train.seed)
-        for _ in range(steps):
+        for _ in progress(range(steps), steps, "difficulty: DPO probe steps", run.bars, unit="step"):
             state, _ = step_fn(state, None, global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
-        probe = run.reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key)
+        probe = run.reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key,
+                                    "difficulty: probe log-probs of every train pair")
     probe_chosen, probe_rejected = probe
     return (probe_chosen - chosen) - (probe_rejected - rejected)
 
 
-def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_key: str, eval_pairs, eval_ref, stop) -> dict:
+def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, start_params, ref_key: str, eval_pairs, eval_ref,
+                 stop, step_offset: int, before: dict | None) -> dict:
+    """Stage ``stage``: DPO of a policy from ``start_params`` against ``ref_params`` on ``chunk``.
+
+    Metrics go out at the run-wide step ``step_offset + step``; ``before`` holds the reference
+    model's answers and choice accuracy when the previous stage already measured them.
+    """
     log, settings = run.log, _settings(config)
     chunk_key = f"{ref_key}-{fingerprint(chunk.tokens, chunk.lengths, chunk.source_id)}"
-    ref_chosen, ref_rejected = run.reference_logps(ref_params, chunk, Path(config.output_dir) / "reference" / f"stage_{stage}.npz", chunk_key)
+    ref_chosen, ref_rejected = run.reference_logps(ref_params, chunk, Path(config.output_dir) / "reference" / f"stage_{stage}.npz",
+                                                   chunk_key, f"stage {stage}: reference log-probs of the chunk")
     batcher = run.batches(chunk, shuffle=True, seed=config.train.seed + stage)
     steps = config.train.steps_per_stage or batcher.steps_per_epoch
     optimizer = make_optimizer(OptimizerSettings(
@@ -286,7 +420,8 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
                              run.mesh, shardings, with_reference_params=not precompute)
     entry = {"stage": stage, "num_pairs": len(chunk), "sources": sources, "steps": steps,
              "ref_logratio_mean": float(np.mean(ref_chosen - ref_rejected)), "eval_before": {}, "eval_after": {},
-             "dpo": {k: v for k, v in config.dpo.to_dict().items()}, "learning_rate": config.train.learning_rate}
+             "dpo": {k: v for k, v in config.dpo.to_dict().items()}, "learning_rate": config.train.learning_rate,
+             "generations_before": [], "generations_after": [], "choices_before": {}, "choices_after": {}}
     resume_step = run.checkpoints.latest_step(stage)
     if resume_step is not None:
         state, meta = run.checkpoints.restore_step(stage, resume_step, abstract_with_shardings(abstract_state, shardings))
@@ -295,20 +430,32 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
                              f"(tokenized pairs of the chunk or the reference model changed); use another output_dir")
         batcher.restore(meta["data"])
         entry["eval_before"] = meta["eval_before"]
-        log.rewind_metrics(stage, resume_step)
+        entry["generations_before"] = meta.get("generations_before", [])
+        entry["choices_before"] = meta.get("choices_before", {})
         log.info(f"stage {stage}: resuming at step {resume_step}/{steps}")
     else:
-        log.rewind_metrics(stage, 0)
         if eval_pairs is not None:
-            entry["eval_before"] = run.evaluate(ref_params, eval_pairs, eval_ref, settings)
-            log.metrics({"split": "eval", "when": "before", "stage": stage, "step": 0, **entry["eval_before"]})
-        state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, ref_params), optimizer), shardings)
+            entry["eval_before"] = run.evaluate(ref_params, eval_pairs, eval_ref, settings, f"stage {stage}: held-out eval before")
+            log.metrics({"split": "eval", "when": "before", "stage": stage, "step": 0, **entry["eval_before"]}, step_offset)
+        if before is None:
+            entry["generations_before"] = run.generations(ref_params)
+            entry["choices_before"] = run.choices(ref_params)
+        else:
+            entry["generations_before"], entry["choices_before"] = before["generations"], before["choices"]
+        if entry["choices_before"]:
+            log.metrics({"split": "choices", "when": "before", "stage": stage, "step": 0, **entry["choices_before"]}, step_offset)
+        state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, start_params), optimizer), shardings)
         resume_step = 0
     log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(chunk)} pairs from {', '.join(sources)}, {steps} steps, "
              f"reference log-ratio mean {entry['ref_logratio_mean']:.3f}")
     ref_arg = None if precompute else ref_params
+    if precompute and config.sdpo.policy_init == "previous":
+        # The reference lives on as log-probs and the policy holds its own copy: free the device
+        # buffers of M_{t-1} (for stage 1, the SFT model) for the optimizer state and activations.
+        for leaf in jax.tree_util.tree_leaves(ref_params):
+            leaf.delete()
     started = time.perf_counter()
-    for step in range(resume_step, steps):
+    for step in progress(range(resume_step, steps), steps - resume_step, f"stage {stage}: training", run.bars, unit="step"):
         local = next(batcher)
         if precompute:
             local = attach_reference(local, ref_chosen, ref_rejected)
@@ -316,21 +463,31 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, ref_
         done = step + 1
         if done % config.train.log_every == 0 or done == steps:
             row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            log.metrics({"split": "train", "stage": stage, "step": done, **row})
+            log.metrics({"split": "train", "stage": stage, "step": done, **row}, step_offset + done)
             rate = (time.perf_counter() - started) / (done - resume_step)
             log.info(f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
                      f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
         if done < steps and (done % config.checkpoint.every_steps == 0 or stop["requested"]):
             run.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": batcher.state(),
                                                            "chunk": chunk_key, "eval_before": entry["eval_before"],
+                                                           "generations_before": entry["generations_before"],
+                                                           "choices_before": entry["choices_before"],
                                                            "config": config.to_dict()})
         if stop["requested"] and done < steps:
             run.checkpoints.wait()
             log.info(f"SIGTERM: saved stage {stage} step {done}; run the same command to resume")
             raise Preempted(f"preempted at stage {stage} step {done}")
     if eval_pairs is not None:
-        entry["eval_after"] = run.evaluate(state.params, eval_pairs, eval_ref, settings)
-        log.metrics({"split": "eval", "when": "after", "stage": stage, "step": steps, **entry["eval_after"]})
+        entry["eval_after"] = run.evaluate(state.params, eval_pairs, eval_ref, settings, f"stage {stage}: held-out eval after")
+        log.metrics({"split": "eval", "when": "after", "stage": stage, "step": steps, **entry["eval_after"]}, step_offset + steps)
+    entry["generations_after"] = run.generations(state.params)
+    entry["choices_after"] = run.choices(state.params)
+    if entry["choices_after"]:
+        log.metrics({"split": "choices", "when": "after", "stage": stage, "step": steps, **entry["choices_after"]}, step_offset + steps)
+        log.info(f"stage {stage} multiple choice: acc {entry['choices_before'].get('acc', float('nan')):.3f} -> "
+                 f"{entry['choices_after']['acc']:.3f} on {entry['choices_after']['num_questions']} questions")
+    for generated in entry["generations_after"]:
+        log.info(f"stage {stage} answer to {generated['prompt']!r}: {generated['completion']!r}")
     run.checkpoints.save_stage(stage, state.params, {"stage": stage, "steps": steps})
     log.info(f"stage {stage} done: eval {json.dumps({k: round(v, 4) for k, v in entry['eval_after'].items()})}")
     return entry

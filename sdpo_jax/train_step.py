@@ -2,13 +2,16 @@
 
     train_step(state, ref_params, batch) -> (state, metrics)
 
-``batch`` holds a global batch of B pairs (see sdpo_jax.data): ``{chosen,rejected}_input_ids``,
-``{chosen,rejected}_attention_mask``, ``{chosen,rejected}_loss_mask`` [B, L], optionally ``valid``
-[B] (0 for padding pairs) and, when the reference log-probs were precomputed,
-``ref_chosen_logps``/``ref_rejected_logps`` [B] (then ``ref_params`` is None). Chosen and rejected
-go through the model in one forward of 2B rows. With ``grad_accum`` = A the batch is split into A
-micro-batches (rows i, i+A, i+2A, ... so each stays spread over the devices) whose gradients add
-up to the full batch's, so A changes memory, not the result.
+``batch`` holds a global batch of B pairs (see sdpo_jax.data) in one of two layouts:
+plain, ``{chosen,rejected}_input_ids``, ``{chosen,rejected}_attention_mask``,
+``{chosen,rejected}_loss_mask`` [B, L], where chosen and rejected go through the model in one
+forward of 2B rows; or prefix-shared (sdpo_jax.prefix_sharing: ``input_ids``, ``positions``,
+``segment_ids`` [B, L] and ``{side}_index``/``{side}_labels``/``{side}_label_mask`` [B, K]), one row
+per pair, the prompt computed once. Both carry optionally ``valid`` [B] (0 for padding pairs)
+and, when the reference log-probs were precomputed, ``ref_chosen_logps``/``ref_rejected_logps``
+[B] (then ``ref_params`` is None). The steps dispatch on the batch's keys. With ``grad_accum`` = A
+the batch is split into A micro-batches (rows i, i+A, i+2A, ... so each stays spread over the
+devices) whose gradients add up to the full batch's, so A changes memory, not the result.
 """
 from __future__ import annotations
 
@@ -19,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdpo_jax.logprobs import sequence_logps
+from sdpo_jax.logprobs import gathered_token_logps, sequence_logps
 from sdpo_jax.losses import DPOSettings, PairLogps, batch_loss_sum, per_pair_loss, per_pair_metrics
 from sdpo_jax.models.llama import LlamaForCausalLM, output_embedding
+from sdpo_jax.prefix_sharing import chosen_token_counts, is_packed, packed_attention_mask
 
 
 @flax.struct.dataclass
@@ -36,7 +40,28 @@ class TrainState:
 
 
 def completion_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int):
-    """(chosen, rejected) sequence log-probs and completion token counts, one forward of 2B rows."""
+    """(chosen, rejected) sequence log-probs and completion token counts, either layout."""
+    if is_packed(batch):
+        return _packed_completion_logps(model, params, batch, chunk_size)
+    return _plain_completion_logps(model, params, batch, chunk_size)
+
+
+def _packed_completion_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int):
+    """One forward of B prefix-shared rows; the output layer only at the 2K gathered positions."""
+    mask = packed_attention_mask(batch["segment_ids"], batch["positions"], model.config.sliding_window)
+    hidden = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"], mask=mask, return_hidden=True)
+    width = batch["chosen_index"].shape[1]
+    both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=1)
+            for name in ("index", "labels", "label_mask")}
+    logps = gathered_token_logps(hidden, output_embedding(params, model.config), both["index"], both["labels"],
+                                 both["label_mask"], chunk_size)
+    counts = both["label_mask"].astype(jnp.float32)
+    return (jnp.sum(logps[:, :width], -1), jnp.sum(logps[:, width:], -1),
+            jnp.sum(counts[:, :width], -1), jnp.sum(counts[:, width:], -1))
+
+
+def _plain_completion_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int):
+    """One forward of 2B rows (chosen rows, then rejected rows)."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
@@ -61,7 +86,7 @@ def _pair_logps(model, params, ref_params, batch, chunk_size) -> PairLogps:
 
 
 def _weights(batch: dict) -> jnp.ndarray:
-    pairs = batch["chosen_input_ids"].shape[0]
+    pairs = batch["input_ids" if is_packed(batch) else "chosen_input_ids"].shape[0]
     return batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones((pairs,), jnp.float32)
 
 
@@ -106,7 +131,7 @@ def make_train_step(
         weights = _weights(batch)
         num_pairs = jnp.maximum(jnp.sum(weights), 1.0)
         num_chosen_tokens = jnp.maximum(
-            jnp.sum(weights * jnp.sum(batch["chosen_loss_mask"][:, 1:].astype(jnp.float32), axis=-1)), 1.0
+            jnp.sum(weights * chosen_token_counts(batch).astype(jnp.float32)), 1.0
         )
 
         def micro_loss(params, micro):

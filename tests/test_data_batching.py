@@ -150,3 +150,32 @@ def test_split_eval(pairs):
     train, held = split_eval(pairs, 0.1, seed=0)
     assert len(held) == 10 and len(train) == len(pairs) - 10
     assert not set(held.number.tolist()) & set(train.number.tolist())
+
+
+def test_prefix_shared_batches_hold_each_pair_once_per_row(pairs):
+    batcher = PairBatcher(pairs, 8, seed=3, buckets=BUCKETS, prefix_sharing=True)
+    assert batcher.buckets.tolist() == [16, 32, 64, 128]  # packed pairs exceed 64 tokens
+    batches = list(batcher.epoch_batches(0))
+    seen = np.concatenate([b["pair_index"][b["valid"]] for b in batches])
+    assert sorted(seen.tolist()) == list(range(len(pairs)))
+    for b in batches:
+        real = b["pair_index"][b["valid"]]
+        packed = pairs.prompt_len[real] + pairs.chosen_len[real] + pairs.rejected_len[real]
+        longest = np.maximum(pairs.chosen_len[real], pairs.rejected_len[real]).max()
+        assert b["input_ids"].shape[1] == min(x for x in batcher.buckets if x >= packed.max())
+        assert b["chosen_index"].shape[1] == min(x for x in BUCKETS if x >= longest)
+        for row, i in enumerate(b["pair_index"]):
+            segments = b["segment_ids"][row]
+            if i < 0:
+                assert not segments.any() and not b["input_ids"][row].any()
+                continue
+            for side, segment in (("prompt", 1), ("chosen", 2), ("rejected", 3)):
+                assert b["input_ids"][row][segments == segment].tolist() == getattr(pairs, f"{side}_ids")(i)
+            labels = b["rejected_labels"][row][b["rejected_label_mask"][row]]
+            assert labels.tolist() == pairs.rejected_ids(i)
+    halves = [PairBatcher(pairs, 8, 3, BUCKETS, p, 2, prefix_sharing=True) for p in range(2)]
+    for expected in batches[:3]:
+        got = [next(h) for h in halves]
+        for key, value in expected.items():
+            assert np.array_equal(np.concatenate([g[key] for g in got]), value), key
+    assert batcher.state()["data_id"] != PairBatcher(pairs, 8, 3, BUCKETS).state()["data_id"]

@@ -86,9 +86,24 @@ VM = ("compute", "tpus", "tpu-vm")
 QR = ("compute", "tpus", "queued-resources")
 
 
+def gcsfuse_mounts(cmds):
+    """(index, argv) of each `gcsfuse FLAGS... BUCKET DIR` in the workers' ssh commands."""
+    found = []
+    for i, argv in gcloud(cmds, *VM, "ssh"):
+        remote = [t.rstrip(";") for t in shlex.split(flag(argv, "command"))]
+        for j, tok in enumerate(remote):
+            if tok == "gcsfuse" and remote[j + 1].startswith("--"):
+                k = next(k for k in range(j + 1, len(remote)) if not remote[k].startswith("--"))
+                found.append((i, remote[j:k + 2]))
+    return found
+
+
 def check_tpu_run(cmds, workers, name="sdpo-a", zone="us-central2-b", project="proj-1",
-                  log_dir=None, overrides=(), install=True):
-    """The parts every tpu.sh run has: copy, install, train on all workers, per-worker logs."""
+                  log_dir=None, overrides=(), install=True, output_dir="$HOME/gcs/bkt/runs/a",
+                  bucket="bkt"):
+    """The parts every tpu.sh run has: copy, install, mount a bucket run folder, train on all
+    workers, per-worker logs. `output_dir` is what sdpo-train gets, as the worker's shell sees it
+    ($HOME unexpanded); `bucket` is the one mounted (None: nothing is mounted)."""
     log_dir = log_dir or f"logs/{name}"
     for _, argv in gcloud(cmds):  # zone and project on every gcloud call, never prompting
         assert flag(argv, "zone") == zone and flag(argv, "project") == project, argv
@@ -106,11 +121,20 @@ def check_tpu_run(cmds, workers, name="sdpo-a", zone="us-central2-b", project="p
         assert up[0][1][6] == f"{name}:sdpo_jax.tar.gz"
         setup_i, setup = ssh[0]
         assert setup[5] == name and flag(setup, "worker") == "all"
-        remote = shlex.split(flag(setup, "command"))
+        remote = [t.rstrip(";") for t in shlex.split(flag(setup, "command"))]
         assert "jax[tpu]" in remote and "-e" in remote and "install" in remote
         assert archive[0] < up[0][0] < setup_i
     else:
-        assert not archive and len(ssh) == 1
+        assert not archive and len(ssh) == 1 + (bucket is not None)  # [mount,] train
+    # mount: once per run, on every worker, before training: in the install step, or on its own
+    mounts = gcsfuse_mounts(cmds)
+    if bucket is None:
+        assert not mounts
+    else:
+        (mount_i, mount), = mounts
+        assert mount_i == ssh[0][0] and flag(ssh[0][1], "worker") == "all"
+        assert "--implicit-dirs" in mount and int(flag(mount, "rename-dir-limit")) > 0
+        assert mount[-2:] == [bucket, f"$HOME/gcs/{bucket}"]
     # train: the same sdpo-train line on every worker, its output into a per-worker log file
     train_i, train = ssh[-1]
     assert train[5] == name and flag(train, "worker") == "all"
@@ -118,7 +142,7 @@ def check_tpu_run(cmds, workers, name="sdpo-a", zone="us-central2-b", project="p
     remote = shlex.split(flag(train, "command"))
     st = next(i for i, t in enumerate(remote) if t.endswith("/sdpo-train"))
     assert remote[st + 1:st + 3] == ["--config", CONFIG]
-    assert remote[st + 3] == "--config.output_dir=gs://bkt/runs/a"
+    assert remote[st + 3] == f"--config.output_dir={output_dir}"
     assert remote[st + 4:st + 4 + len(overrides)] == list(overrides)
     assert remote[st + 4 + len(overrides)] == ">"  # stdout to sdpo_logs/<name>.log on the worker
     assert remote[st + 5 + len(overrides)] == f"../sdpo_logs/{name}.log"
@@ -225,9 +249,79 @@ def test_tpu_worker_command_runs_in_a_shell(env, tmp_path):
                           env={**env, "HOME": str(home)}, timeout=30)
     assert proc.returncode == 4
     log = (home / "sdpo_logs" / "sdpo-a.log").read_text().splitlines()
-    assert log == [str(home / "sdpo_jax"), "--config", CONFIG, "--config.output_dir=gs://bkt/runs/a",
-                   "--config.x=1", odd]
+    assert log == [str(home / "sdpo_jax"), "--config", CONFIG,
+                   f"--config.output_dir={home}/gcs/bkt/runs/a", "--config.x=1", odd]
     assert proc.stdout.splitlines() == log  # the tail of the log on failure
+
+
+@pytest.mark.parametrize("output_dir,worker_dir,bucket", [
+    ("gs://bkt", "$HOME/gcs/bkt", "bkt"),
+    ("gs://my.bkt_2/runs/a b/", "$HOME/gcs/my.bkt_2/runs/a b", "my.bkt_2"),
+    ("/mnt/shared/runs/a", "/mnt/shared/runs/a", None),
+])
+@pytest.mark.parametrize("install", [True, False])
+def test_tpu_output_dir_mount(env, output_dir, worker_dir, bucket, install):
+    """A gs:// run folder is mounted once per run and sdpo-train gets the mounted path; an
+    absolute worker path is passed unchanged, with nothing mounted and a warning."""
+    args = [*TPU_BASE, "--type", "v4-16", "--output-dir", output_dir] + ([] if install else ["--no-install"])
+    proc = launch(TPU, ["--dry-run", *args], env)
+    assert proc.returncode == 0, proc.stderr
+    cmds, comments = dry(TPU, args, env)
+    check_tpu_run(cmds, workers=2, install=install, output_dir=worker_dir, bucket=bucket)
+    assert ("gcsfuse" in proc.stdout) == (bucket is not None)
+    assert any("is not gs://" in c for c in comments) == (bucket is None)
+
+
+FAKE_MOUNT_TOOLS = {  # the system tools the mount command calls, recording into $FAKE/calls
+    "sudo": r"""echo "sudo $*" >> "$FAKE/calls"
+case "$*" in
+  "tee "*) cat > "$FAKE/$(basename "$2")" ;;
+  *"apt-get install"*)
+    printf '#!/bin/sh\necho "gcsfuse $*" >> "$FAKE/calls"\ntouch "$FAKE/mounted"\n' > "$FAKE/bin/gcsfuse"
+    chmod +x "$FAKE/bin/gcsfuse" ;;
+esac
+""",
+    "lsb_release": "echo jammy\n",
+    "curl": 'echo "$*" > "$FAKE/curl_args"; echo KEY\n',  # runs alongside `sudo tee`: own file
+    "mountpoint": 'echo "mountpoint $*" >> "$FAKE/calls"; [ -e "$FAKE/mounted" ]\n',
+}
+
+
+def test_tpu_mount_command_installs_once_and_is_idempotent(env, tmp_path):
+    """The worker-side mount command, run twice: the first run adds Google's apt repository,
+    installs gcsfuse, mounts and makes the run folder; the second finds both and only checks."""
+    cmds, _ = dry(TPU, [*TPU_BASE, "--type", "v4-8", "--no-install"], env)
+    mount_cmd = flag(gcloud(cmds, *VM, "ssh")[0][1], "command")
+    fake, home = tmp_path / "fake", tmp_path / "home"
+    (fake / "bin").mkdir(parents=True)
+    home.mkdir()
+    for tool, body in FAKE_MOUNT_TOOLS.items():
+        (fake / "bin" / tool).write_text("#!/bin/sh\n" + body)
+        (fake / "bin" / tool).chmod(0o755)
+    run_env = {**env, "HOME": str(home), "FAKE": str(fake), "PATH": f"{fake / 'bin'}{os.pathsep}{env['PATH']}"}
+    first = subprocess.run(["bash", "-c", mount_cmd], cwd=home, env=run_env, capture_output=True,
+                           text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    calls = (fake / "calls").read_text().splitlines()
+    mnt = home / "gcs" / "bkt"
+    assert calls == [
+        "sudo tee /etc/apt/sources.list.d/gcsfuse.list",
+        "sudo tee /usr/share/keyrings/cloud.google.asc",
+        "sudo apt-get update -q",
+        "sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 gcsfuse",
+        f"mountpoint -q {mnt}",
+        f"gcsfuse --implicit-dirs --rename-dir-limit=1000000 bkt {mnt}"]
+    assert (fake / "gcsfuse.list").read_text() == (
+        "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt "
+        "gcsfuse-jammy main\n")
+    assert (fake / "curl_args").read_text() == "-fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg\n"
+    assert (fake / "cloud.google.asc").read_text() == "KEY\n"
+    assert (mnt / "runs" / "a").is_dir()
+    (fake / "calls").unlink()
+    again = subprocess.run(["bash", "-c", mount_cmd], cwd=home, env=run_env, capture_output=True,
+                           text=True, timeout=30)
+    assert again.returncode == 0, again.stderr
+    assert (fake / "calls").read_text().splitlines() == [f"mountpoint -q {mnt}"]
 
 
 @pytest.mark.parametrize("acc_type,hosts", [
@@ -268,6 +362,8 @@ def _without(args, name):
     ([*TPU_BASE, "--type", "v4-8", "--bogus"], "--bogus"),
     ([*TPU_BASE, "--type", "v4-8", "--config", "configs/missing.py"], "configs/missing.py"),
     ([*TPU_BASE, "--type", "v4-8", "--output-dir", "runs/a"], "--output-dir"),
+    ([*TPU_BASE, "--type", "v4-8", "--output-dir", "gs://Bkt/runs/a"], "not a bucket name"),
+    ([*TPU_BASE, "--type", "v4-8", "--output-dir", "gs:///runs/a"], "not a bucket name"),
     ([*TPU_BASE, "--type", "v4-8", "--name", "Bad_Name"], "--name"),
 ])
 def test_tpu_usage_errors(env, args, needle):
@@ -354,8 +450,9 @@ def test_tpu_real_flow_reuse_healthy_queued(env, tmp_path):
     calls = (fake / "gcloud_calls").read_text().splitlines()
     assert [c.split()[2:4] for c in calls] == [
         ["queued-resources", "describe"], ["queued-resources", "describe"],
-        ["tpu-vm", "describe"], ["tpu-vm", "ssh"], ["tpu-vm", "scp"], ["tpu-vm", "scp"],
-        ["tpu-vm", "scp"]]
+        ["tpu-vm", "describe"], ["tpu-vm", "ssh"], ["tpu-vm", "ssh"], ["tpu-vm", "scp"],
+        ["tpu-vm", "scp"], ["tpu-vm", "scp"]]
+    assert "gcsfuse --implicit-dirs" in calls[3] and "sdpo-train" in calls[4]  # mount, then train
     assert "has 3 workers (expected 1" in proc.stderr
     assert len(list((tmp_path / "logs" / "sdpo-a").glob("worker-*.log"))) == 3
 

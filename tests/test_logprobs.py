@@ -11,6 +11,7 @@ from batch_fixtures import random_pair_batch
 from hf_fixtures import load_torch_model
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.logprobs import token_logps
+from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.train_step import completion_logps
 
@@ -81,3 +82,27 @@ def test_chunks_without_completion_tokens_are_skipped_exactly():
     grad = lambda fn: jax.grad(lambda h, w: jnp.sum(jnp.where(needed, fn(h, w), 0.0)), argnums=(0, 1))(hidden, weights)
     for a, b in zip(grad(lambda h, w: token_logps(h, w, targets, 4, needed=needed)), grad(lambda h, w: _naive_token_logps(h, w, targets))):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_einsum_backward_stays_in_bfloat16():
+    """float32 operands: exactly jnp.einsum's gradients; bfloat16: no float32 x float32 product left."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    x, w, g = (jax.random.normal(k, s) for k, s in zip(keys, [(4, 6, 16), (16, 3, 8), (4, 6, 3, 8)]))
+    loss = lambda einsum: lambda x, w: jnp.sum(g * einsum("bsd,dhk->bshk", x, w))  # noqa: E731
+    ours = jax.grad(loss(mixed_einsum), argnums=(0, 1))(x, w)
+    plain = jax.grad(loss(lambda s, a, b: jnp.einsum(s, a, b, preferred_element_type=jnp.float32)), argnums=(0, 1))(x, w)
+    for a, b in zip(ours, plain):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    half = (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    for a, b in zip(jax.grad(loss(mixed_einsum), argnums=(0, 1))(*half), plain):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.05 * float(np.abs(b).max()))
+    hlo = jax.jit(jax.grad(loss(mixed_einsum), argnums=(0, 1))).lower(*half).as_text()
+    dots = [line for line in hlo.splitlines() if "dot_general" in line and "=" in line]
+    operands = [d.rsplit(": (", 1)[1].split(") ->")[0] for d in dots]
+    assert len(dots) == 2 and all("f32" not in o and o.count("bf16") == 2 for o in operands), dots  # dx and dw
+    batched = jax.grad(lambda a, b: jnp.sum(mixed_einsum("bsd,btd->bst", a, b) ** 2), argnums=(0, 1))(x, x)
+    expected = jax.grad(lambda a, b: jnp.sum(jnp.einsum("bsd,btd->bst", a, b) ** 2), argnums=(0, 1))(x, x)
+    for a, b in zip(batched, expected):  # batch indices (in all three terms)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="at least two terms"):
+        mixed_einsum("bd,be->b", x[:, 0], x[:, 0])

@@ -36,3 +36,26 @@ def test_bad_dtype(hf_checkpoint):
     config.path, config.dtype = str(hf_checkpoint("qwen2")), "float64"
     with pytest.raises(ValueError, match="model.dtype 'float64'"):
         load_model(config)
+
+
+def test_tiny_random_model_is_a_real_checkpoint_written_once(tmp_path, monkeypatch):
+    """`tiny-random-llama` (configs/tiny.py): a HF folder that transformers loads with the same weights."""
+    import numpy as np
+
+    from hf_fixtures import load_torch_model
+
+    monkeypatch.setenv("SDPO_JAX_CACHE", str(tmp_path))
+    config = get_config().model
+    config.path = "tiny-random-llama"
+    module, params, folder = load_model(config)
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model_folder("tiny-random-llama") == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    torch_model = load_torch_model(folder)
+    assert sum(p.numel() for p in torch_model.parameters()) == module.config.num_params
+    np.testing.assert_array_equal(torch_model.model.embed_tokens.weight.detach().numpy(), params["embed_tokens"])
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+    assert rendered == "<s><<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] Hi [/INST]"

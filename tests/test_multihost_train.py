@@ -42,7 +42,8 @@ def test_two_process_sdpo_train_equals_one_process(tmp_path):
     flags = [f"--config.model.path={model}", f"--config.data.train={sources!r}", "--config.data.limit=0",
              "--config.data.max_length=64", "--config.data.length_buckets=(64,)", "--config.data.max_prompt_length=32",
              "--config.train.batch_size=8", "--config.sdpo.partition=datasets", "--config.train.learning_rate=1e-3",
-             "--config.data.eval_fraction=0.2", "--config.checkpoint.every_steps=1", f"--config.data.cache_dir={tmp_path / 'cache'}"]
+             "--config.data.eval_fraction=0.2", "--config.checkpoint.every_steps=1", f"--config.data.cache_dir={tmp_path / 'cache'}",
+             "--config.eval.prompts=()", "--config.eval.choices="]
     single = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
                             timeout=400, env=_env(8))
     assert single.returncode == 0, single.stderr[-3000:]

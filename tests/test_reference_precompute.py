@@ -41,6 +41,10 @@ def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
     chosen, rejected = precompute_reference_logps(reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0),
                                                   len(pairs), mesh)
     assert chosen.shape == (11,) and np.all(chosen < 0)
+    packed = PairBatcher(pairs, batch_size=4, seed=3, buckets=(16, 32, 64), prefix_sharing=True)
+    packed_logps = precompute_reference_logps(reference_step(model, mesh, shardings.params), ref, packed.epoch_batches(0),
+                                              len(pairs), mesh)
+    np.testing.assert_allclose(packed_logps, (chosen, rejected), rtol=1e-5, atol=1e-4)  # prefix sharing: same numbers
 
     settings = DPOSettings(beta=0.1)
     in_step = jit_train_step(make_train_step(model, settings, optimizer), mesh, shardings, with_reference_params=True)

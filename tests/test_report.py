@@ -33,6 +33,15 @@ def _train_row(stage: int, step: int) -> dict:
             "num_pairs": 4.0, "grad_norm": 1.0}
 
 
+def _answers(model_index: int) -> list[dict]:
+    return [{"prompt": "Capital of France?", "completion": f"answer {model_index}:\n Paris"},
+            {"prompt": "Two study tips?", "completion": "" if model_index == 0 else "Sleep |and| breaks."}]
+
+
+def _choices(model_index: int) -> dict:
+    return {"acc": 0.4 + 0.01 * model_index, "acc_norm": 0.3, "num_questions": 100}
+
+
 def make_run(root: Path, num_stages: int, finished: int, steps: int, gammas: list[float], eval_set: bool = True,
              in_progress_steps: int = 0) -> Path:
     """A run directory as sdpo-train leaves it: `finished` stages done, the next one `in_progress_steps` in."""
@@ -56,7 +65,9 @@ def make_run(root: Path, num_stages: int, finished: int, steps: int, gammas: lis
         rows += ([{"split": "eval", "when": "after", "stage": t, "step": steps, **_metrics(t, True)}] if eval_set else [])
         report.append({"stage": t, "num_pairs": 40 + t - 1, "sources": stage_sources[t - 1], "steps": steps,
                        "ref_logratio_mean": gammas[t - 1], "eval_before": _metrics(t - 1, eval_set),
-                       "eval_after": _metrics(t, eval_set), "dpo": config["dpo"], "learning_rate": 5e-6})
+                       "eval_after": _metrics(t, eval_set), "dpo": config["dpo"], "learning_rate": 5e-6,
+                       "generations_before": _answers(t - 1) if t == 1 else [], "generations_after": _answers(t),
+                       "choices_before": _choices(t - 1) if t == 1 else {}, "choices_after": _choices(t)})
     rows += [_train_row(finished + 1, s) for s in range(1, in_progress_steps + 1)]
     (out / "config.json").write_text(json.dumps(config))
     (out / "partition.json").write_text(json.dumps(partition))
@@ -86,6 +97,10 @@ def test_two_stages_with_eval(tmp_path):
                      "| 1 | hh_rlhf/helpful-base-test | 40 | 0.700 | finished |", "2 (2 finished)", "on 16 pairs"):
         assert expected in text, expected
     assert "/data/samples" not in text and "unfinished" not in text
+    answers = text[text.index("## Answers to fixed prompts"):text.index("## Reading")]
+    assert "**Capital of France?**\n\n- M0: answer 0: Paris\n- M1: answer 1: Paris\n- M2: answer 2: Paris" in answers
+    assert "- M0: (empty)\n- M1: Sleep |and| breaks." in answers
+    assert "| M0 | 0.400 | 0.300 |\n| M1 | 0.410 | 0.300 |\n| M2 | 0.420 | 0.300 |" in text and "100 questions" in text
 
 
 def test_one_stage_without_eval(tmp_path):

@@ -14,11 +14,10 @@ import ml_collections
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from configs.default import get_config
 from batch_fixtures import write_token_pairs
-from hf_fixtures import CHAT_TEMPLATE, load_torch_model, make_chat_checkpoint, make_hf_checkpoint
+from hf_fixtures import load_torch_model, make_hf_checkpoint
 from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.cli.export import export
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
@@ -39,11 +38,12 @@ def setup(tmp_path_factory):
         "data.max_prompt_length": 32, "data.length_buckets": (64,), "data.eval_fraction": 0.125,
         "data.cache_dir": str(root / "data_cache"), "sdpo.partition": "datasets",
         "train.batch_size": 2, "train.learning_rate": 1e-3, "checkpoint.every_steps": 2,
+        "eval.prompts": (), "eval.choices": "", "log.progress": "never",
     }
     return root, model, overrides
 
 
-def _config(overrides: dict, output_dir: Path) -> ml_collections.ConfigDict:
+def _config(overrides: dict, output_dir: Path | str) -> ml_collections.ConfigDict:
     config = get_config()
     for key, value in {**overrides, "output_dir": str(output_dir)}.items():
         section, name = key.split(".") if "." in key else (None, key)
@@ -87,6 +87,22 @@ def _torch_logps(model, pairs_rows):
     return np.array(chosen), np.array(rejected)
 
 
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read from the TFRecord event files (length, crc, Event proto, crc)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def test_two_stage_run_writes_the_contract_files(baseline):
     output_dir, report = baseline
     assert [s["stage"] for s in report] == [1, 2]
@@ -102,6 +118,13 @@ def test_two_stage_run_writes_the_contract_files(baseline):
     assert json.loads((output_dir / "config.json").read_text())["sdpo"]["num_stages"] == 2
     assert (output_dir / "report.md").is_file()
     assert {p.name for p in (output_dir / "plots").iterdir()} == {"train_curves.png", "eval_accuracy.png", "ref_logratio.png"}
+    # TensorBoard mirrors metrics.jsonl at run-wide steps: stage 2 continues where stage 1 ended.
+    scalars = _tensorboard_scalars(output_dir / "tensorboard")
+    offset = report[0]["steps"]
+    expected = {(offset if r["stage"] == 2 else 0) + r["step"]: r["loss"] for r in rows}
+    assert scalars["train/loss"] == pytest.approx(expected, rel=1e-6)
+    assert scalars["eval_after/rewards/accuracies"] == pytest.approx(
+        {offset: report[0]["eval_after"]["rewards/accuracies"], offset + report[1]["steps"]: report[1]["eval_after"]["rewards/accuracies"]})
 
 
 def test_stage_two_reference_is_stage_one_and_gamma_is_exact(setup, baseline, tmp_path):
@@ -196,7 +219,8 @@ def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_p
         ours, reference = _final_params(run, model_folder, stage), _final_params(baseline_dir, model_folder, stage)
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
             np.testing.assert_array_equal(a, b)
-    assert _train_rows(run) == _train_rows(baseline_dir)
+    assert (run / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()  # eval rows too, none twice
+    assert _tensorboard_scalars(run / "tensorboard")["train/loss"] == _tensorboard_scalars(baseline_dir / "tensorboard")["train/loss"]
     assert json.loads((run / "stage_report.json").read_text()) == json.loads((baseline_dir / "stage_report.json").read_text())
 
 
@@ -234,25 +258,74 @@ def test_dpo_probe_partition_and_stage_overrides(setup, tmp_path):
     assert probe_file.stat().st_mtime_ns == stamp
 
 
+def test_policy_init_from_sft_keeps_the_chained_reference(setup, baseline, tmp_path):
+    """Ablation: stage 2's policy starts at M0 while its reference is still M1.
+
+    Step 1's rewards are beta * (log pi - log pi_ref) before any update: 0 (up to float rounding
+    between the precompute and the train step) when the policy starts at its reference (the
+    paper), clearly not 0 when it starts at M0.
+    """
+    _, _, overrides = setup
+    baseline_dir, baseline_report = baseline
+    report = train(_config({**overrides, "sdpo.policy_init": "sft"}, tmp_path / "ablation"))
+    assert report[1]["ref_logratio_mean"] == pytest.approx(baseline_report[1]["ref_logratio_mean"], rel=1e-6)
+    first = {run: next(r for r in _train_rows(run) if r["stage"] == 2 and r["step"] == 1) for run in (baseline_dir, tmp_path / "ablation")}
+    assert abs(first[baseline_dir]["rewards/chosen"]) < 1e-5 and abs(first[baseline_dir]["rewards/rejected"]) < 1e-5
+    assert abs(first[tmp_path / "ablation"]["rewards/chosen"]) > 1e-3
+    with pytest.raises(ValueError, match="sdpo.policy_init must be one of"):
+        train(_config({**overrides, "sdpo.policy_init": "m0"}, tmp_path / "bad_init"))
+
+
+def test_bucket_url_output_dir_is_refused(setup):
+    _, _, overrides = setup
+    with pytest.raises(ValueError, match="mount the bucket"):
+        train(_config(overrides, "gs://bucket/run"))
+
+
 def test_bad_stage_override_is_refused(setup, tmp_path):
     _, _, overrides = setup
     with pytest.raises(ValueError, match="'model.path' cannot vary per stage"):
         train(_config({**overrides, "sdpo.stage_overrides": ("2:model.path=x",)}, tmp_path / "bad"))
 
 
-def test_one_command_on_shipped_data_then_export(tmp_path):
-    """`sdpo-train` on the shipped orca + hh-rlhf samples (text, chat template) and `sdpo-export`, as a user runs them."""
-    model = make_chat_checkpoint(tmp_path / "model")
+def test_tiny_config_smoke_run_then_export(tmp_path):
+    """`sdpo-train --config configs/tiny.py` (the one-minute smoke run: a tiny random Llama on the shipped
+    orca + hh-rlhf samples, chat template, easy-to-hard, eval, generation, multiple choice) and `sdpo-export`."""
     run = tmp_path / "run"
-    flags = [f"--config.model.path={model}", "--config.data.limit=12", "--config.data.length_buckets=(192,)",
-             f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
-    result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "SDPO_JAX_CACHE": str(tmp_path / "cache")}
+    flags = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"), "--config.eval.choices_limit=16",
+             f"--config.data.cache_dir={tmp_path / 'data_cache'}", f"--config.output_dir={run}"]
+    result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((run / "stage_report.json").read_text())["stages"]
     assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {"validation-100.jsonl", "helpful-base-test.jsonl.gz"}
-    assert all(s["eval_after"]["num_pairs"] > 0 for s in report)
-    result = subprocess.run(["sdpo-export", "--run", str(run), "--out", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300)
+    assert all(s["eval_after"]["num_pairs"] > 0 and s["choices_after"]["num_questions"] == 16 for s in report)
+    assert report[0]["choices_before"]["num_questions"] == 16 and len(report[1]["generations_after"]) == 3
+    result = subprocess.run(["sdpo-export", "--run", str(run), "--out", str(tmp_path / "hf")], capture_output=True, text=True,
+                            timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     exported = load_torch_model(tmp_path / "hf")
     assert exported.config.vocab_size == 32000
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == CHAT_TEMPLATE
+
+
+def test_embedded_default_shortened(tmp_path, smollm2_gguf):
+    """`sdpo-train` with no --config (the real SmolLM2-135M-Instruct, shipped data, easy-to-hard by the
+    SFT model), cut to a few pairs per source: every output a user is promised, and M0's greedy answer
+    to the fixed capital-of-France prompt, decoded with the KV cache through the chat template, is right."""
+    run = tmp_path / "run"
+    flags = ["--config.data.limit=10", "--config.data.length_buckets=(192,)", "--config.eval.max_new_tokens=12",
+             f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
+    result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "easy-to-hard by SFT preference accuracy" in result.stderr and "stage 1: " in result.stderr
+    report = json.loads((run / "stage_report.json").read_text())["stages"]
+    assert [s["stage"] for s in report] == [1, 2]
+    for entry in report:
+        assert CONTRACT_METRICS <= set(entry["eval_before"]) and CONTRACT_METRICS <= set(entry["eval_after"])
+        assert len(entry["generations_after"]) == 3
+    assert "Paris" in report[0]["generations_before"][0]["completion"]
+    for name in ("config.json", "metrics.jsonl", "partition.json", "report.md", "plots/train_curves.png",
+                 "plots/eval_accuracy.png", "plots/ref_logratio.png"):
+        assert (run / name).is_file(), name
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert "- M0: " in (run / "report.md").read_text()

@@ -13,7 +13,6 @@ Bad input: one line on stderr naming the file, line and field, exit status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -77,6 +76,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sdpo_jax.cli.errors import user_errors
+    from sdpo_jax.cli.results import write_result
 
     with user_errors("sdpo-eval"):
         for folder in (args.policy, args.reference):
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
         metrics = run(args)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(metrics, f, indent=2)
-        f.write("\n")
-    print(json.dumps(metrics))
+    write_result(args.out, metrics)
     return 0
 
 

@@ -10,7 +10,12 @@ seed and the epoch):
    False, all masks zero), so nothing is dropped and an epoch has ceil(n / batch_size) steps.
 4. The batches are shuffled with the same generator.
 A batch's length L is the smallest bucket holding its longest sequence, so the set of shapes is
-the bucket list. Each process takes rows [p * B/P, (p+1) * B/P) of every global batch; a pair's
+the bucket list.
+
+With `prefix_sharing=True` a pair is one row, prompt + chosen + rejected (sdpo_jax.prefix_sharing):
+the sequence length bucketed is P + Cc + Cr (the bucket list is extended by doubling its largest
+bucket when a packed pair is longer), and the completion width K of the batch is the smallest
+bucket of the given list holding its longer completion, so the shapes are (L, K) pairs. Each process takes rows [p * B/P, (p+1) * B/P) of every global batch; a pair's
 chosen and rejected are always in the same row.
 
 `state()` is {'epoch', 'position', ...}; `restore(state)` continues with exactly the batch an
@@ -24,6 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sdpo_jax.data.pairs import TokenizedPairs
+from sdpo_jax.prefix_sharing import pack_pairs
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
@@ -50,7 +56,8 @@ class PairBatcher:
     """Iterator over this process's slice of bucketed global batches (see module docstring)."""
 
     def __init__(self, pairs: TokenizedPairs, batch_size: int, seed: int, buckets: Sequence[int],
-                 process_index: int = 0, process_count: int = 1, shuffle: bool = True):
+                 process_index: int = 0, process_count: int = 1, shuffle: bool = True,
+                 prefix_sharing: bool = False):
         if batch_size <= 0 or batch_size % process_count:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of the "
                              f"process count {process_count}")
@@ -59,20 +66,33 @@ class PairBatcher:
         self.pairs = pairs
         self.batch_size = batch_size
         self.seed = seed
-        self.buckets = np.asarray(sorted(set(int(b) for b in buckets)), np.int64)
+        self.completion_buckets = np.asarray(sorted(set(int(b) for b in buckets)), np.int64)
         self.shuffle = shuffle
+        self.prefix_sharing = prefix_sharing
         self.local_size = batch_size // process_count
         self.local_rows = slice(process_index * self.local_size,
                                 (process_index + 1) * self.local_size)
-        lengths = pairs.lengths
+        lengths = self.row_lengths(pairs, prefix_sharing)
+        self.buckets = self.completion_buckets
+        while prefix_sharing and lengths.max() > self.buckets[-1]:
+            self.buckets = np.append(self.buckets, 2 * self.buckets[-1])
         if lengths.max() > self.buckets[-1]:
             raise ValueError(f"a pair of {lengths.max()} tokens exceeds the largest bucket "
                              f"{self.buckets[-1]}")
         self.bucket_of = np.searchsorted(self.buckets, lengths)
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = -1, []
+        self.lengths = lengths
         self._identity = hashlib.sha256(lengths.tobytes() + self.buckets.tobytes()
-                                        + bytes([shuffle])).hexdigest()[:16]
+                                        + bytes([shuffle]) + (b"prefix" if prefix_sharing else b"")
+                                        ).hexdigest()[:16]
+
+    @staticmethod
+    def row_lengths(pairs: TokenizedPairs, prefix_sharing: bool) -> np.ndarray:
+        """Tokens of each pair's longest row: P + max(Cc, Cr), or P + Cc + Cr when packed."""
+        if prefix_sharing:
+            return pairs.prompt_len + pairs.chosen_len + pairs.rejected_len
+        return pairs.lengths
 
     @property
     def steps_per_epoch(self) -> int:
@@ -99,13 +119,21 @@ class PairBatcher:
         return batches
 
     def batch_length(self, indices: np.ndarray) -> int:
-        """The smallest bucket that holds the longest sequence among `indices`."""
+        """The smallest bucket that holds the longest row among `indices`."""
         real = indices[indices >= 0]
-        return int(self.buckets[np.searchsorted(self.buckets, self.pairs.lengths[real].max())])
+        return int(self.buckets[np.searchsorted(self.buckets, self.lengths[real].max())])
+
+    def completion_width(self, indices: np.ndarray) -> int:
+        """The smallest bucket that holds the longest completion among `indices`."""
+        real = indices[indices >= 0]
+        longest = np.maximum(self.pairs.chosen_len[real], self.pairs.rejected_len[real]).max()
+        return int(self.completion_buckets[np.searchsorted(self.completion_buckets, longest)])
 
     def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch `indices`, padded to the batch's bucket."""
-        return self.pairs.gather(indices[self.local_rows], self.batch_length(indices))
+        """This process's rows of the global batch `indices`, padded to the batch's bucket(s)."""
+        length = self.batch_length(indices)
+        plain = self.pairs.gather(indices[self.local_rows], length)
+        return pack_pairs(plain, length, self.completion_width(indices)) if self.prefix_sharing else plain
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """All batches of one epoch, without moving the iterator (e.g. for evaluation)."""

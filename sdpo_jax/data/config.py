@@ -39,6 +39,9 @@ num_proc         worker processes for tokenization (datasets map).
 cache_dir        where tokenized sources are cached ('' : ~/.cache/sdpo_jax/data).
 eval_fraction    with no `eval` sources, hold out this fraction of train (seeded by
                  `eval_seed`) for evaluation.
+prefix_sharing   batch each pair as one row, prompt + chosen + rejected, so the prompt goes
+                 through the model once (exact; sdpo_jax.prefix_sharing). Needs a dense
+                 attention mask: the XLA path, or cuDNN on GPU, not TPU splash.
 """
 from __future__ import annotations
 
@@ -69,4 +72,5 @@ def get_data_config() -> ml_collections.ConfigDict:
     c.cache_dir = ""
     c.eval_fraction = 0.0
     c.eval_seed = 0
+    c.prefix_sharing = False
     return c

@@ -8,15 +8,21 @@ the stacked decoder layers) so that sharding rules can map them to mesh axes.
 
 The decoder layers run under ``nn.scan`` (one compiled layer body, parameters stacked on a
 leading ``layers`` axis), optionally rematerialised with a ``jax.checkpoint`` policy.
+
+For decoding, a `KVCache` holds every layer's keys and values for T slots; a call with a cache
+writes the new tokens' keys/values at slots ``index .. index + S - 1`` and attends over all T
+slots under the caller's mask [B, 1, S, T] (see sdpo_jax.generation).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models.attention import (
     PaddedCausalMask,
     causal_attention_mask,
@@ -34,14 +40,30 @@ REMAT_POLICIES = {
 _INIT_STD = 0.02
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer, [layers, B, T, kv_heads, head_dim], and the next slot to write."""
+
+    key: jnp.ndarray
+    value: jnp.ndarray
+    index: jnp.ndarray
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=None):
     init = init or nn.initializers.normal(_INIT_STD)
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.param_dtype)
 
 
 def _matmul(spec: str, x: jnp.ndarray, w: jnp.ndarray, dtype: jnp.dtype) -> jnp.ndarray:
-    """einsum in the compute dtype with float32 accumulation, returned in the compute dtype."""
-    return jnp.einsum(spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    """einsum in the compute dtype with float32 accumulation, returned in the compute dtype; its
+    backward products also run in the compute dtype (sdpo_jax.mixed_einsum)."""
+    return mixed_einsum(spec, x.astype(dtype), w.astype(dtype)).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -66,7 +88,7 @@ class Attention(nn.Module):
     implementation: str
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache_index=None, layer_cache=None):
         c = self.config
         d, h, k, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         projections = {}
@@ -79,12 +101,18 @@ class Attention(nn.Module):
             projections[name] = y
         q = apply_rotary(projections["q_proj"], cos, sin)
         key = apply_rotary(projections["k_proj"], cos, sin)
-        out = grouped_query_attention(q, key, projections["v_proj"], mask, self.implementation)
+        value = projections["v_proj"]
+        if layer_cache is not None:
+            cached_key, cached_value = layer_cache
+            key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), cache_index, axis=1)
+            value = jax.lax.dynamic_update_slice_in_dim(cached_value, value.astype(cached_value.dtype), cache_index, axis=1)
+            layer_cache = (key, value)
+        out = grouped_query_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)
         o_kernel = _param(self, "o_proj_kernel", (h, hd, d), ("q_heads", "head_dim", "embed"))
         y = _matmul("bshk,hkd->bsd", out, o_kernel, self.dtype)
         if c.o_bias:
             y = y + _param(self, "o_proj_bias", (d,), ("embed",), nn.initializers.zeros).astype(self.dtype)
-        return y
+        return y, layer_cache
 
 
 class MLP(nn.Module):
@@ -116,16 +144,20 @@ class DecoderLayer(nn.Module):
     dtype: Any
     param_dtype: Any
     implementation: str
+    activation_sharding: Any = None
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache_index=None, layer_cache=None):
         c = self.config
+        if self.activation_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        h = x + Attention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask
+        attended, layer_cache = Attention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask, cache_index, layer_cache
         )
+        h = x + attended
         out = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
-        return out, None
+        return out, layer_cache
 
 
 class LlamaForCausalLM(nn.Module):
@@ -136,6 +168,11 @@ class LlamaForCausalLM(nn.Module):
     final normalised hidden states [B, S, hidden] in the compute dtype with ``return_hidden=True``
     (for chunked log-probs that never build the full logits; see ``output_embedding``).
     Positions default to cumsum(attention_mask) - 1, which equals 0..S-1 for right padding.
+    With ``cache`` (a `KVCache`; ``positions`` and a dense ``mask`` [B, 1, S, T] over the cache
+    slots are then required) it returns ``(output, updated cache)``.
+    ``activation_sharding`` (a Sharding of [B, S, hidden], e.g. batch over the mesh's data and fsdp
+    axes) pins every layer's input: without it XLA may keep FSDP-gathered activations whole on
+    each device of the fsdp axis instead of split by rows.
     With ``attention_implementation='splash'`` (TPU) the mask must be the default one, and with a
     sliding window the positions too (the kernel's window counts token indices).
     """
@@ -145,10 +182,13 @@ class LlamaForCausalLM(nn.Module):
     param_dtype: Any = jnp.float32
     attention_implementation: str = "auto"
     remat: str = "none"
+    activation_sharding: Any = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False):
+    def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False, cache=None):
         c = self.config
+        if cache is not None and (mask is None or positions is None):
+            raise ValueError("a call with a KV cache needs explicit positions and a mask over the cache slots")
         custom_mask = mask is not None or (positions is not None and c.sliding_window is not None)
         implementation = resolve_implementation(self.attention_implementation, self.dtype, custom_mask)
         if attention_mask is None:
@@ -170,18 +210,26 @@ class LlamaForCausalLM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = layers(c, self.dtype, self.param_dtype, implementation, name="layers")(x, cos, sin, mask)
+        stacked_cache = None if cache is None else (cache.key, cache.value)
+        cache_index = None if cache is None else cache.index
+        x, stacked_cache = layers(c, self.dtype, self.param_dtype, implementation, self.activation_sharding, name="layers")(
+            x, cos, sin, mask, cache_index, stacked_cache
+        )
         hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if not c.tie_word_embeddings:
             _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         if return_hidden:
-            return hidden
-        head = output_embedding(self.variables["params"], c)
-        return jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+            output = hidden
+        else:
+            head = output_embedding(self.variables["params"], c)
+            output = jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
+        if cache is None:
+            return output
+        return output, KVCache(*stacked_cache, cache.index + input_ids.shape[1])
 
 
 def attention_mask_for(

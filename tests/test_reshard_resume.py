@@ -1,0 +1,83 @@
+"""A run preempted mid-stage on an 8x1x1 mesh resumes on 2x2x2 and ends where the uninterrupted run ends.
+
+The mid-stage Orbax checkpoint (params, AdamW moments, step) is restored straight into the new
+layout: `RunCheckpoints.restore_step` hands Orbax the abstract state with the new mesh's shardings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import jax
+import numpy as np
+
+from batch_fixtures import write_token_pairs
+from hf_fixtures import make_hf_checkpoint
+from sdpo_jax.checkpointing import RunCheckpoints
+from sdpo_jax.models import LlamaForCausalLM, ModelConfig
+from sdpo_jax.models.llama import init_params
+
+ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+       "JAX_PLATFORMS": "cpu"}
+
+
+def _start(flags: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(["sdpo-train", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _train_rows(run) -> list[dict]:
+    path = run / "metrics.jsonl"
+    rows = map(json.loads, path.read_text().splitlines()) if path.exists() else []
+    return [row for row in rows if row["split"] == "train"]
+
+
+def _stage_params(run, model):
+    config = ModelConfig.from_pretrained(model)
+    abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
+    checkpoints = RunCheckpoints(run)
+    params = [jax.device_get(checkpoints.load_stage(stage, abstract)[0]) for stage in (1, 2)]
+    checkpoints.close()
+    return params
+
+
+def test_mid_stage_checkpoint_resumes_on_another_mesh(tmp_path):
+    model = make_hf_checkpoint("llama2", tmp_path / "model")
+    rng = np.random.default_rng(3)
+    sources = tuple(write_token_pairs(tmp_path / f"{n}.jsonl", 64, rng) for n in ("a", "b"))
+    flags = [f"--config.model.path={model}", f"--config.data.train={sources!r}", "--config.data.limit=0",
+             "--config.data.max_length=64", "--config.data.length_buckets=(64,)", "--config.data.max_prompt_length=32",
+             "--config.train.batch_size=8", "--config.sdpo.partition=datasets", "--config.train.learning_rate=1e-3",
+             "--config.data.eval_fraction=0.1", "--config.checkpoint.every_steps=2", f"--config.data.cache_dir={tmp_path / 'cache'}",
+             "--config.eval.prompts=()", "--config.eval.choices=", "--config.log.progress=never"]
+    baseline = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'baseline'}"], capture_output=True,
+                              text=True, timeout=600, env=ENV)
+    assert baseline.returncode == 0, baseline.stderr[-3000:]
+
+    run = tmp_path / "run"
+    first = _start([*flags, f"--config.output_dir={run}"])  # mesh data=-1: 8x1x1
+    deadline = time.time() + 400
+    while not any(r["stage"] == 1 and r["step"] >= 2 for r in _train_rows(run)) and first.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=400)
+    assert first.returncode == 143, stderr[-3000:]  # saved mid-stage at the next step boundary
+    # The same command on a 2x2x2 mesh: the mesh is among the fields a resume may change.
+    second = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={run}", "--config.mesh.data=2",
+                             "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
+                            capture_output=True, text=True, timeout=600, env=ENV)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    step, steps = map(int, re.search(r"stage 1: resuming at step (\d+)/(\d+)", log).groups())
+    assert 2 <= step < steps and "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in log
+
+    ours, reference = _train_rows(run), _train_rows(tmp_path / "baseline")
+    assert [(r["stage"], r["step"]) for r in ours] == [(r["stage"], r["step"]) for r in reference]
+    np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in reference], rtol=1e-5)
+    for stage_ours, stage_reference in zip(_stage_params(run, model), _stage_params(tmp_path / "baseline", model)):
+        for a, b in zip(jax.tree_util.tree_leaves(stage_ours), jax.tree_util.tree_leaves(stage_reference)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
