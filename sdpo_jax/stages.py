@@ -249,7 +249,8 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
                          f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     train_pairs, eval_pairs = load_datasets(config.data, tokenizer, vocab_size=model.config.vocab_size,
-                                            process_index=jax.process_index())
+                                            process_index=jax.process_index(),
+                                            progress_bars=bars_enabled(config.log.progress, log.is_main))
     probe_shardings, abstract = state_shardings(model, make_optimizer(OptimizerSettings()), mesh)
     run = _Run(config, log, RunCheckpoints(out, config.checkpoint.keep, config.checkpoint.async_save), model, folder,
                mesh, resolve_buckets(config.data.length_buckets, config.data.max_length), probe_shardings.params,

@@ -297,6 +297,8 @@ def test_tiny_config_smoke_run_then_export(tmp_path):
              f"--config.data.cache_dir={tmp_path / 'data_cache'}", f"--config.output_dir={run}"]
     result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    # stderr is a pipe, not a terminal: a plain log (the summary, one line per step), no progress bars
+    assert "tokenizing" not in result.stderr and "%|" not in result.stderr and "stage 1 step 1/" in result.stderr
     report = json.loads((run / "stage_report.json").read_text())["stages"]
     assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {"validation-100.jsonl", "helpful-base-test.jsonl.gz"}
     assert all(s["eval_after"]["num_pairs"] > 0 and s["choices_after"]["num_questions"] == 16 for s in report)

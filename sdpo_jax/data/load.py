@@ -39,15 +39,15 @@ def source_list(value: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in items if s and s.strip()]
 
 
-def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int,
-                  process_index: int = 0) -> tuple[TokenizedPairs, TokenizedPairs | None]:
+def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int, process_index: int = 0,
+                  progress_bars: bool = True) -> tuple[TokenizedPairs, TokenizedPairs | None]:
     """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any."""
     train = load_pairs(source_list(config.train), tokenizer, config, vocab_size=vocab_size,
-                       process_index=process_index)
+                       process_index=process_index, progress_bars=progress_bars)
     eval_sources = source_list(config.eval)
     if eval_sources:
         return train, load_pairs(eval_sources, tokenizer, config, vocab_size=vocab_size,
-                                 process_index=process_index)
+                                 process_index=process_index, progress_bars=progress_bars)
     if config.eval_fraction > 0:
         return split_eval(train, config.eval_fraction, config.eval_seed)
     return train, None
@@ -64,8 +64,11 @@ def split_eval(pairs: TokenizedPairs, fraction: float, seed: int):
 
 
 def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
-               process_index: int = 0) -> TokenizedPairs:
-    """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`."""
+               process_index: int = 0, progress_bars: bool = True) -> TokenizedPairs:
+    """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`.
+
+    Process 0 reports each source; with ``progress_bars`` it also shows tokenization bars.
+    """
     _check_config(config)
     if not sources:
         raise DataError("data.train", "no sources given")
@@ -74,7 +77,7 @@ def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
     tables, names, reports = [], [], []
     for spec in sources:
         dataset, meta = _load_source(spec, encoder, identity, config, vocab_size,
-                                     show=process_index == 0)
+                                     show=process_index == 0, bars=process_index == 0 and progress_bars)
         tables.append(dataset.data.table)
         names.append((meta["name"], meta["unit"]))
         reports.append(meta)
@@ -97,7 +100,7 @@ def _check_config(config: Any) -> None:
 
 
 def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int,
-                 show: bool):
+                 show: bool, bars: bool):
     columns = parse_columns(config.columns)
     _, split = parse_spec(spec, config.split)
     cache_dir = config.cache_dir or cache.default_cache_dir()
@@ -106,7 +109,7 @@ def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vo
                           config.assistant_marker, config.skip_invalid, identity, vocab_size)
     entry = cache.load(cache_dir, key)
     if entry is None:
-        dataset, meta = _tokenize_source(spec, encoder, config, columns, vocab_size, show)
+        dataset, meta = _tokenize_source(spec, encoder, config, columns, vocab_size, bars)
         with _progress_bars(False):
             entry = cache.save(cache_dir, key, dataset, meta)
         entry[1]["from_cache"] = False
@@ -117,7 +120,7 @@ def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vo
     return entry
 
 
-def _tokenize_source(spec, encoder, config, columns, vocab_size, show):
+def _tokenize_source(spec, encoder, config, columns, vocab_size, bars):
     import datasets
 
     raw = read_source(spec, config.split, config.limit, config.sample_seed)
@@ -129,7 +132,7 @@ def _tokenize_source(spec, encoder, config, columns, vocab_size, show):
     dataset = datasets.Dataset.from_dict({"number": norm.numbers, "prompt": norm.prompt,
                                           "chosen": norm.chosen, "rejected": norm.rejected})
     workers = min(config.num_proc, len(dataset) // MIN_ROWS_PER_WORKER)
-    with _progress_bars(show):
+    with _progress_bars(bars):
         dataset = dataset.map(functools.partial(encoder.encode, norm.kind), batched=True,
                               num_proc=workers if workers > 1 else None,
                               remove_columns=["prompt", "chosen", "rejected"],
