@@ -32,7 +32,7 @@ import numpy as np
 import transformers
 
 from sdpo_jax.checkpointing import RunCheckpoints, abstract_with_shardings
-from sdpo_jax.choice_eval import choice_step, evaluate_choices, load_choice_questions
+from sdpo_jax.choice_eval import choice_loglikelihoods, choice_metrics, choice_step, encode_choices, load_choice_questions
 from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_datasets
 from sdpo_jax.evaluation import eval_step, evaluate_pairs
@@ -51,7 +51,8 @@ from sdpo_jax.tracking import TensorBoardSink, WandbSink
 from sdpo_jax.train_step import TrainState, make_train_step
 
 PREEMPTED_EXIT_CODE = 143
-POLICY_INITS = ("previous", "sft")  # stage t's policy starts from M(t-1) (the paper) or, as an ablation, from M0
+POLICY_INITS = ("previous", "sft")
+CHOICE_MAX_LENGTH = 512  # tokens per packed multiple-choice question (longer contexts lose their start)  # stage t's policy starts from M(t-1) (the paper) or, as an ablation, from M0
 _OVERRIDABLE = {"dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.rpo_alpha", "train.learning_rate", "train.steps_per_stage"}
 _RESUME_NEUTRAL = {"checkpoint.force_resume", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "train.log_every",
                    "log.progress", "log.tensorboard", "log.wandb", "log.wandb_project",
@@ -132,7 +133,7 @@ class _Run:
     abstract_params: Any
     tokenizer: Any
     bars: bool
-    choice_questions: list = dataclasses.field(default_factory=list)
+    choice_set: Any = None  # eval.choices tokenized and packed once per run (choice_eval.EncodedChoices)
     _steps: dict = dataclasses.field(default_factory=dict)  # jitted reference/eval steps, compiled once per run
 
     def _step(self, key, build):
@@ -191,12 +192,11 @@ class _Run:
 
     def choices(self, params) -> dict:
         """Multiple-choice log-likelihood accuracy (acc, acc_norm) on ``eval.choices``; {} without it."""
-        if not self.choice_questions:
+        if self.choice_set is None:
             return {}
-        checks = self.config.eval
         step = self._step("choices", lambda: choice_step(self.model, self.mesh))
-        result = evaluate_choices(self.model, params, self.tokenizer, self.choice_questions, batch_size=checks.choices_batch_size,
-                                  chat_template=checks.choices_chat_template, mesh=self.mesh, step=step)
+        scores = choice_loglikelihoods(step, params, self.choice_set, self.config.eval.choices_batch_size, self.mesh)
+        result = choice_metrics(self.choice_set, scores)
         return {k: result[k] for k in ("acc", "acc_norm", "num_questions")}
 
     def generations(self, params) -> list[dict]:
@@ -260,7 +260,9 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
 
     run.eval_prompt_ids()  # fail now, not after the first stage
     if config.eval.choices:
-        run.choice_questions = load_choice_questions(config.eval.choices, limit=config.eval.choices_limit or None)
+        questions = load_choice_questions(config.eval.choices, limit=config.eval.choices_limit or None)
+        run.choice_set = encode_choices(tokenizer, questions, vocab_size=model.config.vocab_size, max_length=CHOICE_MAX_LENGTH,
+                                        chat_template=config.eval.choices_chat_template)
     plan = _plan(run, train_pairs, sft_params, f"{sft_key}-{data_key}")
     _summary(run, train_pairs, eval_pairs, plan)
     eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval",

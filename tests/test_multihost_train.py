@@ -11,9 +11,7 @@ import numpy as np
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
-from sdpo_jax.checkpointing import RunCheckpoints
-from sdpo_jax.models import LlamaForCausalLM, ModelConfig
-from sdpo_jax.models.llama import init_params
+from run_fixtures import stage_params, token_pair_run_flags
 
 
 def _env(devices: int) -> dict:
@@ -26,24 +24,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stage_params(run, model):
-    config = ModelConfig.from_pretrained(model)
-    abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
-    checkpoints = RunCheckpoints(run)
-    params = [jax.device_get(checkpoints.load_stage(stage, abstract)[0]) for stage in (1, 2)]
-    checkpoints.close()
-    return params
-
-
 def test_two_process_sdpo_train_equals_one_process(tmp_path):
     model = make_hf_checkpoint("llama2", tmp_path / "model")
     rng = np.random.default_rng(1)
     sources = tuple(write_token_pairs(tmp_path / f"{n}.jsonl", 20, rng) for n in ("a", "b"))
-    flags = [f"--config.model.path={model}", f"--config.data.train={sources!r}", "--config.data.limit=0",
-             "--config.data.max_length=64", "--config.data.length_buckets=(64,)", "--config.data.max_prompt_length=32",
-             "--config.train.batch_size=8", "--config.sdpo.partition=datasets", "--config.train.learning_rate=1e-3",
-             "--config.data.eval_fraction=0.2", "--config.checkpoint.every_steps=1", f"--config.data.cache_dir={tmp_path / 'cache'}",
-             "--config.eval.prompts=()", "--config.eval.choices="]
+    flags = token_pair_run_flags(model, sources, tmp_path / "cache", eval_fraction=0.2, every_steps=1)
     single = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
                             timeout=400, env=_env(8))
     assert single.returncode == 0, single.stderr[-3000:]
@@ -62,6 +47,6 @@ def test_two_process_sdpo_train_equals_one_process(tmp_path):
             np.testing.assert_allclose(b["eval_after"][name], value, rtol=1e-4, atol=1e-6, err_msg=name)
     rows = lambda d: [r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     np.testing.assert_allclose([r["loss"] for r in rows("two")], [r["loss"] for r in rows("one")], rtol=1e-5)
-    for stage_one, stage_two in zip(_stage_params(tmp_path / "one", model), _stage_params(tmp_path / "two", model)):
+    for stage_one, stage_two in zip(*([stage_params(tmp_path / run, model, t) for t in (1, 2)] for run in ("one", "two"))):
         for a, b in zip(jax.tree_util.tree_leaves(stage_one), jax.tree_util.tree_leaves(stage_two)):
             np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

@@ -17,9 +17,7 @@ import numpy as np
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
-from sdpo_jax.checkpointing import RunCheckpoints
-from sdpo_jax.models import LlamaForCausalLM, ModelConfig
-from sdpo_jax.models.llama import init_params
+from run_fixtures import stage_params, token_pair_run_flags
 
 ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
        "JAX_PLATFORMS": "cpu"}
@@ -35,24 +33,11 @@ def _train_rows(run) -> list[dict]:
     return [row for row in rows if row["split"] == "train"]
 
 
-def _stage_params(run, model):
-    config = ModelConfig.from_pretrained(model)
-    abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
-    checkpoints = RunCheckpoints(run)
-    params = [jax.device_get(checkpoints.load_stage(stage, abstract)[0]) for stage in (1, 2)]
-    checkpoints.close()
-    return params
-
-
 def test_mid_stage_checkpoint_resumes_on_another_mesh(tmp_path):
     model = make_hf_checkpoint("llama2", tmp_path / "model")
     rng = np.random.default_rng(3)
     sources = tuple(write_token_pairs(tmp_path / f"{n}.jsonl", 64, rng) for n in ("a", "b"))
-    flags = [f"--config.model.path={model}", f"--config.data.train={sources!r}", "--config.data.limit=0",
-             "--config.data.max_length=64", "--config.data.length_buckets=(64,)", "--config.data.max_prompt_length=32",
-             "--config.train.batch_size=8", "--config.sdpo.partition=datasets", "--config.train.learning_rate=1e-3",
-             "--config.data.eval_fraction=0.1", "--config.checkpoint.every_steps=2", f"--config.data.cache_dir={tmp_path / 'cache'}",
-             "--config.eval.prompts=()", "--config.eval.choices=", "--config.log.progress=never"]
+    flags = token_pair_run_flags(model, sources, tmp_path / "cache", eval_fraction=0.1, every_steps=2)
     baseline = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'baseline'}"], capture_output=True,
                               text=True, timeout=600, env=ENV)
     assert baseline.returncode == 0, baseline.stderr[-3000:]
@@ -78,6 +63,6 @@ def test_mid_stage_checkpoint_resumes_on_another_mesh(tmp_path):
     ours, reference = _train_rows(run), _train_rows(tmp_path / "baseline")
     assert [(r["stage"], r["step"]) for r in ours] == [(r["stage"], r["step"]) for r in reference]
     np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in reference], rtol=1e-5)
-    for stage_ours, stage_reference in zip(_stage_params(run, model), _stage_params(tmp_path / "baseline", model)):
+    for stage_ours, stage_reference in zip(*([stage_params(r, model, t) for t in (1, 2)] for r in (run, tmp_path / "baseline"))):
         for a, b in zip(jax.tree_util.tree_leaves(stage_ours), jax.tree_util.tree_leaves(stage_reference)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -18,10 +18,8 @@ import torch
 from configs.default import get_config
 from batch_fixtures import write_token_pairs
 from hf_fixtures import load_torch_model, make_hf_checkpoint
-from sdpo_jax.checkpointing import RunCheckpoints
+from run_fixtures import stage_params
 from sdpo_jax.cli.export import export
-from sdpo_jax.models import LlamaForCausalLM, ModelConfig
-from sdpo_jax.models.llama import init_params
 from sdpo_jax.stages import train
 
 CONTRACT_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
@@ -53,15 +51,6 @@ def _config(overrides: dict, output_dir: Path | str) -> ml_collections.ConfigDic
 
 def _flags(overrides: dict, output_dir: Path) -> list[str]:
     return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in {**overrides, "output_dir": output_dir}.items()]
-
-
-def _final_params(output_dir: Path, model_folder: Path, stage: int):
-    config = ModelConfig.from_pretrained(model_folder)
-    abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
-    checkpoints = RunCheckpoints(output_dir)
-    params, _ = checkpoints.load_stage(stage, abstract)
-    checkpoints.close()
-    return jax.device_get(params)
 
 
 def _train_rows(output_dir: Path) -> list[dict]:
@@ -161,7 +150,7 @@ def test_every_stage_exports_and_loads_in_transformers(setup, baseline, tmp_path
             outputs.append(load_torch_model(folder)(input_ids=ids).logits)
         np.testing.assert_array_equal(
             load_torch_model(folder).model.embed_tokens.weight.detach().numpy(),
-            _final_params(output_dir, model_folder, stage)["embed_tokens"],
+            stage_params(output_dir, model_folder, stage)["embed_tokens"],
         )
     assert not torch.equal(outputs[0], outputs[1])
 
@@ -216,7 +205,7 @@ def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_p
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-2000:]
     for stage in (1, 2):
-        ours, reference = _final_params(run, model_folder, stage), _final_params(baseline_dir, model_folder, stage)
+        ours, reference = stage_params(run, model_folder, stage), stage_params(baseline_dir, model_folder, stage)
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
             np.testing.assert_array_equal(a, b)
     assert (run / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()  # eval rows too, none twice

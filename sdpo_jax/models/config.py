@@ -127,12 +127,17 @@ class ModelConfig:
         path = os.path.join(os.fspath(folder), "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no config.json in the model folder")
+        return cls.from_json_file(path)
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        """The architecture a config.json file describes (a JSON error names the file)."""
         with open(path, encoding="utf-8") as f:
             try:
                 hf = json.load(f)
             except json.JSONDecodeError as err:
                 raise UnsupportedModelError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_hf_dict(hf, source=path)
+        return cls.from_hf_dict(hf, source=os.fspath(path))
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A config.json that transformers reads back as the same architecture."""

@@ -8,7 +8,6 @@ network allows (safetensors, config and tokenizer files only).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from jax.sharding import Mesh
 from sdpo_jax.checkpoint.gguf_import import cached_hf_from_gguf
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.checkpoint.pypi_weights import NAMED_GGUFS
-from sdpo_jax.models.config import ModelConfig, UnsupportedModelError
+from sdpo_jax.models.config import ModelConfig
 from sdpo_jax.models.llama import LlamaForCausalLM
 from sdpo_jax.models.tiny import TINY_RANDOM_NAME, tiny_random_checkpoint
 from sdpo_jax.sharding import batch_sharding, check_divisible, logical_to_shardings
@@ -109,9 +108,4 @@ def model_shape(model_config: Any) -> tuple[ModelConfig, str]:
         source = shape if shape.endswith(".json") else os.path.join(shape, "config.json")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"model.shape_config: {source}: no such file")
-    with open(source, encoding="utf-8") as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as err:
-            raise UnsupportedModelError(f"{source}: not valid JSON ({err})") from None
-    return ModelConfig.from_hf_dict(hf, source=source), source
+    return ModelConfig.from_json_file(source), source
