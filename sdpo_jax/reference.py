@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from sdpo_jax.models.llama import LlamaForCausalLM
-from sdpo_jax.sharded_steps import gather_rows, global_batch, jit_reference_step
+from sdpo_jax.sharded_steps import global_batch, host_rows, jit_reference_step
 from sdpo_jax.train_step import make_reference_step
 
 
@@ -31,9 +31,10 @@ def precompute_reference_logps(
     chosen = np.full(num_pairs, np.nan, np.float32)
     rejected = np.full(num_pairs, np.nan, np.float32)
     for batch in batches:
-        ref_chosen, ref_rejected = jax.device_get(step(ref_params, global_batch(batch, mesh)))
-        rows = gather_rows(batch["valid"]).astype(bool)
-        pair_index = gather_rows(batch["pair_index"])
+        placed = global_batch(batch, mesh)
+        ref_chosen, ref_rejected = jax.device_get(step(ref_params, placed))
+        rows = host_rows(placed["valid"]).astype(bool)
+        pair_index = host_rows(placed["pair_index"])
         chosen[pair_index[rows]] = ref_chosen[rows]
         rejected[pair_index[rows]] = ref_rejected[rows]
     missing = np.flatnonzero(np.isnan(chosen) | np.isnan(rejected))

@@ -6,6 +6,7 @@ place); the reference parameters are an input only, never donated.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from sdpo_jax.models.llama import LlamaForCausalLM
 from sdpo_jax.sharding import DEFAULT_RULES, batch_sharding, check_divisible, logical_to_shardings, replicated
@@ -41,14 +42,29 @@ def place(tree: Any, shardings: Any) -> Any:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays (pairs split over data and fsdp) from this process's rows of a batch."""
+    """Global arrays (pairs split over data and fsdp) from this process's rows of a batch.
+
+    A batch with ``source_row`` arrives as staging blocks (sdpo_jax.data.batching: each process
+    gives the rows of the pairs it holds): row j of the result is staging row ``source_row[j]``,
+    gathered on the devices, so tokens move between processes only as the rows that must.
+    """
     sharding = batch_sharding(mesh)
-    return {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
+    arrays = {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
+    if "source_row" not in arrays:
+        return arrays
+    rows = arrays.pop("source_row")
+    return _rows_into_place(sharding)(arrays, rows)
 
 
-def gather_rows(local: np.ndarray) -> np.ndarray:
-    """This host-side per-row array from every process, in global row order."""
-    return np.asarray(multihost_utils.process_allgather(local, tiled=True)) if jax.process_count() > 1 else local
+@functools.lru_cache(maxsize=None)
+def _rows_into_place(sharding: NamedSharding) -> Callable:
+    return jax.jit(lambda staged, rows: jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), staged),
+                   out_shardings=sharding)
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+    """A global (possibly multi-process) array, whole, on this host."""
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def jit_train_step(step: Callable, mesh: Mesh, shardings: TrainState, with_reference_params: bool) -> Callable:

@@ -37,6 +37,7 @@ from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_datasets
 from sdpo_jax.evaluation import eval_step, evaluate_pairs
 from sdpo_jax.generation import generate
+from sdpo_jax.host_exchange import any_process
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.loading import load_model
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
@@ -102,13 +103,6 @@ def check_resume_config(stored: dict, current: dict, force: bool) -> None:
             + "; ".join(differences)
             + "); use another output_dir, or --config.checkpoint.force_resume=True"
         )
-
-
-def fingerprint(*arrays: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def folder_identity(folder: Path) -> str:
@@ -249,14 +243,14 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
                          f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     train_pairs, eval_pairs = load_datasets(config.data, tokenizer, vocab_size=model.config.vocab_size,
-                                            process_index=jax.process_index(),
+                                            process_index=jax.process_index(), process_count=jax.process_count(),
                                             progress_bars=bars_enabled(config.log.progress, log.is_main))
     probe_shardings, abstract = state_shardings(model, make_optimizer(OptimizerSettings()), mesh)
     run = _Run(config, log, RunCheckpoints(out, config.checkpoint.keep, config.checkpoint.async_save), model, folder,
                mesh, resolve_buckets(config.data.length_buckets, config.data.max_length), probe_shardings.params,
                abstract.params, tokenizer, bars_enabled(config.log.progress, log.is_main))
     sft_key = folder_identity(folder)
-    data_key = fingerprint(train_pairs.tokens, train_pairs.lengths, train_pairs.source_id)
+    data_key = train_pairs.identity()
 
     run.eval_prompt_ids()  # fail now, not after the first stage
     if config.eval.choices:
@@ -409,7 +403,7 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, star
     model's answers and choice accuracy when the previous stage already measured them.
     """
     log, settings = run.log, _settings(config)
-    chunk_key = f"{ref_key}-{fingerprint(chunk.tokens, chunk.lengths, chunk.source_id)}"
+    chunk_key = f"{ref_key}-{chunk.identity()}"
     ref_chosen, ref_rejected = run.reference_logps(ref_params, chunk, Path(config.output_dir) / "reference" / f"stage_{stage}.npz",
                                                    chunk_key, f"stage {stage}: reference log-probs of the chunk")
     batcher = run.batches(chunk, shuffle=True, seed=config.train.seed + stage)
@@ -470,15 +464,16 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, star
             rate = (time.perf_counter() - started) / (done - resume_step)
             log.info(f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
                      f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
-        if done < steps and (done % config.checkpoint.every_steps == 0 or stop["requested"]):
+        stopping = any_process(stop["requested"])  # every process saves and stops at the same step
+        if done < steps and (done % config.checkpoint.every_steps == 0 or stopping):
             run.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": batcher.state(),
                                                            "chunk": chunk_key, "eval_before": entry["eval_before"],
                                                            "generations_before": entry["generations_before"],
                                                            "choices_before": entry["choices_before"],
                                                            "config": config.to_dict()})
-        if stop["requested"] and done < steps:
+        if stopping and done < steps:
             run.checkpoints.wait()
-            log.info(f"SIGTERM: saved stage {stage} step {done}; run the same command to resume")
+            log.info(f"SIGTERM (on at least one process): saved stage {stage} step {done}; run the same command to resume")
             raise Preempted(f"preempted at stage {stage} step {done}")
     if eval_pairs is not None:
         entry["eval_after"] = run.evaluate(state.params, eval_pairs, eval_ref, settings, f"stage {stage}: held-out eval after")

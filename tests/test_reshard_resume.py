@@ -1,7 +1,11 @@
-"""A run preempted mid-stage on an 8x1x1 mesh resumes on 2x2x2 and ends where the uninterrupted run ends.
+"""A run of two processes x 4 devices (8x1x1 mesh), preempted mid-stage on one host, resumes as one
+process x 8 devices on a 2x2x2 mesh and ends where the uninterrupted one-process run ends.
 
-The mid-stage Orbax checkpoint (params, AdamW moments, step) is restored straight into the new
-layout: `RunCheckpoints.restore_step` hands Orbax the abstract state with the new mesh's shardings.
+SIGTERM reaches one process only; both agree to stop at the same step, save the mid-stage Orbax
+checkpoint together and exit 143. The checkpoint (params, AdamW moments, step) is restored straight
+into the new layout: `RunCheckpoints.restore_step` hands Orbax the abstract state with the new
+mesh's shardings; the data position carries over because the batches do not depend on the number
+of processes.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 
@@ -23,8 +28,17 @@ ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS":
        "JAX_PLATFORMS": "cpu"}
 
 
-def _start(flags: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(["sdpo-train", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_two_processes(flags: list[str]) -> list[subprocess.Popen]:
+    env, port = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, _free_port()
+    return [subprocess.Popen(["sdpo-train", *flags, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+                              "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for i in range(2)]
 
 
 def _train_rows(run) -> list[dict]:
@@ -33,7 +47,7 @@ def _train_rows(run) -> list[dict]:
     return [row for row in rows if row["split"] == "train"]
 
 
-def test_mid_stage_checkpoint_resumes_on_another_mesh(tmp_path):
+def test_mid_stage_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(tmp_path):
     model = make_hf_checkpoint("llama2", tmp_path / "model")
     rng = np.random.default_rng(3)
     sources = tuple(write_token_pairs(tmp_path / f"{n}.jsonl", 64, rng) for n in ("a", "b"))
@@ -43,15 +57,16 @@ def test_mid_stage_checkpoint_resumes_on_another_mesh(tmp_path):
     assert baseline.returncode == 0, baseline.stderr[-3000:]
 
     run = tmp_path / "run"
-    first = _start([*flags, f"--config.output_dir={run}"])  # mesh data=-1: 8x1x1
+    first = _start_two_processes([*flags, f"--config.output_dir={run}"])  # mesh data=-1: 8x1x1 over 2 processes
     deadline = time.time() + 400
-    while not any(r["stage"] == 1 and r["step"] >= 2 for r in _train_rows(run)) and first.poll() is None:
+    while not any(r["stage"] == 1 and r["step"] >= 2 for r in _train_rows(run)) and first[1].poll() is None:
         assert time.time() < deadline
         time.sleep(0.02)
-    first.send_signal(signal.SIGTERM)
-    _, stderr = first.communicate(timeout=400)
-    assert first.returncode == 143, stderr[-3000:]  # saved mid-stage at the next step boundary
-    # The same command on a 2x2x2 mesh: the mesh is among the fields a resume may change.
+    first[1].send_signal(signal.SIGTERM)  # one host preempted
+    for worker in first:
+        _, stderr = worker.communicate(timeout=400)
+        assert worker.returncode == 143, stderr[-3000:]  # both saved mid-stage at the same step boundary
+    # The same command as one process on a 2x2x2 mesh: the mesh is among the fields a resume may change.
     second = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={run}", "--config.mesh.data=2",
                              "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
                             capture_output=True, text=True, timeout=600, env=ENV)

@@ -15,8 +15,20 @@ the bucket list.
 With `prefix_sharing=True` a pair is one row, prompt + chosen + rejected (sdpo_jax.prefix_sharing):
 the sequence length bucketed is P + Cc + Cr (the bucket list is extended by doubling its largest
 bucket when a packed pair is longer), and the completion width K of the batch is the smallest
-bucket of the given list holding its longer completion, so the shapes are (L, K) pairs. Each process takes rows [p * B/P, (p+1) * B/P) of every global batch; a pair's
+bucket of the given list holding its longer completion, so the shapes are (L, K) pairs. A pair's
 chosen and rejected are always in the same row.
+
+Processes. Process p feeds rows [p * B/P, (p+1) * B/P) of every global batch. When every process
+holds every pair's tokens (`TokenizedPairs.owner` -1) it builds exactly those rows. When each
+holds only its own shard (the loader's multi-process result), the plan is the same (it needs only
+lengths), and each process builds the rows of the pairs it holds: row j of the batch comes from
+its holder h(j) (the padding rows from their planned process). Process p lays its rows out in
+batch order in a staging block of W rows (W = B/P times the fewest whole blocks that fit the
+busiest holder; the rest padding), and `source_row[j] = h(j) * W + (rank of j among h(j)'s rows)`
+says where the planned row j is in the P * W staging rows; `sharded_steps.global_batch` moves
+them into place on the devices. So a global batch is the same for any number of processes, and no
+process touches another's tokens. Unshuffled plans (reference log-probs, evaluation) take the
+pairs interleaved by holder (for one process: in order), so their batches rarely need W > B/P.
 
 `state()` is {'epoch', 'position', ...}; `restore(state)` continues with exactly the batch an
 uninterrupted run would have produced next (the process count may differ on restore).
@@ -52,6 +64,35 @@ def resolve_buckets(length_buckets: Sequence[int], max_length: int) -> tuple[int
     return buckets
 
 
+def interleaved_by_holder(owner: np.ndarray) -> np.ndarray:
+    """All pair indices, round-robin over the processes holding them (each holder's in order):
+    the first pair of each holder, then the second of each, ...; 0..n-1 when one process holds all."""
+    rank = np.zeros(len(owner), np.int64)
+    for holder in np.unique(owner):
+        mask = owner == holder
+        rank[mask] = np.arange(mask.sum())
+    return np.lexsort((owner, rank))
+
+
+def staging_layout(indices: np.ndarray, owner: np.ndarray, process_count: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """(holder of each row, staging width W, source_row) of the global batch `indices` (see the module docstring).
+
+    The holder of a row is the process holding its pair, or for padding rows and pairs every
+    process holds, the process the row is planned on.
+    """
+    local = len(indices) // process_count
+    planned = np.arange(len(indices)) // local
+    held_by = np.where(indices >= 0, owner[np.maximum(indices, 0)], -1)
+    holder = np.where(held_by >= 0, held_by, planned)
+    counts = np.bincount(holder, minlength=process_count)
+    width = -(-int(counts.max()) // local) * local
+    rank = np.zeros(len(indices), np.int64)
+    for process in range(process_count):
+        mask = holder == process
+        rank[mask] = np.arange(mask.sum())
+    return holder, width, holder * width + rank
+
+
 class PairBatcher:
     """Iterator over this process's slice of bucketed global batches (see module docstring)."""
 
@@ -70,6 +111,7 @@ class PairBatcher:
         self.shuffle = shuffle
         self.prefix_sharing = prefix_sharing
         self.local_size = batch_size // process_count
+        self.process_index, self.process_count = process_index, process_count
         self.local_rows = slice(process_index * self.local_size,
                                 (process_index + 1) * self.local_size)
         lengths = self.row_lengths(pairs, prefix_sharing)
@@ -104,7 +146,7 @@ class PairBatcher:
             return self._plan
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.pairs)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = rng.permutation(n) if self.shuffle else interleaved_by_holder(self.pairs.owner)
         batches, carry = [], np.zeros(0, np.int64)
         for bucket in range(len(self.buckets)):
             pool = np.concatenate([carry, order[self.bucket_of[order] == bucket]])
@@ -130,10 +172,21 @@ class PairBatcher:
         return int(self.completion_buckets[np.searchsorted(self.completion_buckets, longest)])
 
     def make_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """This process's rows of the global batch `indices`, padded to the batch's bucket(s)."""
+        """This process's rows of the global batch `indices`, padded to the batch's bucket(s):
+        its planned rows, or its staging block plus its rows of `source_row` (module docstring)."""
         length = self.batch_length(indices)
-        plain = self.pairs.gather(indices[self.local_rows], length)
-        return pack_pairs(plain, length, self.completion_width(indices)) if self.prefix_sharing else plain
+        holder, width, source_row = staging_layout(indices, self.pairs.owner, self.process_count)
+        in_place = np.array_equal(source_row, np.arange(len(indices)))
+        if in_place:
+            rows = indices[self.local_rows]
+        else:
+            mine = indices[holder == self.process_index]
+            rows = np.concatenate([mine, np.full(width - len(mine), -1, np.int64)])
+        plain = self.pairs.gather(rows, length)
+        batch = pack_pairs(plain, length, self.completion_width(indices)) if self.prefix_sharing else plain
+        if not in_place:
+            batch["source_row"] = source_row[self.local_rows].astype(np.int32)
+        return batch
 
     def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """All batches of one epoch, without moving the iterator (e.g. for evaluation)."""

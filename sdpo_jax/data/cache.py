@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import Any
 
-VERSION = 1
+VERSION = 2  # 2: entries per shard, meta holds the source key
 
 
 def default_cache_dir() -> str:

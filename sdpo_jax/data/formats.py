@@ -20,12 +20,15 @@ The result is one of three *kinds* the tokenizer understands: 'text' (strings), 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import itertools
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from sdpo_jax.data.errors import DataError, Location, type_name
-from sdpo_jax.data.sources import RawSource
+from sdpo_jax.data.sources import RawSource, Record
 from sdpo_jax.data.validation import Problems, require_messages, require_text, require_token_ids
 
 # (name, keys that identify it, the column map it implies). Checked in order.
@@ -78,27 +81,41 @@ def parse_columns(columns: str | Mapping[str, str]) -> dict[str, str]:
 
 def normalize(raw: RawSource, data_format: str, columns: Mapping[str, str], extra_fields: str,
               assistant_marker: str, vocab_size: int, problems: Problems) -> NormalizedSource:
-    """Maps, checks and converts every record of `raw`; invalid ones go to `problems`."""
-    first = next((r for r in raw.records if isinstance(r.value, dict)), None)
+    """Maps, checks and converts every record of `raw`; invalid ones go to `problems`.
+
+    The format ('auto') and the kind every record must share come from the source's first
+    readable and first valid record, read from `raw.lead` when `raw` is a later shard, so each
+    shard of a source is read exactly as the whole source would be.
+    """
+    lead, seen = iter(raw.lead), []
+
+    def leading() -> Iterator[Record]:  # the records before this shard, each decoded once
+        yield from seen
+        for record in lead:
+            seen.append(record)
+            yield record
+
+    first = next((r for r in itertools.chain(leading(), raw.records) if isinstance(r.value, dict)), None)
     mapping, layout = dict(columns), None
     if not mapping and first is not None:
         layout, mapping = _known_layout(first.value)
     fmt = data_format
     if fmt == "auto" and first is not None:
         fmt = _detect(_apply_columns(first.value, mapping, first.where, strict=False))
-    unit = raw.records[0].where.unit
-    out = NormalizedSource(raw.name, fmt, layout, "", unit, [], [], [], [], 0)
+    out = NormalizedSource(raw.name, fmt, layout, "", raw.unit, [], [], [], [], 0)
+    read = functools.partial(_read_record, mapping=mapping, fmt=fmt, extra_fields=extra_fields,
+                             assistant_marker=assistant_marker, vocab_size=vocab_size)
+    for record in leading():
+        with contextlib.suppress(DataError):
+            out.kind = read(record)[0]
+            break
     for record in raw.records:
         try:
-            if isinstance(record.value, DataError):
-                raise record.value
-            rec = _apply_columns(record.value, mapping, record.where, strict=True)
-            _check_fields(rec, fmt, record.where, extra_fields)
-            kind, prompt, chosen, rejected = _READERS[fmt](rec, record.where, assistant_marker,
-                                                           vocab_size)
+            kind, prompt, chosen, rejected = read(record)
             if out.kind and kind != out.kind:
+                chosen_value = _apply_columns(record.value, mapping, record.where, strict=True)["chosen"]
                 raise DataError(record.where, f"expected {out.kind} like the first record, got "
-                                f"{type_name(rec['chosen'])}", "chosen", reason="wrong type")
+                                f"{type_name(chosen_value)}", "chosen", reason="wrong type")
         except DataError as err:
             problems.add(err)
             continue
@@ -109,6 +126,16 @@ def normalize(raw: RawSource, data_format: str, columns: Mapping[str, str], extr
         out.rejected.append(rejected)
         out.identical += chosen == rejected
     return out
+
+
+def _read_record(record: Record, mapping: dict[str, str], fmt: str, extra_fields: str,
+                 assistant_marker: str, vocab_size: int):
+    """(kind, prompt, chosen, rejected) of one record, or the DataError saying why not."""
+    if isinstance(record.value, DataError):
+        raise record.value
+    rec = _apply_columns(record.value, mapping, record.where, strict=True)
+    _check_fields(rec, fmt, record.where, extra_fields)
+    return _READERS[fmt](rec, record.where, assistant_marker, vocab_size)
 
 
 def _known_layout(record: dict) -> tuple[str | None, dict[str, str]]:

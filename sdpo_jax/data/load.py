@@ -1,18 +1,22 @@
 """The pipeline entry points: sources -> records -> pairs -> token ids (cached) -> truncation.
 
     train, eval = load_datasets(config.data, tokenizer, vocab_size=model_config.vocab_size,
-                                process_index=jax.process_index())
+                                process_index=jax.process_index(), process_count=jax.process_count())
 
-Per source: fingerprint -> cache lookup; on a miss: read, normalize and validate (main
-process, so that errors carry line numbers), tokenize with `datasets.Dataset.map` (batched,
-`num_proc` workers, progress bar on process 0), store. Sources are then concatenated in order
-and truncated. Warnings (skipped records per reason, identical chosen/rejected, boundary
+Each process handles its own contiguous shard of every source (the whole source when alone). Per
+source: fingerprint -> cache lookup (keyed by the shard too); on a miss: read the shard,
+normalize and validate (so that errors carry line numbers), tokenize with `datasets.Dataset.map`
+(batched, `num_proc` workers, progress bar on process 0), store. The shard's sources are
+concatenated in order and truncated. The processes then exchange what the others need (each
+pair's lengths, source and record number; counts; the first error), so each ends with every
+pair's metadata and its own pairs' tokens (`TokenizedPairs.owner`). Warnings (skipped records per reason, identical chosen/rejected, boundary
 merges, truncation, pairs dropped for an empty completion) are logged on process 0 and kept in
 `pairs.report`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -28,6 +32,7 @@ from sdpo_jax.data.pairs import TokenizedPairs
 from sdpo_jax.data.sources import parse_spec, read_source, source_fingerprint
 from sdpo_jax.data.tokenize import PairEncoder, tokenizer_identity
 from sdpo_jax.data.validation import Problems
+from sdpo_jax.host_exchange import allgather_arrays, allgather_json
 
 logger = logging.getLogger("sdpo_jax.data")
 MIN_ROWS_PER_WORKER = 256
@@ -40,14 +45,16 @@ def source_list(value: str | Sequence[str]) -> list[str]:
 
 
 def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int, process_index: int = 0,
-                  progress_bars: bool = True) -> tuple[TokenizedPairs, TokenizedPairs | None]:
+                  process_count: int = 1, progress_bars: bool = True
+                  ) -> tuple[TokenizedPairs, TokenizedPairs | None]:
     """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any."""
-    train = load_pairs(source_list(config.train), tokenizer, config, vocab_size=vocab_size,
-                       process_index=process_index, progress_bars=progress_bars)
+    load = functools.partial(load_pairs, tokenizer=tokenizer, config=config, vocab_size=vocab_size,
+                             process_index=process_index, process_count=process_count,
+                             progress_bars=progress_bars)
+    train = load(source_list(config.train))
     eval_sources = source_list(config.eval)
     if eval_sources:
-        return train, load_pairs(eval_sources, tokenizer, config, vocab_size=vocab_size,
-                                 process_index=process_index, progress_bars=progress_bars)
+        return train, load(eval_sources)
     if config.eval_fraction > 0:
         return split_eval(train, config.eval_fraction, config.eval_seed)
     return train, None
@@ -63,32 +70,144 @@ def split_eval(pairs: TokenizedPairs, fraction: float, seed: int):
     return pairs.subset(np.sort(order[k:])), pairs.subset(np.sort(order[:k]))
 
 
+@dataclasses.dataclass
+class Shard:
+    """What one process read of the sources: its pairs (tokens included) and per-source counts."""
+
+    pairs: TokenizedPairs | None     # truncated; None after an error
+    metas: list[dict]                # per source: name, format, pairs, skipped, ... and its cache `key`
+    error: DataError | None = None
+
+    def summary(self) -> dict:
+        """The JSON-able part the other processes need (besides `pair_fields`)."""
+        error = self.error
+        return {"metas": self.metas, "report": self.pairs.report if self.pairs is not None else {},
+                "error": None if error is None else [str(error.where), error.detail, error.field, error.reason]}
+
+    def pair_fields(self) -> dict[str, np.ndarray]:
+        """Per-pair lengths, source and record number of this shard's pairs."""
+        if self.pairs is None:
+            return {name: np.zeros(0, np.int64) for name in PAIR_FIELDS}
+        return {name: np.asarray(getattr(self.pairs, name), np.int64) for name in PAIR_FIELDS}
+
+
+PAIR_FIELDS = ("source_id", "number", "head", "prompt_len", "chosen_len", "rejected_len")
+
+
 def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
-               process_index: int = 0, progress_bars: bool = True) -> TokenizedPairs:
+               process_index: int = 0, process_count: int = 1,
+               progress_bars: bool = True) -> TokenizedPairs:
     """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`.
 
-    Process 0 reports each source; with ``progress_bars`` it also shows tokenization bars.
+    Each of the `process_count` processes reads and tokenizes only its shard of every source
+    (`read_shard`); the processes then exchange each pair's lengths, source and record number
+    (and their counts and first error), so every process knows all pairs and holds the tokens of
+    its own (`combine_shards`). Process 0 reports each source; with ``progress_bars`` it also
+    shows tokenization bars.
     """
     _check_config(config)
     if not sources:
         raise DataError("data.train", "no sources given")
+    shard = read_shard(sources, tokenizer, config, vocab_size=vocab_size, shard=(process_index, process_count),
+                       bars=process_index == 0 and progress_bars)
+    if shard.error is not None and process_count == 1:
+        raise shard.error
+    pairs = combine_shards(shard, allgather_json(shard.summary()), allgather_arrays(shard.pair_fields()),
+                           process_index, sources, truncation_id(config, tokenizer.bos_token_id))
+    if process_index == 0:
+        for meta in pairs.report["sources"]:
+            _log_source(meta)
+        _log_truncation(pairs.report)
+    return pairs
+
+
+def truncation_id(config: Any, bos_id: int | None) -> list:
+    """The settings that decide how pairs are cut to length (part of the pairs' identity)."""
+    return [config.max_length, config.max_prompt_length, config.truncation_mode, bos_id]
+
+
+def read_shard(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
+               shard: tuple[int, int] = (0, 1), bars: bool = False) -> Shard:
+    """Shard `shard = (i, n)` of every source: read, checked, tokenized (cached per shard), truncated.
+
+    A bad record (the first, unless `data.skip_invalid`) ends the shard with its `DataError`.
+    """
     encoder = PairEncoder(tokenizer, vocab_size)
     identity = tokenizer_identity(tokenizer)
-    tables, names, reports = [], [], []
-    for spec in sources:
-        dataset, meta = _load_source(spec, encoder, identity, config, vocab_size,
-                                     show=process_index == 0, bars=process_index == 0 and progress_bars)
-        tables.append(dataset.data.table)
-        names.append((meta["name"], meta["unit"]))
-        reports.append(meta)
-    pairs = TokenizedPairs.from_tables(tables, names, {"sources": reports})
+    tables, names, metas = [], [], []
+    try:
+        for spec in sources:
+            dataset, meta = _load_source(spec, encoder, identity, config, vocab_size, shard, bars)
+            tables.append(dataset.data.table)
+            names.append((meta["name"], meta["unit"]))
+            metas.append(meta)
+    except DataError as err:
+        return Shard(None, metas, err)
+    pairs = TokenizedPairs.from_tables(tables, names)
     pairs = pairs.truncated(config.max_length, config.max_prompt_length, config.truncation_mode,
                             tokenizer.bos_token_id)
-    if process_index == 0:
-        _log_truncation(pairs.report)
-    if not len(pairs):
+    return Shard(pairs, metas)
+
+
+def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, np.ndarray]],
+                   process_index: int, sources: Sequence[str], truncation: list) -> TokenizedPairs:
+    """All pairs, in source order and within a source in record order, from every shard's summary
+    and pair fields (in process order); the tokens are `local`'s, the shard of `process_index`.
+
+    The first shard's error (in process order, so the first bad record in file order) is raised.
+    """
+    for index, summary in enumerate(summaries):
+        if summary["error"] is not None:
+            if index == process_index and local.error is not None:
+                raise local.error
+            where, detail, field, reason = summary["error"]
+            raise DataError(where, detail, field, reason=reason)
+    metas = [_merge_metas([summary["metas"][k] for summary in summaries]) for k in range(len(sources))]
+    for meta in metas:
+        if not meta["pairs"]:
+            raise DataError(meta["name"], f"no valid pairs ({sum(meta['skipped'].values())} skipped)")
+    counts = [len(f["number"]) for f in fields]
+    if not sum(counts):
         raise DataError(", ".join(sources), "no trainable pairs left after truncation")
-    return pairs
+    owner = np.concatenate([np.full(n, p, np.int32) for p, n in enumerate(counts)])
+    merged = {name: np.concatenate([f[name] for f in fields]) for name in PAIR_FIELDS}
+    order = np.argsort(merged["source_id"] * len(fields) + owner, kind="stable")
+    mine = np.flatnonzero(owner[order] == process_index)
+    starts = {}
+    for name in ("prompt_start", "body_start", "chosen_start", "rejected_start"):
+        starts[name] = np.full(len(order), -1, np.int64)
+        starts[name][mine] = getattr(local.pairs, name)
+    keys = [meta["key"] for meta in metas]
+    return TokenizedPairs(
+        tokens=local.pairs.tokens, **starts,
+        **{name: merged[name][order].astype(np.int32 if name == "source_id" else np.int64) for name in PAIR_FIELDS},
+        sources=[(meta["name"], meta["unit"]) for meta in metas],
+        report={"sources": metas, **_merge_truncation([summary["report"] for summary in summaries])},
+        owner=owner[order], process_index=process_index,
+        content_id=cache.cache_key(keys, truncation)[:16])
+
+
+def _merge_metas(shards: list[dict]) -> dict:
+    """One source's report from its shards' reports: counts summed, the first example of each reason."""
+    merged = dict({k: v for k, v in shards[0].items() if k != "shard"}, pairs=0, skipped={}, skipped_examples={}, identical=0, boundary_merges=0,
+                  from_cache=all(meta["from_cache"] for meta in shards))
+    for meta in shards:
+        if meta["pairs"] and not merged["pairs"]:
+            merged.update(format=meta["format"], layout=meta["layout"], kind=meta["kind"])
+        for reason, count in meta["skipped"].items():
+            merged["skipped"][reason] = merged["skipped"].get(reason, 0) + count
+            merged["skipped_examples"].setdefault(reason, meta["skipped_examples"][reason])
+        for count in ("pairs", "identical", "boundary_merges"):
+            merged[count] += meta[count]
+    return merged
+
+
+def _merge_truncation(reports: list[dict]) -> dict:
+    reports = [r for r in reports if r]
+    merged = {count: sum(r[count] for r in reports)
+              for count in ("truncated_prompts", "truncated_completions", "dropped_empty_completion")}
+    merged["dropped_examples"] = [example for r in reports for example in r["dropped_examples"]][:5]
+    return merged
 
 
 def _check_config(config: Any) -> None:
@@ -100,43 +219,47 @@ def _check_config(config: Any) -> None:
 
 
 def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int,
-                 show: bool, bars: bool):
+                 shard: tuple[int, int], bars: bool):
     columns = parse_columns(config.columns)
     _, split = parse_spec(spec, config.split)
     cache_dir = config.cache_dir or cache.default_cache_dir()
     key = cache.cache_key(source_fingerprint(spec, config.split), split, config.limit,
                           config.sample_seed, config.format, columns, config.extra_fields,
                           config.assistant_marker, config.skip_invalid, identity, vocab_size)
-    entry = cache.load(cache_dir, key)
+    shard_key = cache.cache_key(key, list(shard)) if shard != (0, 1) else key
+    entry = cache.load(cache_dir, shard_key)
     if entry is None:
-        dataset, meta = _tokenize_source(spec, encoder, config, columns, vocab_size, bars)
-        with _progress_bars(False):
-            entry = cache.save(cache_dir, key, dataset, meta)
+        dataset, meta = _tokenize_source(spec, encoder, config, columns, vocab_size, shard, bars)
+        meta = {**meta, "key": key, "shard": list(shard)}
+        if len(dataset):  # (`datasets` cannot reload an empty saved dataset; an empty shard is cheap to redo)
+            with _progress_bars(False):
+                dataset, meta = cache.save(cache_dir, shard_key, dataset, meta)
+        entry = dataset, meta
         entry[1]["from_cache"] = False
     else:
         entry[1]["from_cache"] = True
-    if show:
-        _log_source(entry[1])
     return entry
 
 
-def _tokenize_source(spec, encoder, config, columns, vocab_size, bars):
+def _tokenize_source(spec, encoder, config, columns, vocab_size, shard, bars):
     import datasets
 
-    raw = read_source(spec, config.split, config.limit, config.sample_seed)
+    raw = read_source(spec, config.split, config.limit, config.sample_seed, shard=shard)
     problems = Problems(config.skip_invalid)
     norm = normalize(raw, config.format, columns, config.extra_fields, config.assistant_marker,
                      vocab_size, problems)
-    if not norm.numbers:
-        raise DataError(raw.name, f"no valid pairs ({sum(problems.skipped.values())} skipped)")
-    dataset = datasets.Dataset.from_dict({"number": norm.numbers, "prompt": norm.prompt,
-                                          "chosen": norm.chosen, "rejected": norm.rejected})
-    workers = min(config.num_proc, len(dataset) // MIN_ROWS_PER_WORKER)
-    with _progress_bars(bars):
-        dataset = dataset.map(functools.partial(encoder.encode, norm.kind), batched=True,
-                              num_proc=workers if workers > 1 else None,
-                              remove_columns=["prompt", "chosen", "rejected"],
-                              desc=f"tokenizing {os.path.basename(raw.name)}")
+    features = _tokenized_features()
+    if not norm.numbers:  # a shard without valid records (the source's total is checked later)
+        dataset = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+    else:
+        dataset = datasets.Dataset.from_dict({"number": norm.numbers, "prompt": norm.prompt,
+                                              "chosen": norm.chosen, "rejected": norm.rejected})
+        workers = min(config.num_proc, len(dataset) // MIN_ROWS_PER_WORKER)
+        with _progress_bars(bars):
+            dataset = dataset.map(functools.partial(encoder.encode, norm.kind), batched=True,
+                                  num_proc=workers if workers > 1 else None,
+                                  remove_columns=["prompt", "chosen", "rejected"], features=features,
+                                  desc=f"tokenizing {os.path.basename(raw.name)}")
     errors = [i for i, e in enumerate(dataset["error"]) if e]
     for i in errors:
         row = dataset[i]
@@ -151,6 +274,16 @@ def _tokenize_source(spec, encoder, config, columns, vocab_size, bars):
             "identical": norm.identical,
             "boundary_merges": int(np.sum(dataset["boundary_merges"]))}
     return dataset.remove_columns(["error", "error_field", "boundary_merges"]), meta
+
+
+def _tokenized_features():
+    """The columns `PairEncoder.encode` leaves, typed (so an empty shard has them too)."""
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features({"number": datasets.Value("int64"), "prompt_ids": ids, "chosen_ids": ids,
+                              "rejected_ids": ids, "boundary_merges": datasets.Value("int64"),
+                              "error": datasets.Value("string"), "error_field": datasets.Value("string")})
 
 
 @contextlib.contextmanager

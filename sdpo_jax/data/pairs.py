@@ -4,10 +4,16 @@ Every format ends up here. All token ids live in one int32 array; each pair poin
 (start, length) for prompt, chosen and rejected, so truncation and subsetting only change those
 pointers and batches are gathered with vectorized numpy indexing. `pair_index` in batches is
 the index into this object. `prompt_ids(i)` etc. return a pair's (truncated) ids as lists.
+
+In a multi-process run every process knows every pair's lengths, source and record number, but
+holds the tokens of its own shard only: `owner[i]` is the process holding pair i's tokens (-1:
+every process holds them), and the start pointers of pairs held elsewhere are -1. `gather`
+refuses pairs this process does not hold.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +22,7 @@ from sdpo_jax.data.errors import Location
 from sdpo_jax.data.truncation import truncate
 
 SIDES = ("prompt", "chosen", "rejected")
+_WHOLE = ("tokens", "sources", "report", "process_index", "content_id")  # fields not indexed per pair
 
 
 @dataclasses.dataclass
@@ -39,6 +46,15 @@ class TokenizedPairs:
     number: np.ndarray
     sources: list[tuple[str, str]]          # (name, 'line' | 'row') per source id
     report: dict = dataclasses.field(default_factory=dict)
+    owner: np.ndarray | None = None         # process holding each pair's tokens; -1 (default): every process
+    process_index: int = 0                  # the process this object lives in
+    content_id: str = ""                    # what the tokens were made from (see `identity`)
+
+    def __post_init__(self):
+        if self.owner is None:
+            self.owner = np.full(len(self.prompt_len), -1, np.int32)
+        if not self.content_id:
+            self.content_id = hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()[:16]
 
     @classmethod
     def from_tables(cls, tables: Sequence, sources: Sequence[tuple[str, str]],
@@ -73,6 +89,20 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.prompt_len)
 
+    def identity(self) -> str:
+        """A hash of these pairs, the same in every process of a run and for any process count:
+        `content_id` (set by the loader from the sources' cache keys and the truncation settings)
+        and each pair's source, record number and truncated lengths."""
+        digest = hashlib.sha256(self.content_id.encode())
+        for array in (self.source_id, self.number, self.head, self.prompt_len, self.chosen_len, self.rejected_len):
+            digest.update(np.ascontiguousarray(array, np.int64).tobytes())
+        return digest.hexdigest()[:16]
+
+    def held_here(self, indices: np.ndarray) -> np.ndarray:
+        """Whether this process holds the tokens of each pair in `indices`."""
+        owner = self.owner[np.asarray(indices, np.int64)]
+        return (owner < 0) | (owner == self.process_index)
+
     @property
     def lengths(self) -> np.ndarray:
         """Longest sequence of each pair: prompt + the longer completion."""
@@ -100,9 +130,9 @@ class TokenizedPairs:
         """The pairs at `indices` (the token array is shared, not copied)."""
         indices = np.asarray(indices, np.int64)
         per_pair = {f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
-                    if f.name not in ("tokens", "sources", "report")}
+                    if f.name not in _WHOLE}
         return TokenizedPairs(tokens=self.tokens, sources=self.sources, report=dict(self.report),
-                              **per_pair)
+                              process_index=self.process_index, content_id=self.content_id, **per_pair)
 
     def truncated(self, max_length: int, max_prompt_length: int, mode: str,
                   bos_id: int | None) -> "TokenizedPairs":
@@ -134,6 +164,11 @@ class TokenizedPairs:
         indices = np.asarray(indices, np.int64)
         valid = indices >= 0
         idx = np.where(valid, indices, 0)
+        elsewhere = valid & ~self.held_here(idx)
+        if elsewhere.any():
+            i = int(indices[elsewhere][0])
+            raise ValueError(f"pair {i} ({self.location(i)}) is held by process {self.owner[i]}, "
+                             f"not by this process {self.process_index}")
         j = np.arange(length, dtype=np.int64)[None, :]
         prompt_len = np.where(valid, self.prompt_len[idx], 0)[:, None]
         head = self.head[idx][:, None]

@@ -19,7 +19,7 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -39,10 +39,25 @@ class Record:
 
 @dataclasses.dataclass
 class RawSource:
-    """All records of one source."""
+    """The records of one source this process reads: all of them, or its shard.
+
+    `lead` yields, decoded on demand, the records before the shard (empty for the whole source),
+    so that a shard can find the source's first record (format and kind detection) without
+    reading the rest. `total` counts the source's records (after `limit`), `unit` is 'line' or 'row'.
+    """
 
     name: str
     records: list[Record]
+    unit: str = "row"
+    lead: Iterable[Record] = ()
+    total: int = 0
+
+
+def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
+    """[start, stop) of shard `index` of `count` contiguous, in-order shards of `total` items."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count} does not exist")
+    return total * index // count, total * (index + 1) // count
 
 
 def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
@@ -57,8 +72,13 @@ def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
 
 
 def read_source(spec: str, default_split: str = "train", limit: int = 0,
-                sample_seed: int = 0) -> RawSource:
-    """Reads one source; `limit` > 0 keeps that many records (a seeded sample if `sample_seed`)."""
+                sample_seed: int = 0, shard: tuple[int, int] = (0, 1)) -> RawSource:
+    """Reads one source; `limit` > 0 keeps that many records (a seeded sample if `sample_seed`).
+
+    With `shard=(i, n)` only the i-th of n contiguous blocks of those records is decoded (JSON
+    lines parsed, hub rows materialized); the other records are not read beyond what locating the
+    block needs (a .jsonl's line breaks, a .json list's parse, a parquet table).
+    """
     name, split = parse_spec(spec, default_split)
     if name.endswith(FILE_SUFFIXES):
         if not os.path.isfile(name):
@@ -74,20 +94,30 @@ def read_source(spec: str, default_split: str = "train", limit: int = 0,
             raise DataError(name, "file is empty", reason="empty file")
         if name.endswith((".jsonl", ".jsonl.gz")):
             lines = [(i + 1, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
-            lines = _select(lines, limit, sample_seed)
-            records = [_jsonl_record(name, number, line) for number, line in lines]
+            items, decode, unit = _select(lines, limit, sample_seed), lambda item: _jsonl_record(name, *item), "line"
         elif name.endswith(".json"):
-            records = _select(_json_records(name, data), limit, sample_seed)
+            items, decode, unit = _select(_json_records(name, data), limit, sample_seed), _same, "row"
         else:
-            records = _select(_parquet_records(name), limit, sample_seed)
+            items, decode, unit = _select(_parquet_records(name), limit, sample_seed), _same, "row"
+        start, stop = shard_bounds(len(items), *shard)
+        records = [decode(item) for item in items[start:stop]]
+        lead = (decode(item) for item in items[:start])
     else:
-        rows = _load_dataset(name, split).to_list()
-        records = _select([Record(Location(name, "row", i), row) for i, row in enumerate(rows)],
-                          limit, sample_seed)
-    if not records:
+        dataset = _load_dataset(name, split)
+        items = _select(list(range(len(dataset))), limit, sample_seed)
+        start, stop = shard_bounds(len(items), *shard)
+        rows = dataset.select(items[start:stop]).to_list() if stop > start else []
+        records = [Record(Location(name, "row", i), row) for i, row in zip(items[start:stop], rows)]
+        lead = (Record(Location(name, "row", i), dataset[i]) for i in items[:start])
+        unit = "row"
+    if not items:
         raise DataError(name, "file is empty" if name.endswith(FILE_SUFFIXES)
                         else "dataset has no rows", reason="empty file")
-    return RawSource(name=name, records=records)
+    return RawSource(name=name, records=records, unit=unit, lead=lead, total=len(items))
+
+
+def _same(record: Record) -> Record:
+    return record
 
 
 def source_fingerprint(spec: str, default_split: str = "train") -> str:
