@@ -47,7 +47,7 @@ from sdpo_jax.reference import attach_reference, precompute_reference_logps, ref
 from sdpo_jax.report import write_report
 from sdpo_jax.run_log import RunLog
 from sdpo_jax.sharded_steps import global_batch, jit_train_step, place, state_shardings
-from sdpo_jax.sharding import build_mesh
+from sdpo_jax.sharding import build_mesh, check_process_rows
 from sdpo_jax.tracking import TensorBoardSink, WandbSink
 from sdpo_jax.train_step import TrainState, make_train_step
 
@@ -241,6 +241,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
     if config.train.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ValueError(f"train.batch_size {config.train.batch_size} must be a multiple of mesh data*fsdp "
                          f"= {mesh.shape['data'] * mesh.shape['fsdp']}")
+    check_process_rows(mesh, config.train.batch_size)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     train_pairs, eval_pairs = load_datasets(config.data, tokenizer, vocab_size=model.config.vocab_size,
                                             process_index=jax.process_index(), process_count=jax.process_count(),

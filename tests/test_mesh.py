@@ -72,15 +72,21 @@ jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[2]}", num_processes=2, process_id=int(sys.argv[1]))
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
-from sdpo_jax.sharding import build_mesh
+from sdpo_jax.sharding import MeshError, build_mesh, check_process_rows
 
+try:
+    check_process_rows(build_mesh(1, 1, 8), 8)  # tensor across both hosts: each holds every row
+    refused = ""
+except MeshError as err:
+    refused = str(err)
+check_process_rows(build_mesh(2, 2, 2), 8)  # each process's 4 devices: one data row, rows 4p..4p+3
 mesh = build_mesh(1, -1, 1, dcn_data=2)  # per process: data 1 x fsdp 4; the two processes are data replicas
 rows = [sorted({d.process_index for d in row.flat}) for row in mesh.devices]
 local = np.arange(4, dtype=np.float32) + 4 * jax.process_index()
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), local)
 total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
 if jax.process_index() == 0:
-    print(json.dumps({"shape": dict(mesh.shape), "processes_per_data_row": rows, "sum": float(total)}))
+    print(json.dumps({"shape": dict(mesh.shape), "processes_per_data_row": rows, "sum": float(total), "refused": refused}))
 """
 
 
@@ -97,4 +103,7 @@ def test_two_processes_are_two_dcn_replicas(tmp_path):
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-2000:]
     report = json.loads(outputs[0][0].strip().splitlines()[-1])
+    assert report.pop("refused") == ("mesh {'data': 1, 'fsdp': 1, 'tensor': 8}: process 0's devices hold batch rows 0..7, not its "
+                                     "own block 0..3 of 8: the data and fsdp axes must split the rows over the 2 processes "
+                                     "(keep the tensor axis within a host)")
     assert report == {"shape": {"data": 2, "fsdp": 4, "tensor": 1}, "processes_per_data_row": [[0], [1]], "sum": 28.0}

@@ -67,11 +67,16 @@ def resolve_buckets(length_buckets: Sequence[int], max_length: int) -> tuple[int
 def interleaved_by_holder(owner: np.ndarray) -> np.ndarray:
     """All pair indices, round-robin over the processes holding them (each holder's in order):
     the first pair of each holder, then the second of each, ...; 0..n-1 when one process holds all."""
-    rank = np.zeros(len(owner), np.int64)
-    for holder in np.unique(owner):
-        mask = owner == holder
-        rank[mask] = np.arange(mask.sum())
-    return np.lexsort((owner, rank))
+    return np.lexsort((owner, _rank_in_group(owner)))
+
+
+def _rank_in_group(groups: np.ndarray) -> np.ndarray:
+    """For each element, how many earlier elements share its group (0 for the first of each)."""
+    order = np.argsort(groups, kind="stable")
+    ranked = groups[order]
+    rank = np.empty(len(groups), np.int64)
+    rank[order] = np.arange(len(groups)) - np.searchsorted(ranked, ranked, side="left")
+    return rank
 
 
 def staging_layout(indices: np.ndarray, owner: np.ndarray, process_count: int) -> tuple[np.ndarray, int, np.ndarray]:
@@ -86,11 +91,7 @@ def staging_layout(indices: np.ndarray, owner: np.ndarray, process_count: int) -
     holder = np.where(held_by >= 0, held_by, planned)
     counts = np.bincount(holder, minlength=process_count)
     width = -(-int(counts.max()) // local) * local
-    rank = np.zeros(len(indices), np.int64)
-    for process in range(process_count):
-        mask = holder == process
-        rank[mask] = np.arange(mask.sum())
-    return holder, width, holder * width + rank
+    return holder, width, holder * width + _rank_in_group(holder)
 
 
 class PairBatcher:

@@ -9,9 +9,9 @@ normalize and validate (so that errors carry line numbers), tokenize with `datas
 (batched, `num_proc` workers, progress bar on process 0), store. The shard's sources are
 concatenated in order and truncated. The processes then exchange what the others need (each
 pair's lengths, source and record number; counts; the first error), so each ends with every
-pair's metadata and its own pairs' tokens (`TokenizedPairs.owner`). Warnings (skipped records per reason, identical chosen/rejected, boundary
-merges, truncation, pairs dropped for an empty completion) are logged on process 0 and kept in
-`pairs.report`.
+pair's metadata and its own pairs' tokens (`TokenizedPairs.owner`). Warnings (skipped records
+per reason, identical chosen/rejected, boundary merges, truncation, pairs dropped for an empty
+completion) are logged on process 0 and kept in `pairs.report`.
 """
 from __future__ import annotations
 
