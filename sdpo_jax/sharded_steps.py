@@ -46,7 +46,8 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
     A batch with ``source_row`` arrives as staging blocks (sdpo_jax.data.batching: each process
     gives the rows of the pairs it holds): row j of the result is staging row ``source_row[j]``,
-    gathered on the devices, so tokens move between processes only as the rows that must.
+    gathered on the devices (XLA lowers it to an all-reduce of the batch's token arrays, B x L int32
+    each: a few MB a step), so no process needs another's tokens on its host.
     """
     sharding = batch_sharding(mesh)
     arrays = {name: jax.make_array_from_process_local_data(sharding, value) for name, value in local.items()}
