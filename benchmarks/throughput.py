@@ -21,6 +21,8 @@ included, prompt tokens once per row they occupy):
                      or + 0 when the reference is precomputed)
 MFU = flops_per_pair * pairs_per_s / peak_flops, where peak_flops is a measured matmul peak in the
 same dtype on this machine (bf16 with float32 accumulation), measured in the same run.
+--host-allocator retain first calls sdpo_jax.host_memory.retain_host_allocations (glibc keeps the
+step's freed temporary buffer instead of mapping it afresh every step; docs/performance.md).
 cpu_s_per_step_median is the process's CPU time (all threads) per step: on a machine shared with
 other work it varies far less than wall time, so it is the better number for A/B comparisons.
 """
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdpo_jax.host_memory import retain_host_allocations
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.llama import init_params
@@ -63,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="auto")
     p.add_argument("--prefix-sharing", action="store_true", help="one packed row per pair (prompt + chosen + rejected)")
     p.add_argument("--pad-to", type=int, default=0, help="pad every row to this many tokens (the cost of a coarse length bucket)")
+    p.add_argument("--host-allocator", choices=("retain", "default"), default="default",
+                   help="retain: call sdpo_jax.host_memory.retain_host_allocations() first; default: glibc malloc as configured")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
@@ -135,7 +140,8 @@ def peak_memory_bytes() -> tuple[str, int]:
     return "host_max_rss_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run(a) -> dict:
+def build(a):
+    """(jitted train step, train state, reference params or None, 4 random batches, model config) for flags ``a``."""
     config = model_config(a)
     dtype = DTYPES[a.dtype]
     model = LlamaForCausalLM(config, dtype=dtype, remat=a.remat, attention_implementation=a.attention)
@@ -154,6 +160,12 @@ def run(a) -> dict:
         for b in batches:
             b["ref_chosen_logps"] = rng.normal(-200, 10, a.batch).astype(np.float32)
             b["ref_rejected_logps"] = rng.normal(-200, 10, a.batch).astype(np.float32)
+    return step, state, ref, batches, config
+
+
+def run(a) -> dict:
+    step, state, ref, batches, config = build(a)
+    dtype, in_step = DTYPES[a.dtype], a.reference == "in-step"
     compile_start = time.perf_counter()
     state, metrics = step(state, ref, batches[0])
     jax.block_until_ready(metrics)
@@ -185,6 +197,8 @@ def run(a) -> dict:
 
 def main(argv=None):
     a = parse_args(argv)
+    if a.host_allocator == "retain":
+        retain_host_allocations()  # before the first JAX computation
     result = run(a)
     if a.json:
         print(json.dumps(result))

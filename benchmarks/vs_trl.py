@@ -114,6 +114,8 @@ def main(argv=None):
         mine = statistics.median(m["pairs_per_s"] for _, m in runs)
         rows.append({"dtype": dtype, "trl_pairs_per_s": theirs, "sdpo_jax_pairs_per_s": mine, "ratio": mine / theirs,
                      "ratio_per_round": [m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs],
+                     "trl_pairs_per_s_per_round": [t["pairs_per_s"] for t, _ in runs],
+                     "sdpo_jax_pairs_per_s_per_round": [m["pairs_per_s"] for _, m in runs],
                      "cpu_ratio": statistics.median(t["cpu_s_per_step_median"] / m["cpu_s_per_step_median"] for t, m in runs),
                      "sdpo_jax_mfu": statistics.median(m["mfu"] for _, m in runs),
                      "peak_flops": statistics.median(m["peak_flops"] for _, m in runs),

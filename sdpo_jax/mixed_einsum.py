@@ -13,7 +13,7 @@ float32 operands the cast is the identity and this is exactly ``jnp.einsum``.
 ``spec`` must name every index in at least two of its three terms (in all three: a batch index;
 none summed within one operand or broadcast into the output), which holds for the model's
 projections ("bsd,dhk->bshk", "bsf,fd->bsd", ...), the attention products
-("btkgd,bskd->bkgts", ...) and the output layer ("rcd,dv->rcv").
+("bktgd,bksd->bktgs", ...) and the output layer ("rcd,dv->rcv").
 """
 from __future__ import annotations
 

@@ -135,6 +135,14 @@ class _Run:
             self._steps[key] = build()
         return self._steps[key]
 
+    def train_step(self, settings: DPOSettings, optimizer_settings: OptimizerSettings, optimizer, shardings, with_reference_params: bool):
+        """The jitted train step, compiled once for all stages that share what it compiles in (the
+        schedule's numbers, which differ per stage, are optimizer state: sdpo_jax.optim)."""
+        config = self.config
+        key = ("train", settings, optimizer_settings.compiled(), config.train.grad_accum, config.model.logprob_chunk, with_reference_params)
+        return self._step(key, lambda: jit_train_step(make_train_step(self.model, settings, optimizer, config.train.grad_accum,
+                                                                      config.model.logprob_chunk), self.mesh, shardings, with_reference_params))
+
     def batches(self, pairs, shuffle=False, seed=0):
         return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
                            process_index=jax.process_index(), process_count=jax.process_count(),
@@ -377,11 +385,11 @@ def _difficulty_scores(run: _Run, train_pairs, sft_params, key: str) -> np.ndarr
     if config.sdpo.difficulty != "dpo_probe":
         return chosen - rejected
     steps = config.sdpo.probe_steps
-    optimizer = make_optimizer(OptimizerSettings(learning_rate=config.train.learning_rate, total_steps=steps,
-                                                 max_grad_norm=config.train.max_grad_norm))
+    optimizer_settings = OptimizerSettings(learning_rate=config.train.learning_rate, total_steps=steps,
+                                           max_grad_norm=config.train.max_grad_norm)
+    optimizer = make_optimizer(optimizer_settings)
     shardings, _ = state_shardings(run.model, optimizer, run.mesh)
-    step_fn = jit_train_step(make_train_step(run.model, _settings(config), optimizer, config.train.grad_accum,
-                                             config.model.logprob_chunk), run.mesh, shardings, with_reference_params=False)
+    step_fn = run.train_step(_settings(config), optimizer_settings, optimizer, shardings, with_reference_params=False)
     probe_key = f"{key}-probe{steps}-{config.train.learning_rate}-{config.dpo.beta}-{config.train.seed}"
     probe = run.cached_logps(cache / "train_probe.npz", probe_key)
     if probe is None:
@@ -409,13 +417,13 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, star
                                                    chunk_key, f"stage {stage}: reference log-probs of the chunk")
     batcher = run.batches(chunk, shuffle=True, seed=config.train.seed + stage)
     steps = config.train.steps_per_stage or batcher.steps_per_epoch
-    optimizer = make_optimizer(OptimizerSettings(
+    optimizer_settings = OptimizerSettings(
         learning_rate=config.train.learning_rate, total_steps=steps, warmup_steps=int(round(config.train.warmup_ratio * steps)),
-        schedule=config.train.lr_schedule, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm))
+        schedule=config.train.lr_schedule, weight_decay=config.train.weight_decay, max_grad_norm=config.train.max_grad_norm)
+    optimizer = make_optimizer(optimizer_settings)
     shardings, abstract_state = state_shardings(run.model, optimizer, run.mesh)
     precompute = config.train.precompute_reference
-    step_fn = jit_train_step(make_train_step(run.model, settings, optimizer, config.train.grad_accum, config.model.logprob_chunk),
-                             run.mesh, shardings, with_reference_params=not precompute)
+    step_fn = run.train_step(settings, optimizer_settings, optimizer, shardings, with_reference_params=not precompute)
     entry = {"stage": stage, "num_pairs": len(chunk), "sources": sources, "steps": steps,
              "ref_logratio_mean": float(np.mean(ref_chosen - ref_rejected)), "eval_before": {}, "eval_after": {},
              "dpo": {k: v for k, v in config.dpo.to_dict().items()}, "learning_rate": config.train.learning_rate,

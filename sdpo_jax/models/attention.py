@@ -19,6 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models.splash import splash_attention
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
@@ -102,10 +103,15 @@ def grouped_query_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
     batch, q_len, heads, head_dim = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+    # Head-major operands (q [B, K, T, G, d], k and v [B, K, S, d]: small copies) give the scores
+    # [B, K, T, G, S] in the product's natural layout (no transpose of a scores-sized tensor in the
+    # forward pass), with the contracted (T, G) of the key/value gradients contiguous in both of their
+    # operands. The mask enters as an additive float32 bias [B, 1, T, 1, S], whose backward is the
+    # identity (no select). Both products run in q's dtype with float32 accumulation, backward too.
+    q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 1, 3, 4)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, :, :, None, :]
+    scores = mixed_einsum("bktgd,bksd->bktgs", q, k)
+    probs = jax.nn.softmax(scores * (head_dim**-0.5) + bias, axis=-1).astype(v.dtype)
+    out = mixed_einsum("bktgs,bksd->bktgd", probs, v)
+    return out.transpose(0, 2, 1, 3, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)

@@ -99,8 +99,10 @@ class Attention(nn.Module):
                 bias = _param(self, f"{name}_bias", (heads, hd), (head_axis, "head_dim"), nn.initializers.zeros)
                 y = y + bias.astype(self.dtype)
             projections[name] = y
-        q = apply_rotary(projections["q_proj"], cos, sin)
-        key = apply_rotary(projections["k_proj"], cos, sin)
+        # The rotation in float32 on the compute-dtype projections, rounded once after (in bf16 the
+        # rotation's products and sum would each round: a convert pair per element and step on CPU).
+        q = apply_rotary(projections["q_proj"].astype(jnp.float32), cos, sin).astype(self.dtype)
+        key = apply_rotary(projections["k_proj"].astype(jnp.float32), cos, sin).astype(self.dtype)
         value = projections["v_proj"]
         if layer_cache is not None:
             cached_key, cached_value = layer_cache
@@ -198,7 +200,8 @@ class LlamaForCausalLM(nn.Module):
         if mask is None:
             mask = attention_mask_for(attention_mask, positions, c, implementation)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        x = jnp.take(embedding, input_ids, axis=0).astype(self.dtype)
+        # "clip": ids are in the vocabulary (sdpo_jax.data checks them), so no NaN-fill select per element.
+        x = jnp.take(embedding, input_ids, axis=0, mode="clip").astype(self.dtype)
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_parameters))
 
         layer = DecoderLayer
