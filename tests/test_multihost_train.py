@@ -61,7 +61,8 @@ def test_two_process_sdpo_train_equals_one_process(tmp_path):
         assert a["num_pairs"] == b["num_pairs"] and a["steps"] == b["steps"]
         np.testing.assert_allclose(b["ref_logratio_mean"], a["ref_logratio_mean"], rtol=1e-5)
         for name, value in a["eval_after"].items():
-            np.testing.assert_allclose(b["eval_after"][name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+            # rewards are beta x differences of ~40-nat float32 log-probs: rounding alone is ~1e-6 abs
+            np.testing.assert_allclose(b["eval_after"][name], value, rtol=1e-4, atol=1e-5, err_msg=name)
     rows = lambda d: [r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
     np.testing.assert_allclose([r["loss"] for r in rows("two")], [r["loss"] for r in rows("one")], rtol=1e-5)
     for stage_one, stage_two in zip(*([stage_params(tmp_path / run, model, t) for t in (1, 2)] for run in ("one", "two"))):
