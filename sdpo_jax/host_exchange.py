@@ -12,8 +12,10 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def allgather_bytes(blob: bytes) -> list[bytes]:
@@ -40,7 +42,28 @@ def allgather_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray
 
 
 def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is True on at least one (e.g. a SIGTERM that reached one host)."""
+    """True on every process when `flag` is True on at least one (waits for the collective)."""
     if jax.process_count() == 1:
         return flag
     return bool(np.asarray(multihost_utils.process_allgather(np.asarray([flag], np.int32))).any())
+
+
+class LaggedAgreement:
+    """Whether any process raised a flag, agreed one call late so that the host never waits on the
+    devices: `poll(flag)` dispatches this call's all-process OR and returns the previous call's
+    (False at the first). Every process gets the same answer at the same call."""
+
+    def __init__(self):
+        self._pending: jax.Array | None = None
+        if jax.process_count() > 1:
+            mesh = Mesh(np.asarray(jax.devices()), ("all",))
+            self._sharding = NamedSharding(mesh, PartitionSpec("all"))
+            self._reduce = jax.jit(jnp.any, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def poll(self, flag: bool) -> bool:
+        if jax.process_count() == 1:
+            return flag
+        previous = self._pending
+        local = np.full(jax.local_device_count(), flag, bool)
+        self._pending = self._reduce(jax.make_array_from_process_local_data(self._sharding, local))
+        return bool(previous) if previous is not None else False

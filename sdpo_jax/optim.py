@@ -62,11 +62,6 @@ def scheduled_lr(step, shape: str, peak, floor, warmup_steps, total_steps):
     return jnp.where(step < warmup_steps, warm, floor + (peak - floor) * fraction)
 
 
-def learning_rate_schedule(s: OptimizerSettings) -> optax.Schedule:
-    """`scheduled_lr` with the numbers of ``s``."""
-    return lambda step: scheduled_lr(step, s.schedule, **s.schedule_numbers())
-
-
 def weight_decay_mask(params):
     """True for kernels and embedding tables, False for norm scales and biases."""
 

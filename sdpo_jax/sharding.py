@@ -154,15 +154,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_process_rows(mesh: Mesh, batch_size: int) -> None:
-    """Refuses a mesh on which process p's devices do not hold exactly rows [p * B/P, (p+1) * B/P)
+    """Refuses a mesh on which some process p's devices do not hold exactly rows [p * B/P, (p+1) * B/P)
     of a batch, the block each process builds (sdpo_jax.data.batching): the (data, fsdp) axes
-    must split the rows over the processes, e.g. not a tensor axis that spans hosts."""
-    count, index = jax.process_count(), jax.process_index()
-    slices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
-    blocks = {s[0].indices(batch_size)[:2] for s in slices}
-    start, stop = min(a for a, _ in blocks), max(b for _, b in blocks)
-    expected = (index * batch_size // count, (index + 1) * batch_size // count)
-    if (start, stop) != expected or sum(b - a for a, b in blocks) != stop - start:
-        raise MeshError(f"mesh {dict(mesh.shape)}: process {index}'s devices hold batch rows {start}..{stop - 1}, not "
-                        f"its own block {expected[0]}..{expected[1] - 1} of {batch_size}: the data and fsdp axes must "
-                        f"split the rows over the {count} processes (keep the tensor axis within a host)")
+    must split the rows over the processes, e.g. not a tensor axis that spans hosts. Decided from
+    every device's rows, so all processes reach the same verdict."""
+    count = jax.process_count()
+    blocks: dict[int, set] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((batch_size,)).items():
+        blocks.setdefault(device.process_index, set()).add(index[0].indices(batch_size)[:2])
+    for process in range(count):
+        rows = blocks[process]
+        start, stop = min(a for a, _ in rows), max(b for _, b in rows)
+        expected = (process * batch_size // count, (process + 1) * batch_size // count)
+        if (start, stop) != expected or sum(b - a for a, b in rows) != stop - start:
+            raise MeshError(f"mesh {dict(mesh.shape)}: process {process}'s devices hold batch rows {start}..{stop - 1}, not "
+                            f"its own block {expected[0]}..{expected[1] - 1} of {batch_size}: the data and fsdp axes must "
+                            f"split the rows over the {count} processes (keep the tensor axis within a host)")

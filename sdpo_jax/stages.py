@@ -37,7 +37,7 @@ from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_datasets
 from sdpo_jax.evaluation import eval_step, evaluate_pairs
 from sdpo_jax.generation import generate
-from sdpo_jax.host_exchange import any_process
+from sdpo_jax.host_exchange import LaggedAgreement, any_process
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.loading import load_model
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
@@ -57,7 +57,8 @@ CHOICE_MAX_LENGTH = 512  # tokens per packed multiple-choice question (longer co
 _OVERRIDABLE = {"dpo.beta", "dpo.loss_type", "dpo.label_smoothing", "dpo.rpo_alpha", "train.learning_rate", "train.steps_per_stage"}
 _RESUME_NEUTRAL = {"checkpoint.force_resume", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.async_save", "train.log_every",
                    "log.progress", "log.tensorboard", "log.wandb", "log.wandb_project",
-                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data"}  # snapshots restore onto any layout
+                   "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.dcn_data",  # snapshots restore onto any layout
+                   "model.remat", "model.logprob_chunk"}  # exact: what the backward keeps, how the head is chunked
 
 
 class Preempted(Exception):
@@ -150,11 +151,14 @@ class _Run:
 
     @staticmethod
     def cached_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """The log-probs stored in ``cache`` for ``key``, when every process finds them (else None on all,
+        so that all of them recompute together)."""
+        found = None
         if cache.exists():
             stored = np.load(cache)
             if str(stored["key"]) == key:
-                return stored["chosen"], stored["rejected"]
-        return None
+                found = stored["chosen"], stored["rejected"]
+        return None if any_process(found is None) else found
 
     def progress(self, batcher: PairBatcher, description: str):
         return progress(batcher.epoch_batches(0), batcher.steps_per_epoch, description, self.bars)
@@ -268,7 +272,7 @@ def train(config: ml_collections.ConfigDict) -> list[dict]:
                                         chat_template=config.eval.choices_chat_template)
     plan = _plan(run, train_pairs, sft_params, f"{sft_key}-{data_key}")
     _summary(run, train_pairs, eval_pairs, plan)
-    eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval",
+    eval_ref = run.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz", f"{sft_key}-eval-{eval_pairs.identity()}",
                                    "reference log-probs of the eval pairs (M0)") if eval_pairs else None
     report = log.read_report()
     finished = run.checkpoints.finished_stages()
@@ -460,7 +464,7 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, star
         # buffers of M_{t-1} (for stage 1, the SFT model) for the optimizer state and activations.
         for leaf in jax.tree_util.tree_leaves(ref_params):
             leaf.delete()
-    started = time.perf_counter()
+    started, agreement = time.perf_counter(), LaggedAgreement()
     for step in progress(range(resume_step, steps), steps - resume_step, f"stage {stage}: training", run.bars, unit="step"):
         local = next(batcher)
         if precompute:
@@ -473,7 +477,7 @@ def _train_stage(run: _Run, config, stage: int, chunk, sources, ref_params, star
             rate = (time.perf_counter() - started) / (done - resume_step)
             log.info(f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
                      f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
-        stopping = any_process(stop["requested"])  # every process saves and stops at the same step
+        stopping = agreement.poll(stop["requested"])  # all processes save and stop at the same step
         if done < steps and (done % config.checkpoint.every_steps == 0 or stopping):
             run.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": batcher.state(),
                                                            "chunk": chunk_key, "eval_before": entry["eval_before"],

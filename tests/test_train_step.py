@@ -15,7 +15,7 @@ from batch_fixtures import random_pair_batch
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
-from sdpo_jax.optim import OptimizerSettings, learning_rate_schedule, make_optimizer, weight_decay_mask
+from sdpo_jax.optim import OptimizerSettings, make_optimizer, scheduled_lr, weight_decay_mask
 from sdpo_jax.train_step import TrainState, make_reference_step, make_train_step
 
 
@@ -73,10 +73,11 @@ def test_policy_learns_the_preference(hf_checkpoint):
 
 
 def test_schedule_and_decay_mask():
-    schedule = learning_rate_schedule(OptimizerSettings(learning_rate=1.0, total_steps=10, warmup_steps=2, schedule="linear"))
-    np.testing.assert_allclose([schedule(t) for t in (0, 1, 2, 6, 10)], [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
-    cosine = learning_rate_schedule(OptimizerSettings(learning_rate=1.0, total_steps=4, schedule="cosine", min_lr_ratio=0.1))
-    np.testing.assert_allclose(cosine(2), 0.1 + 0.9 * 0.5, rtol=1e-6)
+    linear = OptimizerSettings(learning_rate=1.0, total_steps=10, warmup_steps=2, schedule="linear")
+    np.testing.assert_allclose([scheduled_lr(t, "linear", **linear.schedule_numbers()) for t in (0, 1, 2, 6, 10)],
+                               [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    cosine = OptimizerSettings(learning_rate=1.0, total_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    np.testing.assert_allclose(scheduled_lr(2, "cosine", **cosine.schedule_numbers()), 0.1 + 0.9 * 0.5, rtol=1e-6)
     mask = weight_decay_mask({"embed_tokens": 0, "layers": {"mlp": {"up_proj_kernel": 0}, "input_layernorm": {"scale": 0}}, "norm": {"scale": 0}})
     assert mask == {"embed_tokens": True, "layers": {"mlp": {"up_proj_kernel": True}, "input_layernorm": {"scale": False}}, "norm": {"scale": False}}
 

@@ -22,6 +22,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from sdpo_jax.data import cache
@@ -76,19 +77,22 @@ class Shard:
 
     pairs: TokenizedPairs | None     # truncated; None after an error
     metas: list[dict]                # per source: name, format, pairs, skipped, ... and its cache `key`
-    error: DataError | None = None
+    error: Exception | None = None   # what stopped the shard (a DataError for bad data), in source len(metas)
 
     def summary(self) -> dict:
         """The JSON-able part the other processes need (besides `pair_fields`)."""
         error = self.error
-        return {"metas": self.metas, "report": self.pairs.report if self.pairs is not None else {},
-                "error": None if error is None else [str(error.where), error.detail, error.field, error.reason]}
+        if isinstance(error, DataError):
+            error = {"source": len(self.metas), "data": [str(error.where), error.detail, error.field, error.reason]}
+        elif error is not None:
+            error = {"source": len(self.metas), "other": f"{type(error).__name__}: {error}"}
+        return {"metas": self.metas, "report": self.pairs.report if self.pairs is not None else {}, "error": error}
 
     def pair_fields(self) -> dict[str, np.ndarray]:
-        """Per-pair lengths, source and record number of this shard's pairs."""
+        """Per-pair lengths, source and record number of this shard's pairs (int32: all are small counts)."""
         if self.pairs is None:
-            return {name: np.zeros(0, np.int64) for name in PAIR_FIELDS}
-        return {name: np.asarray(getattr(self.pairs, name), np.int64) for name in PAIR_FIELDS}
+            return {name: np.zeros(0, np.int32) for name in PAIR_FIELDS}
+        return {name: np.asarray(getattr(self.pairs, name)).astype(np.int32) for name in PAIR_FIELDS}
 
 
 PAIR_FIELDS = ("source_id", "number", "head", "prompt_len", "chosen_len", "rejected_len")
@@ -108,6 +112,8 @@ def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
     _check_config(config)
     if not sources:
         raise DataError("data.train", "no sources given")
+    if process_count != jax.process_count():
+        raise ValueError(f"load_pairs: process_count={process_count} but this run has {jax.process_count()} processes")
     shard = read_shard(sources, tokenizer, config, vocab_size=vocab_size, shard=(process_index, process_count),
                        bars=process_index == 0 and progress_bars)
     if shard.error is not None and process_count == 1:
@@ -130,7 +136,9 @@ def read_shard(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
                shard: tuple[int, int] = (0, 1), bars: bool = False) -> Shard:
     """Shard `shard = (i, n)` of every source: read, checked, tokenized (cached per shard), truncated.
 
-    A bad record (the first, unless `data.skip_invalid`) ends the shard with its `DataError`.
+    A bad record (the first, unless `data.skip_invalid`) ends the shard with its `DataError`; any
+    other failure (say an unreadable cache entry) ends it too, so that every process still reaches
+    the exchange and all stop together.
     """
     encoder = PairEncoder(tokenizer, vocab_size)
     identity = tokenizer_identity(tokenizer)
@@ -141,7 +149,7 @@ def read_shard(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
             tables.append(dataset.data.table)
             names.append((meta["name"], meta["unit"]))
             metas.append(meta)
-    except DataError as err:
+    except Exception as err:  # noqa: BLE001 (reported to every process by combine_shards, re-raised here)
         return Shard(None, metas, err)
     pairs = TokenizedPairs.from_tables(tables, names)
     pairs = pairs.truncated(config.max_length, config.max_prompt_length, config.truncation_mode,
@@ -154,14 +162,21 @@ def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, n
     """All pairs, in source order and within a source in record order, from every shard's summary
     and pair fields (in process order); the tokens are `local`'s, the shard of `process_index`.
 
-    The first shard's error (in process order, so the first bad record in file order) is raised.
+    The first error in source order, then process order (so the first bad record in file order,
+    as one process would report it) is raised on every process: this process's own exception as it
+    is, another's bad data as the same `DataError`, another's failure as a RuntimeError naming it.
     """
-    for index, summary in enumerate(summaries):
-        if summary["error"] is not None:
-            if index == process_index and local.error is not None:
-                raise local.error
-            where, detail, field, reason = summary["error"]
+    failed = [(summary["error"]["source"], index) for index, summary in enumerate(summaries) if summary["error"]]
+    if failed:
+        index = min(failed)[1]
+        if index == process_index:
+            raise local.error
+        error = summaries[index]["error"]
+        if "data" in error:
+            where, detail, field, reason = error["data"]
             raise DataError(where, detail, field, reason=reason)
+        where = sources[error["source"]] if error["source"] < len(sources) else ", ".join(sources)  # (after the last source)
+        raise RuntimeError(f"process {index} could not read its shard of {where}: {error['other']}")
     metas = [_merge_metas([summary["metas"][k] for summary in summaries]) for k in range(len(sources))]
     for meta in metas:
         if not meta["pairs"]:

@@ -53,8 +53,6 @@ class TokenizedPairs:
     def __post_init__(self):
         if self.owner is None:
             self.owner = np.full(len(self.prompt_len), -1, np.int32)
-        if not self.content_id:
-            self.content_id = hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()[:16]
 
     @classmethod
     def from_tables(cls, tables: Sequence, sources: Sequence[tuple[str, str]],
@@ -91,9 +89,11 @@ class TokenizedPairs:
 
     def identity(self) -> str:
         """A hash of these pairs, the same in every process of a run and for any process count:
-        `content_id` (set by the loader from the sources' cache keys and the truncation settings)
-        and each pair's source, record number and truncated lengths."""
-        digest = hashlib.sha256(self.content_id.encode())
+        `content_id` (set by the loader from the sources' cache keys and the truncation settings;
+        without one, a hash of the token array) and each pair's source, record number and truncated
+        lengths."""
+        content = self.content_id or hashlib.sha256(np.ascontiguousarray(self.tokens).tobytes()).hexdigest()
+        digest = hashlib.sha256(content.encode())
         for array in (self.source_id, self.number, self.head, self.prompt_len, self.chosen_len, self.rejected_len):
             digest.update(np.ascontiguousarray(array, np.int64).tobytes())
         return digest.hexdigest()[:16]
@@ -114,14 +114,22 @@ class TokenizedPairs:
         return Location(name, unit, int(self.number[i]))
 
     def prompt_ids(self, i: int) -> list[int]:
+        self._require_held(i)
         return self._slice(self.prompt_start[i], self.head[i]) + \
             self._slice(self.body_start[i], self.prompt_len[i] - self.head[i])
 
     def chosen_ids(self, i: int) -> list[int]:
+        self._require_held(i)
         return self._slice(self.chosen_start[i], self.chosen_len[i])
 
     def rejected_ids(self, i: int) -> list[int]:
+        self._require_held(i)
         return self._slice(self.rejected_start[i], self.rejected_len[i])
+
+    def _require_held(self, i: int) -> None:
+        if not self.held_here(np.asarray([i]))[0]:
+            raise ValueError(f"pair {i} ({self.location(i)}) is held by process {self.owner[i]}, "
+                             f"not by this process {self.process_index}")
 
     def _slice(self, start: int, length: int) -> list[int]:
         return self.tokens[start: start + length].tolist()
@@ -166,9 +174,7 @@ class TokenizedPairs:
         idx = np.where(valid, indices, 0)
         elsewhere = valid & ~self.held_here(idx)
         if elsewhere.any():
-            i = int(indices[elsewhere][0])
-            raise ValueError(f"pair {i} ({self.location(i)}) is held by process {self.owner[i]}, "
-                             f"not by this process {self.process_index}")
+            self._require_held(int(indices[elsewhere][0]))
         j = np.arange(length, dtype=np.int64)[None, :]
         prompt_len = np.where(valid, self.prompt_len[idx], 0)[:, None]
         head = self.head[idx][:, None]

@@ -43,14 +43,13 @@ class RawSource:
 
     `lead` yields, decoded on demand, the records before the shard (empty for the whole source),
     so that a shard can find the source's first record (format and kind detection) without
-    reading the rest. `total` counts the source's records (after `limit`), `unit` is 'line' or 'row'.
+    reading the rest. `unit` is 'line' or 'row'.
     """
 
     name: str
     records: list[Record]
     unit: str = "row"
     lead: Iterable[Record] = ()
-    total: int = 0
 
 
 def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
@@ -98,22 +97,32 @@ def read_source(spec: str, default_split: str = "train", limit: int = 0,
         elif name.endswith(".json"):
             items, decode, unit = _select(_json_records(name, data), limit, sample_seed), _same, "row"
         else:
-            items, decode, unit = _select(_parquet_records(name), limit, sample_seed), _same, "row"
+            return _table_shard(name, _parquet_table(name), limit, sample_seed, shard)
         start, stop = shard_bounds(len(items), *shard)
-        records = [decode(item) for item in items[start:stop]]
-        lead = (decode(item) for item in items[:start])
-    else:
-        dataset = _load_dataset(name, split)
-        items = _select(list(range(len(dataset))), limit, sample_seed)
-        start, stop = shard_bounds(len(items), *shard)
-        rows = dataset.select(items[start:stop]).to_list() if stop > start else []
-        records = [Record(Location(name, "row", i), row) for i, row in zip(items[start:stop], rows)]
-        lead = (Record(Location(name, "row", i), dataset[i]) for i in items[:start])
-        unit = "row"
-    if not items:
-        raise DataError(name, "file is empty" if name.endswith(FILE_SUFFIXES)
-                        else "dataset has no rows", reason="empty file")
-    return RawSource(name=name, records=records, unit=unit, lead=lead, total=len(items))
+        if not items:
+            raise DataError(name, "file is empty", reason="empty file")
+        return RawSource(name=name, records=[decode(item) for item in items[start:stop]], unit=unit,
+                         lead=(decode(item) for item in items[:start]))
+    return _table_shard(name, _load_dataset(name, split), limit, sample_seed, shard)
+
+
+def _table_shard(name: str, table, limit: int, sample_seed: int, shard: tuple[int, int]) -> RawSource:
+    """The shard of a parquet table or `datasets.Dataset`: only its rows become Python objects."""
+    rows = _select(list(range(len(table))), limit, sample_seed)
+    if not rows:
+        raise DataError(name, "file is empty" if name.endswith(FILE_SUFFIXES) else "dataset has no rows",
+                        reason="empty file")
+    start, stop = shard_bounds(len(rows), *shard)
+    values = _to_list(table, rows[start:stop]) if stop > start else []
+    return RawSource(name=name, records=[Record(Location(name, "row", i), v) for i, v in zip(rows[start:stop], values)],
+                     lead=(Record(Location(name, "row", i), _to_list(table, [i])[0]) for i in rows[:start]))
+
+
+def _to_list(table, rows: list[int]) -> list[dict]:
+    """Rows of a pyarrow table or a `datasets.Dataset` as dicts."""
+    import pyarrow as pa
+
+    return table.take(rows).to_pylist() if isinstance(table, pa.Table) else table.select(rows).to_list()
 
 
 def _same(record: Record) -> Record:
@@ -178,14 +187,13 @@ def _json_records(path: str, data: bytes) -> list[Record]:
             for i, v in enumerate(value)]
 
 
-def _parquet_records(path: str) -> list[Record]:
+def _parquet_table(path: str):
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        return pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise DataError(path, f"not a readable parquet file ({err})", reason="unreadable file")
-    return [Record(Location(path, "row", i), row) for i, row in enumerate(rows)]
 
 
 def _load_dataset(name: str, split: str):
