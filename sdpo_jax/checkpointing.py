@@ -56,8 +56,17 @@ class RunCheckpoints:
         return self._manager(stage, "steps").latest_step()
 
     def restore_step(self, stage: int, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        """The mid-stage (TrainState, meta) of ``step``; a state of another layout is a one-line error."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
-        restored = self._manager(stage, "steps").restore(step, args=args)
+        try:
+            restored = self._manager(stage, "steps").restore(step, args=args)
+        except ValueError as err:
+            if "tree structures do not match" not in str(err):
+                raise
+            where = " ".join(str(err).splitlines()[1:3]).strip()
+            raise ValueError(f"stage {stage}: the checkpoint of step {step} in {self.root / f'stage_{stage}' / 'steps'} holds a "
+                             f"train state of another layout ({where}; written by another sdpo_jax version or other "
+                             f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
         return restored.state, restored.meta
 
     def save_stage(self, stage: int, params: Any, meta: dict) -> None:
