@@ -1,6 +1,9 @@
 """Helpers for tests that drive whole sdpo-train runs: their flags and their stage snapshots."""
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
 from pathlib import Path
 
 import jax
@@ -28,3 +31,23 @@ def stage_params(output_dir: Path, model_folder: Path, stage: int):
     params, _ = checkpoints.load_stage(stage, abstract)
     checkpoints.close()
     return jax.device_get(params)
+
+
+def cpu_env(devices: int) -> dict:
+    """This environment with `devices` fake CPU devices per process."""
+    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_two_processes(flags: list[str]) -> list[subprocess.Popen]:
+    """`sdpo-train FLAGS` as two processes x 4 CPU devices joined by jax.distributed on 127.0.0.1."""
+    port = free_port()
+    return [subprocess.Popen(["sdpo-train", *flags, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+                              "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=cpu_env(4)) for i in range(2)]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import jax
 import pytest
 
 from configs.default import get_config
+from run_fixtures import free_port
 from sdpo_jax.sharding import (MeshError, build_mesh, global_mesh_shape, hybrid_mesh_shapes, mesh_shape,
                                slice_count)
 
@@ -93,9 +93,7 @@ if jax.process_index() == 0:
 def test_two_processes_are_two_dcn_replicas(tmp_path):
     """dcn_data=2 over 2 processes x 4 CPU devices: create_hybrid_device_mesh puts each process's devices in
     one data row (processes are the granules off TPU) and a batch split over (data, fsdp) adds up."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     workers = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_MESH, str(i), str(port)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]

@@ -3,20 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from run_fixtures import free_port
+
 SCRIPT = Path(__file__).with_name("multihost_step_script.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env():
@@ -26,7 +21,7 @@ def _env():
 def test_two_processes_equal_one_process():
     single = subprocess.run([sys.executable, str(SCRIPT), "single"], capture_output=True, text=True, timeout=300, env=_env())
     assert single.returncode == 0, single.stderr[-3000:]
-    port = str(_free_port())
+    port = str(free_port())
     workers = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), port], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=_env()) for i in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]

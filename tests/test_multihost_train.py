@@ -7,8 +7,6 @@ stops both with the same one-line error.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import shutil
 import subprocess
 
@@ -17,24 +15,11 @@ import numpy as np
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
-from run_fixtures import stage_params, token_pair_run_flags
-
-
-def _env(devices: int) -> dict:
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from run_fixtures import cpu_env, stage_params, start_two_processes, token_pair_run_flags
 
 
 def _two_processes(flags: list[str]) -> list[subprocess.CompletedProcess]:
-    port = _free_port()
-    workers = [subprocess.Popen(["sdpo-train", *flags, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                                 "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=_env(4)) for i in range(2)]
+    workers = start_two_processes(flags)
     outputs = [w.communicate(timeout=400) for w in workers]
     return [subprocess.CompletedProcess(w.args, w.returncode, *out) for w, out in zip(workers, outputs)]
 
@@ -46,7 +31,7 @@ def test_two_process_sdpo_train_equals_one_process(tmp_path):
     flags = [*token_pair_run_flags(model, sources, tmp_path / "cache", eval_fraction=0.2, every_steps=1),
              "--config.sdpo.partition=easy_to_hard", "--config.sdpo.difficulty=pair_logratio"]  # chunks from scores of every pair
     single = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'one'}"], capture_output=True, text=True,
-                            timeout=400, env=_env(8))
+                            timeout=400, env=cpu_env(8))
     assert single.returncode == 0, single.stderr[-3000:]
     shutil.rmtree(tmp_path / "cache")
     for worker in _two_processes([*flags, f"--config.output_dir={tmp_path / 'two'}"]):

@@ -10,10 +10,8 @@ of processes.
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import time
 
@@ -22,23 +20,9 @@ import numpy as np
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
-from run_fixtures import stage_params, token_pair_run_flags
+from run_fixtures import cpu_env, stage_params, start_two_processes, token_pair_run_flags
 
-ENV = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-       "JAX_PLATFORMS": "cpu"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_two_processes(flags: list[str]) -> list[subprocess.Popen]:
-    env, port = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, _free_port()
-    return [subprocess.Popen(["sdpo-train", *flags, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                              "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            for i in range(2)]
+ENV = cpu_env(8)
 
 
 def _train_rows(run) -> list[dict]:
@@ -57,7 +41,7 @@ def test_mid_stage_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(tm
     assert baseline.returncode == 0, baseline.stderr[-3000:]
 
     run = tmp_path / "run"
-    first = _start_two_processes([*flags, f"--config.output_dir={run}"])  # mesh data=-1: 8x1x1 over 2 processes
+    first = start_two_processes([*flags, f"--config.output_dir={run}"])  # mesh data=-1: 8x1x1 over 2 processes
     deadline = time.time() + 400
     while not any(r["stage"] == 1 and r["step"] >= 2 for r in _train_rows(run)) and first[1].poll() is None:
         assert time.time() < deadline
