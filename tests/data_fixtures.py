@@ -8,8 +8,9 @@ import shutil
 import pytest
 
 from sdpo_jax.data import get_data_config
+from shared_data import SHARED_DATA
 
-SHARED = "/work/shared/data/tokenizers"
+SHARED = str(SHARED_DATA / "tokenizers")
 # An Anthropic-style template: what hh-rlhf transcripts look like, with BOS/EOS around turns.
 HH_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"

@@ -16,8 +16,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from shared_data import SHARED_DATA
+
 QType = gguf.GGMLQuantizationType
-GPT2_DIR = Path("/work/shared/data/tokenizers/gpt2")
+GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

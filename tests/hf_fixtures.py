@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import transformers
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from shared_data import SHARED_DATA
+
 LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama"
 
 _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256,
