@@ -7,6 +7,7 @@ RUNTIME = [
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12",
     "transformers>=5.0",
+    "jinja2>=3.1",  # transformers renders chat templates with it, but does not require it
     "datasets>=5.0",
     "ml-collections>=1.1",
     "absl-py>=2.0",
@@ -40,7 +41,7 @@ setup(
             "sdpo-eval=sdpo_jax.cli.eval:main",
             "sdpo-train=sdpo_jax.cli.train:main",
             "sdpo-export=sdpo_jax.cli.export:main",
-            "sdpo-report=sdpo_jax.report:main",
+            "sdpo-report=sdpo_jax.cli.report:main",
             "sdpo-choices=sdpo_jax.cli.choices:main",
             "sdpo-plan=sdpo_jax.cli.plan:main",
         ]

@@ -3,6 +3,10 @@
     python benchmarks/throughput.py --hidden H --layers L --heads A --kv-heads K --vocab V
         --prompt-len P --completion-len C --batch B --steps S [--dtype float32|bfloat16] --json
 
+Every setting beyond the shape defaults to what sdpo-train uses (configs/default.py: dtype, remat,
+prefix sharing, log-prob chunk, attention, the reference precomputed), so the default figure is
+the trainer's; the flags turn each off for A/B comparisons (--no-prefix-sharing, --remat none,
+--reference in-step).
 Each step trains on B pairs (2B rows of P + C tokens: chosen and rejected after the same prompt,
 or with --prefix-sharing B rows of P + 2C tokens: prompt, chosen, rejected; sdpo_jax.prefix_sharing)
 with the reference forward inside the step (--reference in-step, default) or precomputed
@@ -39,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs.default import get_config as default_config
 from sdpo_jax.host_memory import retain_host_allocations
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
@@ -53,18 +58,23 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def parse_args(argv=None):
+    """The shape flags, and the trainer's settings with sdpo-train's defaults (configs/default.py)."""
+    trainer = default_config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("kv-heads", 4), ("vocab", 8192),
                           ("prompt-len", 64), ("completion-len", 64), ("batch", 8), ("steps", 10)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--intermediate", type=int, default=0, help="MLP width (default: 8/3 * hidden rounded to 64)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reference", choices=("in-step", "precomputed"), default="in-step")
-    p.add_argument("--logprob-chunk", type=int, default=128)
-    p.add_argument("--remat", choices=("none", "full", "dots"), default="none")
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--prefix-sharing", action="store_true", help="one packed row per pair (prompt + chosen + rejected)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=trainer.model.dtype)
+    p.add_argument("--reference", choices=("in-step", "precomputed"),
+                   default="precomputed" if trainer.train.precompute_reference else "in-step",
+                   help="the reference forward inside every step, or its log-probs precomputed (train.precompute_reference)")
+    p.add_argument("--logprob-chunk", type=int, default=trainer.model.logprob_chunk)
+    p.add_argument("--remat", choices=("none", "full", "dots"), default=trainer.model.remat)
+    p.add_argument("--attention", default=trainer.model.attention)
+    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=trainer.data.prefix_sharing,
+                   help="one packed row per pair (prompt + chosen + rejected); --no-prefix-sharing: chosen and rejected rows")
     p.add_argument("--pad-to", type=int, default=0, help="pad every row to this many tokens (the cost of a coarse length bucket)")
     p.add_argument("--host-allocator", choices=("retain", "default"), default="default",
                    help="retain: call sdpo_jax.host_memory.retain_host_allocations() first; default: glibc malloc as configured")

@@ -2,15 +2,16 @@
 
     python benchmarks/vs_trl.py [--hidden 256 --layers 4 --heads 8 --kv-heads 4 --vocab 8192
         --prompt-len 64 --completion-len 64 --batch 8 --steps 10] [--dtypes float32,bfloat16]
-        [--ours "--prefix-sharing --remat full"] [--rounds 3] [--json]
+        [--ours "EXTRA throughput.py FLAGS"] [--rounds 3] [--json]
 
 For each dtype: TRL 1.16 (PyTorch CPU; bf16=True for bfloat16, no gradient checkpointing, the
 reference model forward in the step as TRL does by default) trains a random-init
 transformers LlamaForCausalLM on pre-tokenized pairs, timed per optimizer step with a trainer
 callback; then benchmarks/throughput.py runs the same shape in a subprocess (so the two
-frameworks never share threads), with the extra throughput.py flags of --ours (default: prefix
-sharing and full rematerialisation, the fastest measured on CPU; the same pairs, batch and
-model, only our layout of them and what the backward pass keeps). With --rounds R both run R
+frameworks never share threads) with sdpo-train's own settings (throughput.py's defaults: prefix
+sharing, full rematerialisation) and, like TRL, the reference forward inside every step; --ours
+adds throughput.py flags (the same pairs, batch and model either way, only our layout of them
+and what the backward pass keeps). With --rounds R both run R
 times in turn and the medians are reported (a shared machine's load then hits both alike).
 Prints pairs/s of each and the ratio (extra `bench`), and the ratio of CPU seconds per step (all
 threads, TRL's over ours), which a shared machine's load disturbs less than wall time.
@@ -90,7 +91,7 @@ def ours(a, dtype: str) -> dict:
     flags = [f"--{k}={v}" for k, v in (("hidden", a.hidden), ("layers", a.layers), ("heads", a.heads), ("kv-heads", a.kv_heads),
                                        ("vocab", a.vocab), ("prompt-len", a.prompt_len), ("completion-len", a.completion_len),
                                        ("batch", a.batch), ("steps", a.steps), ("warmup", a.warmup), ("intermediate", a.intermediate),
-                                       ("dtype", dtype))]
+                                       ("dtype", dtype), ("reference", "in-step"))]
     flags += shlex.split(a.ours)
     result = subprocess.run([sys.executable, str(HERE / "throughput.py"), *flags, "--json"], capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -102,8 +103,7 @@ def main(argv=None):
                           ("completion-len", 64), ("batch", 8), ("steps", 10), ("warmup", 2), ("intermediate", 0)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--ours", default="--prefix-sharing --remat full",
-                   help="extra throughput.py flags for sdpo_jax (default: the fastest measured, docs/performance.md)")
+    p.add_argument("--ours", default="", help="extra throughput.py flags for sdpo_jax (default: none, i.e. sdpo-train's settings)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)

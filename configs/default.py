@@ -54,12 +54,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.precompute_reference = True  # reference log-probs once per stage, ref params off device
     c.train.log_every = 1
 
+    # The preference loss: TRL 1.16 DPOConfig's fields, names and defaults (sdpo_jax/losses.py, docs/config.md)
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
-    c.dpo.loss_type = "sigmoid"  # sigmoid | ipo | hinge | robust
-    c.dpo.label_smoothing = 0.0
-    c.dpo.rpo_alpha = 0.0
+    c.dpo.loss_type = "sigmoid"  # a loss type or a comma list of them, e.g. "sigmoid,bco_pair,sft" (MPO)
+    c.dpo.loss_weights = ""  # comma list, one weight per loss type; "" = all 1.0
+    c.dpo.label_smoothing = 0.0  # robust, exo_pair, aot(_unpaired); with sigmoid: cDPO
+    c.dpo.rpo_alpha = 0.0  # weight of the chosen completions' NLL added to the loss (RPO)
     c.dpo.reference_free = False
+    c.dpo.f_divergence_type = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO)
+    c.dpo.f_alpha_divergence_coef = 0.5  # alpha of alpha_divergence
+    c.dpo.use_weighting = False  # WPO pair weights
+    c.dpo.ld_alpha = 1.0  # LD-DPO weight of the tokens beyond the shorter completion (1 = off); the same in every stage
+    c.dpo.discopop_tau = 0.05  # DiscoPOP temperature
 
     c.eval = ml_collections.ConfigDict()
     c.eval.prompts = (  # fixed prompts answered by M0 and after every stage; the answers go in the report
@@ -86,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
-    c.checkpoint.keep = 2
+    c.checkpoint.keep = 2  # mid-stage checkpoints kept per stage (all removed once the stage's snapshot is saved)
+    c.checkpoint.keep_stages = 0  # stage snapshots kept: the last N (0 = all); the next stage's reference is always kept
     c.checkpoint.async_save = True
     c.checkpoint.force_resume = False  # resume although the config differs from the stored one
     return c

@@ -5,30 +5,84 @@ Layout under ``output_dir/checkpoints``:
                                             plus JSON meta (stage, step, data iterator position)
     stage_<t>/final/0/{params, meta}        the aligned model M_t: the next stage's reference and
                                             policy start, and what sdpo-export writes out
-Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+    stage_<t>/corrupt/<step>/               a mid-stage checkpoint found unreadable on resume, set aside
+    pruned_stages.json                      finished stages whose snapshot was removed (checkpoint.keep_stages)
+Orbax writes each checkpoint to a temporary directory and marks it complete at the end, so a run
 killed mid-save (also during an async save) leaves only complete checkpoints behind. Saves are
-collective across processes.
+collective across processes. Once a stage's snapshot is saved its mid-stage checkpoints are removed.
+
+Integrity: Orbax reads back flipped bits without complaint, so every checkpoint's meta holds a
+checksum of each array, computed on the devices from the arrays being saved (`tree_checksums`),
+and every restore compares it with the restored arrays'. Resume falls back from an unreadable or
+altered mid-stage checkpoint to the previous one (else to the stage's start) with a warning; an
+altered stage snapshot is a one-line `CorruptCheckpoint` naming its folder.
 """
 from __future__ import annotations
 
+import errno
+import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from sdpo_jax.errors import CorruptCheckpoint
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
+def _bits(x: jnp.ndarray) -> jnp.ndarray:
+    """The raw bits of every element of ``x`` as uint32 (narrower types widened, wider ones split)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).ravel()
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+
+
+@jax.jit
+def _checksums(tree: Any) -> jnp.ndarray:
+    sums = []
+    for leaf in jax.tree_util.tree_leaves(tree):
+        bits = _bits(jnp.asarray(leaf))
+        weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+        sums.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+    return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
+
+
+def tree_checksums(tree: Any) -> list[int]:
+    """Per leaf, sum_i bits(x_i) * (2i + 1) mod 2^32 over its elements in order.
+
+    Integer arithmetic, so the same for any device layout or reduction order; a single flipped bit
+    changes its leaf's sum (2^k times an odd number is never 0 mod 2^32), and so does moving values
+    between positions.
+    """
+    return [int(v) for v in np.asarray(jax.device_get(_checksums(tree)))]
+
+
+def _verify(tree: Any, expected: list[int] | None, what: str) -> None:
+    if expected is None:  # written before checksums existed
+        return
+    actual = tree_checksums(tree)
+    if actual != list(expected):
+        paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+        bad = next((paths[i] for i, (a, b) in enumerate(zip(actual, expected)) if a != b), "the leaf count")
+        raise CorruptCheckpoint(f"{what}: its contents differ from what was saved (checksum of {bad})")
+
+
 class RunCheckpoints:
-    def __init__(self, output_dir: str | Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, output_dir: str | Path, keep: int = 2, async_save: bool = True, keep_stages: int = 0,
+                 warn: Callable[[str], None] = print):
         # Orbax wants absolute paths; a bucket path (gs://...) is absolute already.
         root = str(output_dir) if "://" in str(output_dir) else str(Path(output_dir).absolute())
         self.root = epath.Path(root) / "checkpoints"
-        self.keep, self.async_save = keep, async_save
+        self.keep, self.async_save, self.keep_stages, self.warn = keep, async_save, keep_stages, warn
         self._managers: dict[tuple[int, str], ocp.CheckpointManager] = {}
 
     def _manager(self, stage: int, kind: str) -> ocp.CheckpointManager:
@@ -46,7 +100,30 @@ class RunCheckpoints:
             self._managers[key] = ocp.CheckpointManager(self.root / f"stage_{stage}" / kind, options=options)
         return self._managers[key]
 
+    def _drop_manager(self, stage: int, kind: str) -> None:
+        manager = self._managers.pop((stage, kind), None)
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+
+    def _ensure_space(self, tree: Any, what: str) -> None:
+        """`OSError` (one line) when the disk lacks room for ``tree``, decided on every process alike, before
+        anything is written: a save that runs out of space midway fails in background threads."""
+        from sdpo_jax.host_exchange import any_process
+
+        needed = int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)) * 1.05)
+        folder = Path(str(self.root))
+        while not folder.exists():
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if any_process(free < needed):
+            raise OSError(errno.ENOSPC, f"no space left for {what}: it needs ~{needed / 2**20:.0f} MiB, "
+                                        f"{free / 2**20:.0f} MiB are free on {folder}")
+
     def save_step(self, stage: int, step: int, state: Any, meta: dict) -> None:
+        self.wait()  # (an earlier save's data is on disk before the free space is counted)
+        self._ensure_space(state, f"the checkpoint of stage {stage} step {step}")
+        meta = {**meta, "checksums": tree_checksums(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager(stage, "steps").save(step, args=args)
 
@@ -55,34 +132,92 @@ class RunCheckpoints:
             return None
         return self._manager(stage, "steps").latest_step()
 
-    def restore_step(self, stage: int, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """The mid-stage (TrainState, meta) of ``step``; a state of another layout is a one-line error."""
+    def restore_latest(self, stage: int, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """(step, TrainState, meta) of the newest intact mid-stage checkpoint of ``stage``, or None.
+
+        An unreadable or altered checkpoint is set aside (stage_<t>/corrupt/<step>) with a warning and
+        the one before it is tried; a state of another layout (another version's) is a one-line error.
+        """
+        while (step := self.latest_step(stage)) is not None:
+            try:
+                return (step, *self._restore_step(stage, step, abstract_state))
+            except (CorruptCheckpoint, _UnreadableCheckpoint) as err:
+                self._set_aside(stage, step)
+                older = self.latest_step(stage)
+                self.warn(f"warning: {err}; moved it to {self.root / f'stage_{stage}' / 'corrupt'}, resuming from "
+                          + (f"step {older}" if older is not None else f"the start of stage {stage}"))
+        return None
+
+    def _restore_step(self, stage: int, step: int, abstract_state: Any) -> tuple[Any, dict]:
+        folder = self.root / f"stage_{stage}" / "steps" / str(step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager(stage, "steps").restore(step, args=args)
         except ValueError as err:
             if "tree structures do not match" not in str(err):
-                raise
+                raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({_first_line(err)})") from None
             where = " ".join(str(err).splitlines()[1:3]).strip()
-            raise ValueError(f"stage {stage}: the checkpoint of step {step} in {self.root / f'stage_{stage}' / 'steps'} holds a "
+            raise ValueError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
                              f"train state of another layout ({where}; written by another sdpo_jax version or other "
                              f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
-        return restored.state, restored.meta
+        except Exception as err:  # noqa: BLE001 (tensorstore and JSON decoding raise many types for damaged files)
+            raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({type(err).__name__}: "
+                                        f"{_first_line(err)})") from None
+        meta = dict(restored.meta)
+        _verify(restored.state, meta.pop("checksums", None), f"the checkpoint {folder}")
+        return restored.state, meta
+
+    def _set_aside(self, stage: int, step: int) -> None:
+        self._drop_manager(stage, "steps")
+        if jax.process_index() == 0:
+            target = self.root / f"stage_{stage}" / "corrupt" / str(step)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(str(target), ignore_errors=True)
+            shutil.move(str(self.root / f"stage_{stage}" / "steps" / str(step)), str(target))
+        _barrier(f"set_aside_{stage}_{step}")
 
     def save_stage(self, stage: int, params: Any, meta: dict) -> None:
-        """The end-of-stage snapshot, written synchronously (the next stage needs it)."""
+        """The end-of-stage snapshot, written synchronously (the next stage needs it); then the stage's
+        mid-stage checkpoints and, with ``keep_stages``, older snapshots are removed."""
         self.wait()
+        self._ensure_space(params, f"the snapshot of stage {stage}")
         manager = self._manager(stage, "final")
+        meta = {**meta, "checksums": tree_checksums(params)}
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
+        self._drop_manager(stage, "steps")
+        self._remove(self.root / f"stage_{stage}" / "steps")
+        if self.keep_stages:
+            self._prune_snapshots(stage)
+        _barrier(f"saved_stage_{stage}")
 
-    def finished_stages(self) -> list[int]:
+    def _prune_snapshots(self, latest: int) -> None:
+        """Remove the snapshots of stages before the last ``keep_stages`` (the latest, the next stage's
+        reference and starting point, always stays)."""
+        pruned = set(self.pruned_stages())
+        for stage in self._snapshot_stages():
+            if stage <= latest - self.keep_stages:
+                self._drop_manager(stage, "final")
+                self._remove(self.root / f"stage_{stage}" / "final")
+                pruned.add(stage)
+        if jax.process_index() == 0 and pruned:
+            (self.root / "pruned_stages.json").write_text(json.dumps(sorted(pruned)))
+
+    def pruned_stages(self) -> list[int]:
+        path = self.root / "pruned_stages.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def _snapshot_stages(self) -> list[int]:
         stages = []
         for folder in sorted(self.root.glob("stage_*/final")):
             stage = int(folder.parent.name.split("_")[1])
             if self._manager(stage, "final").latest_step() is not None:
                 stages.append(stage)
         return sorted(stages)
+
+    def finished_stages(self) -> list[int]:
+        """Stages whose snapshot was saved (also those removed since by keep_stages)."""
+        return sorted(set(self._snapshot_stages()) | set(self.pruned_stages()))
 
     def load_stage(self, stage: int, abstract_params: Any) -> tuple[Any, dict]:
         """The stage's params laid out as ``abstract_params`` says; leaves without a sharding go to
@@ -91,12 +226,26 @@ class RunCheckpoints:
         abstract_params = jax.tree_util.tree_map(
             lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
             abstract_params)
+        folder = self.root / f"stage_{stage}" / "final"
+        if stage in self.pruned_stages():
+            raise FileNotFoundError(f"{folder}: the snapshot of stage {stage} was removed (checkpoint.keep_stages kept only "
+                                    f"the last stages' snapshots)")
         manager = self._manager(stage, "final")
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{self.root}: stage {stage} has no finished snapshot")
         args = ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params), meta=ocp.args.JsonRestore())
-        restored = manager.restore(0, args=args)
-        return restored.params, restored.meta
+        try:
+            restored = manager.restore(0, args=args)
+        except Exception as err:  # noqa: BLE001 (damaged files raise many types)
+            raise CorruptCheckpoint(f"the snapshot of stage {stage} in {folder} cannot be read ({type(err).__name__}: "
+                                    f"{_first_line(err)}); delete that folder to train the stage again") from None
+        meta = dict(restored.meta)
+        _verify(restored.params, meta.pop("checksums", None), f"the snapshot of stage {stage} in {folder}")
+        return restored.params, meta
+
+    def _remove(self, folder: epath.Path) -> None:
+        if jax.process_index() == 0 and folder.exists():
+            shutil.rmtree(str(folder), ignore_errors=True)
 
     def wait(self) -> None:
         for manager in self._managers.values():
@@ -106,3 +255,20 @@ class RunCheckpoints:
         for manager in self._managers.values():
             manager.close()
         self._managers.clear()
+
+
+class _UnreadableCheckpoint(Exception):
+    """A mid-stage checkpoint whose files cannot be restored."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:300] if text else type(err).__name__
+
+
+def _barrier(name: str) -> None:
+    """All processes wait here (so that none reads a folder process 0 is still changing)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -20,13 +20,29 @@ A chunk in which no row has a completion token (all prompt, or all padding) is s
 completion token (``index`` [rows, K], as prefix-shared batches do): it gathers those K hidden
 states per row first, so the output layer runs on completion tokens only (rows x K instead of
 rows x S positions), whatever the prompt lengths of the rows.
+
+Two per-token extras serve TRL's pair weightings (sdpo_jax.losses): ``with_sum_sq`` also returns
+log sum_v p_v^2 of each predicted distribution (no gradient; WPO's weights), computed in the same
+chunks from the same logits; ``ld_token_weights`` gives LD-DPO's weight of each completion token.
+Neither costs anything when unused.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sdpo_jax.mixed_einsum import mixed_einsum
+
+
+class TokenLogps(NamedTuple):
+    """Per-token completion log-probs of some rows: ``logps`` (0 off the completion), ``mask`` (float,
+    1 on completion tokens) and, when asked for, ``sum_sq`` = log sum_v p_v^2 (0 off it, no gradient)."""
+
+    logps: jnp.ndarray
+    mask: jnp.ndarray
+    sum_sq: jnp.ndarray | None = None
 
 
 def token_logps(
@@ -38,6 +54,11 @@ def token_logps(
     shifts). ``chunk_size`` >= seq computes everything in one chunk. With ``needed`` [rows, seq],
     chunks where it is false for every row are skipped and hold 0.
     """
+    return _chunked_head(hidden, output_embedding, targets, chunk_size, needed, with_sum_sq=False)[0]
+
+
+def _chunked_head(hidden, output_embedding, targets, chunk_size, needed, with_sum_sq: bool):
+    """(token log-probs, log sum_v p_v^2 or None), both float32 [rows, seq]: ``token_logps``'s chunking."""
     rows, seq, _ = hidden.shape
     chunk = max(1, min(chunk_size, seq))
     padded = -(-seq // chunk) * chunk
@@ -52,14 +73,19 @@ def token_logps(
     target_chunks = targets.reshape(rows, padded // chunk, chunk).swapaxes(0, 1)
     chunk_needed = jnp.any(needed.reshape(rows, padded // chunk, chunk), axis=(0, 2))
     weights = output_embedding.astype(hidden.dtype)
+    outputs = 2 if with_sum_sq else 1
 
     def chunk_logps(h, t):
         logits = mixed_einsum("rcd,dv->rcv", h, weights)
         target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return target_logit - jax.nn.logsumexp(logits, axis=-1)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        if not with_sum_sq:
+            return (target_logit - log_z,)
+        # log sum_v p_v^2 = logsumexp(2 z) - 2 logsumexp(z)
+        return target_logit - log_z, jax.lax.stop_gradient(jax.nn.logsumexp(2 * logits, axis=-1) - 2 * log_z)
 
     def maybe_chunk_logps(h, t, wanted):
-        return jax.lax.cond(wanted, chunk_logps, lambda h, t: jnp.zeros(t.shape, jnp.float32), h, t)
+        return jax.lax.cond(wanted, chunk_logps, lambda h, t: (jnp.zeros(t.shape, jnp.float32),) * outputs, h, t)
 
     if padded > chunk:  # several chunks: keep no chunk's logits for the backward pass
         maybe_chunk_logps = jax.checkpoint(maybe_chunk_logps)
@@ -67,32 +93,53 @@ def token_logps(
     def body(carry, xs):
         return carry, maybe_chunk_logps(*xs)
 
-    _, logps = jax.lax.scan(body, None, (hidden_chunks, target_chunks, chunk_needed))
-    return logps.swapaxes(0, 1).reshape(rows, padded)[:, :seq]
+    _, results = jax.lax.scan(body, None, (hidden_chunks, target_chunks, chunk_needed))
+    results = [r.swapaxes(0, 1).reshape(rows, padded)[:, :seq] for r in results]
+    return results[0], (results[1] if with_sum_sq else None)
+
+
+def completion_token_logps(
+    hidden: jnp.ndarray, output_embedding: jnp.ndarray, input_ids: jnp.ndarray, loss_mask: jnp.ndarray, chunk_size: int,
+    with_sum_sq: bool = False,
+) -> TokenLogps:
+    """Per-token completion log-probs [rows, seq-1] of right-shifted rows (position i predicts i+1).
+
+    ``loss_mask[r, i]`` is true where ``input_ids[r, i]`` is a completion token; position 0 can
+    never be one (nothing predicts it).
+    """
+    needed = loss_mask[:, 1:]
+    mask = needed.astype(jnp.float32)
+    logps, sum_sq = _chunked_head(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size, needed, with_sum_sq)
+    return TokenLogps(logps * mask, mask, None if sum_sq is None else sum_sq * mask)
 
 
 def sequence_logps(
     hidden: jnp.ndarray, output_embedding: jnp.ndarray, input_ids: jnp.ndarray, loss_mask: jnp.ndarray, chunk_size: int
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """(sum of completion-token log-probs [rows], number of completion tokens [rows]).
-
-    ``loss_mask[r, i]`` is true where ``input_ids[r, i]`` is a completion token; position 0 can
-    never be one (nothing predicts it).
-    """
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    logps = token_logps(hidden[:, :-1], output_embedding, input_ids[:, 1:], chunk_size, needed=loss_mask[:, 1:])
-    return jnp.sum(logps * mask, axis=-1), jnp.sum(mask, axis=-1)
+    """(sum of completion-token log-probs [rows], number of completion tokens [rows]); see
+    ``completion_token_logps``."""
+    tokens = completion_token_logps(hidden, output_embedding, input_ids, loss_mask, chunk_size)
+    return jnp.sum(tokens.logps, axis=-1), jnp.sum(tokens.mask, axis=-1)
 
 
 def gathered_token_logps(
     hidden: jnp.ndarray, output_embedding: jnp.ndarray, index: jnp.ndarray, labels: jnp.ndarray, label_mask: jnp.ndarray,
-    chunk_size: int,
-) -> jnp.ndarray:
+    chunk_size: int, with_sum_sq: bool = False,
+) -> TokenLogps:
     """label_mask[r, k] * log softmax(hidden[r, index[r, k]] W)[labels[r, k]], float32 [rows, K].
 
     ``hidden`` [rows, S, hidden]; ``index``, ``labels``, ``label_mask`` [rows, K]. Only the K gathered
     positions reach the output layer (chunked over K as in ``token_logps``).
     """
     picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
-    logps = token_logps(picked, output_embedding, labels, chunk_size, needed=label_mask)
-    return jnp.where(label_mask, logps, 0.0)
+    logps, sum_sq = _chunked_head(picked, output_embedding, labels, chunk_size, label_mask, with_sum_sq)
+    mask = label_mask.astype(jnp.float32)
+    return TokenLogps(jnp.where(label_mask, logps, 0.0), mask, None if sum_sq is None else jnp.where(label_mask, sum_sq, 0.0))
+
+
+def ld_token_weights(mask: jnp.ndarray, shared_length: jnp.ndarray, alpha: float) -> jnp.ndarray:
+    """LD-DPO's token weights [rows, T] (arXiv 2409.06411): 1 on a row's first ``shared_length`` [rows]
+    completion tokens (the length both completions of its pair have), ``alpha`` on the rest, 0 off the
+    completion (``mask``, float [rows, T], 1 on completion tokens in order)."""
+    position = jnp.cumsum(mask, axis=-1)  # 1-based index within the completion
+    return mask * jnp.where(position <= shared_length[:, None], 1.0, alpha)

@@ -16,9 +16,11 @@ from sdpo_jax.sharded_steps import global_batch, host_rows, jit_reference_step
 from sdpo_jax.train_step import make_reference_step
 
 
-def reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128):
-    """The jitted ``(ref_params, global batch) -> (chosen, rejected)`` step; build once, reuse."""
-    return jit_reference_step(make_reference_step(model, chunk_size), mesh, param_shardings)
+def reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128,
+                   ld_alpha: float = 1.0):
+    """The jitted ``(ref_params, global batch) -> (chosen, rejected)`` step; build once, reuse. ``ld_alpha``
+    is the loss's (LD-DPO weighs the reference's tokens beyond the shorter completion too)."""
+    return jit_reference_step(make_reference_step(model, chunk_size, ld_alpha), mesh, param_shardings)
 
 
 def precompute_reference_logps(

@@ -1,6 +1,6 @@
 """A human-readable summary of a (finished or partial) sDPO run directory: report.md and PNG plots.
 
-    python -m sdpo_jax.report OUTPUT_DIR
+    sdpo-report OUTPUT_DIR     (sdpo_jax.cli.report; sdpo-train writes the report at the end of a run)
 
 reads what ``sdpo-train`` wrote into OUTPUT_DIR (config.json, metrics.jsonl, stage_report.json,
 partition.json; only config.json is required) and writes
@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+
+from sdpo_jax.losses import DPOSettings
+
+LOSS_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DPOSettings)}
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -276,8 +279,9 @@ def config_lines(run: RunData) -> list[str]:
     partition = sdpo.get("partition", "?")
     difficulty = run.partition.get("difficulty") or (sdpo.get("difficulty") if partition == "easy_to_hard" else None)
     loss = f"{dpo.get('loss_type', '?')}, beta {dpo.get('beta', '?')}"
-    loss += "".join(f", {k.replace('_', ' ')} {dpo[k]}" for k in ("label_smoothing", "rpo_alpha") if dpo.get(k))
-    loss += ", reference-free" if dpo.get("reference_free") else ""
+    changed = {k: v for k, v in dpo.items() if k not in ("loss_type", "beta") and v != LOSS_DEFAULTS.get(k, v)}
+    loss += "".join(f", {k.replace('_', ' ')} {v}" for k, v in changed.items() if not isinstance(v, bool))
+    loss += "".join(f", {k.replace('_', ' ')}" for k, v in changed.items() if v is True)
     batch = f"{train.get('batch_size', '?')}" + (f" × {train['grad_accum']} accumulation" if train.get("grad_accum", 1) > 1 else "")
     steps = train.get("steps_per_stage") or "one epoch of the stage's chunk"
     ran = ", ".join(str(e["steps"]) for e in run.stages)
@@ -352,8 +356,8 @@ def choice_lines(run: RunData) -> list[str]:
         return ["No multiple-choice set in this run (eval.choices is empty)."]
     source = short_source(run.config.get("eval", {}).get("choices", "?"))
     first = next(iter(scores.values()))
-    lines = [f"`{source}`, {first['num_questions']} questions, scored as lm-eval-harness does (sum of the answer's "
-             "log-probs; acc_norm divides by its length in bytes).", ""]
+    lines = [f"`{source}`, {first['num_questions']} questions, scored as lm-evaluation-harness does (sum of the answer's "
+             "log-probs; acc_norm divides by the choice's length in characters).", ""]
     return lines + _table(["model", "acc", "acc_norm"],
                           [[f"M{t}", f"{v['acc']:.3f}", f"{v['acc_norm']:.3f}"] for t, v in scores.items()])
 
@@ -466,22 +470,3 @@ def write_report(output_dir: str | Path) -> list[Path]:
     report = run.output_dir / "report.md"
     report.write_text(render_markdown(run, plots), encoding="utf-8")
     return [p for p in plots.values() if p] + [report]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m sdpo_jax.report OUTPUT_DIR``: write the report and print the written paths."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0] in ("-h", "--help"):
-        print(__doc__.split("\n\n")[1], file=sys.stderr)
-        return 0 if args and args[0] in ("-h", "--help") else 2
-    try:
-        written = write_report(args[0])
-    except FileNotFoundError as error:
-        print(f"sdpo-report: {error}", file=sys.stderr)
-        return 2
-    print("\n".join(str(p) for p in written))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,6 +8,7 @@ stage's last step).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +32,31 @@ class TensorBoardSink:
 
     def write(self, row: dict[str, Any], global_step: int) -> None:
         prefix, values = scalars(row)
-        for name, value in values.items():
-            self._writer.add_scalar(f"{prefix}/{name}", value, global_step)
-        self._writer.add_scalar(f"{prefix}/stage", row["stage"], global_step)
-        self._writer.flush()
+        with self._abandoned_on_error():
+            for name, value in values.items():
+                self._writer.add_scalar(f"{prefix}/{name}", value, global_step)
+            self._writer.add_scalar(f"{prefix}/stage", row["stage"], global_step)
+            self._writer.flush()
 
     def text(self, tag: str, markdown: str, global_step: int) -> None:
-        self._writer.add_text(tag, markdown, global_step)
-        self._writer.flush()
+        with self._abandoned_on_error():
+            self._writer.add_text(tag, markdown, global_step)
+            self._writer.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        with self._abandoned_on_error():
+            self._writer.close()
+
+    @contextlib.contextmanager
+    def _abandoned_on_error(self):
+        """A failed write (a full disk) is raised once: the writer is then dropped with its unwritten
+        events, so that tensorboardX's exit hook does not try, fail and print the error again."""
+        try:
+            yield
+        except OSError:
+            for writer in (self._writer.all_writers or {}).values():
+                writer.event_writer._closed = True  # tensorboardX has no public way to drop pending events
+            raise
 
 
 class WandbSink:

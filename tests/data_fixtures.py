@@ -8,9 +8,8 @@ import shutil
 import pytest
 
 from sdpo_jax.data import get_data_config
-from shared_data import SHARED_DATA
+from data_paths import TOKENIZER_FILES
 
-SHARED = str(SHARED_DATA / "tokenizers")
 # An Anthropic-style template: what hh-rlhf transcripts look like, with BOS/EOS around turns.
 HH_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
@@ -22,9 +21,9 @@ HH_TEMPLATE = (
 def make_model_dir(path, name: str = "llama", chat_template: str | None = HH_TEMPLATE) -> str:
     """A folder that AutoTokenizer.from_pretrained reads like a model checkpoint's."""
     os.makedirs(path, exist_ok=True)
-    shutil.copy(os.path.join(SHARED, name, f"{name}_tokenizer.json"),
-                os.path.join(path, "tokenizer.json"))
-    with open(os.path.join(SHARED, name, f"{name}_tokenizer_config.json")) as f:
+    tokenizer_json, tokenizer_config = TOKENIZER_FILES[name]
+    shutil.copy(tokenizer_json, os.path.join(path, "tokenizer.json"))
+    with open(tokenizer_config) as f:
         config = json.load(f)
     if chat_template:
         config["chat_template"] = chat_template

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from shared_data import SHARED_DATA
+from data_paths import TOKENIZER_FILES
 
 QType = gguf.GGMLQuantizationType
-GPT2_DIR = SHARED_DATA / "tokenizers" / "gpt2"
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -41,9 +40,9 @@ class Vocab:
 def truncated_gpt2_vocab(n_merges: int = 1000) -> Vocab:
     """GPT-2's 256 byte tokens and first ``n_merges`` merges (merge i creates token 256 + i), plus
     three control tokens and one user-defined token."""
-    vocab = json.loads((GPT2_DIR / "gpt2-vocab.json").read_text(encoding="utf-8"))
-    by_id = {index: token for token, index in vocab.items()}
-    merges = [line for line in (GPT2_DIR / "gpt2-merges.txt").read_text(encoding="utf-8").splitlines()[1:] if line]
+    model = json.loads(TOKENIZER_FILES["gpt2"][0].read_text(encoding="utf-8"))["model"]
+    by_id = {index: token for token, index in model["vocab"].items()}
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
     tokens = [by_id[i] for i in range(256 + n_merges)]
     controls = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     types = [int(gguf.TokenType.NORMAL)] * len(tokens) + [int(gguf.TokenType.CONTROL)] * 3 + [int(gguf.TokenType.USER_DEFINED)]

@@ -13,9 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from shared_data import SHARED_DATA
-
-LLAMA_TOKENIZER = SHARED_DATA / "tokenizers" / "llama"
+from data_paths import TOKENIZER_FILES
 
 _COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=256,
                initializer_range=0.15, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -49,8 +47,8 @@ def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, wi
     folder = Path(folder)
     model.save_pretrained(folder)
     if with_tokenizer:
-        shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer.json", folder / "tokenizer.json")
-        shutil.copyfile(LLAMA_TOKENIZER / "llama_tokenizer_config.json", folder / "tokenizer_config.json")
+        shutil.copyfile(TOKENIZER_FILES["llama"][0], folder / "tokenizer.json")
+        shutil.copyfile(TOKENIZER_FILES["llama"][1], folder / "tokenizer_config.json")
     return folder
 
 

@@ -110,7 +110,12 @@ def test_cache_keyed_by_tokenizer(tmp_path, config):
     assert triple(loaded[0], 0) != triple(loaded[1], 0)
 
 
-def test_parallel_tokenization_matches_serial(tokenizer, config, tmp_path):
+def test_parallel_tokenization_matches_serial(tokenizer, config, tmp_path, recwarn):
+    """Workers give the same pairs, and are spawned, not forked: JAX's threads are running by then
+    (a fork would warn "os.fork() ... JAX is multithreaded ... deadlock")."""
+    import jax.numpy as jnp
+
+    jnp.zeros(1).block_until_ready()  # JAX's runtime threads are up, as in sdpo-train
     config.skip_invalid, config.limit = True, 600
     serial = load_pairs(["sample:hh_rlhf/helpful-base-test.jsonl.gz"], tokenizer, config,
                         vocab_size=VOCAB)
@@ -119,6 +124,7 @@ def test_parallel_tokenization_matches_serial(tokenizer, config, tmp_path):
                           vocab_size=VOCAB)
     assert len(serial) == len(parallel) > 500
     assert all(triple(serial, i) == triple(parallel, i) for i in range(len(serial)))
+    assert not [w for w in recwarn if "os.fork()" in str(w.message)]
 
 
 def test_local_dataset_folder_as_hub_name(tmp_path, tokenizer, config):

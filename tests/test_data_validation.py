@@ -6,6 +6,7 @@ import pytest
 
 from data_fixtures import config, tokenizer, write_jsonl  # noqa: F401 (fixtures)
 from sdpo_jax.data import DataError, exit_on_data_error, load_pairs
+from sdpo_jax.data.load import source_lines
 
 GOOD = {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"}
 VOCAB = 32000
@@ -117,7 +118,19 @@ def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, config, caplog):
     assert len(pairs) == 2
     assert pairs.report["sources"][0]["skipped"] == {"invalid JSON": 1, "empty string": 2,
                                                      "missing field": 1, "extra field": 1}
-    assert "skipped 2 invalid record(s): empty string" in caplog.text
+    assert "skipped 2 invalid record(s): empty string, first: " in caplog.text
+    info, warnings = source_lines(pairs.report["sources"][0])  # the start-up summary's lines
+    assert info.endswith("d.jsonl: 2 pairs, text format")
+    assert warnings[0].endswith("d.jsonl: skipped 2 invalid record(s): empty string, first: "
+                                f"{path} line 3, field 'chosen': expected a non-empty string, got an empty string")
+    assert [w.split(": skipped ")[1].split(" invalid")[0] for w in warnings] == ["2", "1", "1", "1"]  # most first
+
+
+def test_no_valid_pairs_names_the_commonest_reason_and_where(tmp_path, tokenizer, config):
+    rows = [dict(GOOD, chosen=""), {"prompt": "p"}, dict(GOOD, chosen=""), dict(GOOD, rejected="")]
+    config.skip_invalid = True
+    refuse(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, config,
+           "d.jsonl: no valid pairs (4 skipped; most for empty string: 3, first: ", "d.jsonl line 1, field 'chosen'")
 
 
 def test_identical_pairs_warned(tmp_path, tokenizer, config, caplog):

@@ -11,7 +11,8 @@ import transformers
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from hf_fixtures import SHARED_DATA, load_torch_model, make_chat_checkpoint, make_hf_checkpoint
+from data_paths import ORCA_PAIRS
+from hf_fixtures import load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.cli.eval import main as eval_main
 
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
@@ -39,11 +40,12 @@ def tokenized_pairs(tmp_path_factory):
     return path, rows
 
 
-def _trl_metrics(policy, reference, rows, loss_type, beta, label_smoothing, tmp_path, monkeypatch):
+def _trl_metrics(policy, reference, rows, tmp_path, monkeypatch, **dpo):
+    """DPOTrainer.evaluate() of all rows in one batch (TRL's batch losses then cover the set, as ours do)."""
     # The rows are already in the token layout TRL's collator consumes; TRL 1.16 only prepares text.
     monkeypatch.setattr(DPOTrainer, "_prepare_dataset", lambda self, dataset, *args, **kwargs: dataset)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=4, beta=beta, loss_type=[loss_type],
-                     label_smoothing=label_smoothing, bf16=False, report_to="none", use_cpu=True, max_length=None)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), per_device_eval_batch_size=len(rows), bf16=False, report_to="none",
+                     use_cpu=True, max_length=None, prediction_loss_only=True, **dpo)
     dataset = Dataset.from_list(rows)
     trainer = DPOTrainer(model=load_torch_model(policy), ref_model=load_torch_model(reference), args=args,
                          train_dataset=dataset, eval_dataset=dataset,
@@ -52,20 +54,37 @@ def _trl_metrics(policy, reference, rows, loss_type, beta, label_smoothing, tmp_
     return {name: result[f"eval_{name}"] for name in METRICS}
 
 
-@pytest.mark.parametrize("loss_type, beta, label_smoothing", [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("hinge", 0.3, 0.0), ("robust", 0.1, 0.2)])
-def test_matches_trl_dpo_trainer(models, tokenized_pairs, tmp_path, monkeypatch, loss_type, beta, label_smoothing):
+# (sdpo-eval flags, TRL DPOConfig arguments) of the same loss
+CASES = {
+    "sigmoid": (["--beta", "0.1"], dict(beta=0.1, loss_type=["sigmoid"])),
+    "ipo": (["--beta", "0.5", "--loss-type", "ipo"], dict(beta=0.5, loss_type=["ipo"])),
+    "hinge": (["--beta", "0.3", "--loss-type", "hinge"], dict(beta=0.3, loss_type=["hinge"])),
+    "robust": (["--loss-type", "robust", "--label-smoothing", "0.2"], dict(loss_type=["robust"], label_smoothing=0.2)),
+    "aot": (["--loss-type", "aot", "--label-smoothing", "0.1"], dict(loss_type=["aot"], label_smoothing=0.1)),
+    "mpo": (["--loss-type", "sigmoid,bco_pair,sft", "--loss-weights", "0.8,0.2,1.0"],
+            dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])),
+    "alpha+wpo+ld": (["--loss-type", "discopop,ipo", "--f-divergence-type", "alpha_divergence", "--f-alpha-divergence-coef",
+                      "0.7", "--use-weighting", "--ld-alpha", "0.3", "--discopop-tau", "0.2"],
+                     dict(loss_type=["discopop", "ipo"], f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.7,
+                          use_weighting=True, ld_alpha=0.3, discopop_tau=0.2)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_trl_dpo_trainer(models, tokenized_pairs, tmp_path, monkeypatch, case):
+    """Ours in 3 batches of 4 pairs, TRL in one batch of 12: the batch losses (aot, sft) cover all 12 in both."""
     policy, reference = models
     path, rows = tokenized_pairs
+    flags, trl_args = CASES[case]
     out = tmp_path / "metrics.json"
-    assert eval_main(["--policy", str(policy), "--reference", str(reference), "--data", str(path), "--beta", str(beta),
-                      "--loss-type", loss_type, "--label-smoothing", str(label_smoothing), "--batch-size", "4",
-                      "--out", str(out)]) == 0
+    assert eval_main(["--policy", str(policy), "--reference", str(reference), "--data", str(path), *flags,
+                      "--batch-size", "4", "--out", str(out)]) == 0
     ours = json.loads(out.read_text())
     assert ours["num_pairs"] == 12
-    expected = _trl_metrics(policy, reference, rows, loss_type, beta, label_smoothing, tmp_path, monkeypatch)
+    expected = _trl_metrics(policy, reference, rows, tmp_path, monkeypatch, **trl_args)
     assert abs(expected["rewards/margins"]) > 1e-3  # the two models really differ
     for name in METRICS:
-        np.testing.assert_allclose(ours[name], expected[name], rtol=1e-3, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(ours[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_padding_pairs_do_not_count(models, tokenized_pairs, tmp_path):
@@ -97,14 +116,27 @@ def test_bad_input_is_one_line_and_exit_2(models, tmp_path):
     assert result.returncode == 2 and result.stderr.strip().endswith("nope: no such model folder")
 
 
+@pytest.mark.parametrize("flags, field", [(["--loss-type", "sigmoid,kto"], "loss_type"),
+                                          (["--loss-type", "bco_pair", "--f-divergence-type", "js_divergence"], "f_divergence_type"),
+                                          (["--loss-type", "sigmoid,sft", "--loss-weights", "0.5"], "loss_weights")])
+def test_bad_loss_flags_exit_2_naming_the_field(models, tokenized_pairs, tmp_path, capsys, flags, field):
+    policy, reference = models
+    path, _ = tokenized_pairs
+    with pytest.raises(SystemExit) as exit_info:
+        eval_main(["--policy", str(policy), "--reference", str(reference), "--data", str(path), *flags, "--out", str(tmp_path / "o.json")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"sdpo-eval: error: dpo.{field}")
+
+
+@pytest.mark.slow
 def test_text_pairs_use_the_tokenizer(tmp_path):
     """Conversational pairs from the shipped orca sample, through the Llama tokenizer's vocabulary."""
     policy = make_chat_checkpoint(tmp_path / "big_vocab")
-    data = SHARED_DATA / "preference" / "orca_dpo_pairs" / "validation.jsonl"
+    data = ORCA_PAIRS
     out = tmp_path / "m.json"
     assert eval_main(["--policy", str(policy), "--reference", str(policy), "--data", str(data), "--batch-size", "16",
                       "--max-length", "256", "--max-prompt-length", "128", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
-    assert metrics["num_pairs"] == 284
+    assert metrics["num_pairs"] == 100
     np.testing.assert_allclose(metrics["loss"], np.log(2), rtol=1e-5)  # policy == reference
     assert metrics["logps/chosen"] < -100

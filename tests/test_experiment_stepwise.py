@@ -53,6 +53,7 @@ def test_true_difficulty_files_are_easiest_first_and_equal():
     assert lengths[0] == [2, 2, 2] and sorted(lengths[1]) == [3, 3, 4] and sorted(lengths[2]) == [4, 5, 5]
 
 
+@pytest.mark.slow
 def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
     variants = [v for v in VARIANTS if v.name in ("dpo", "true-2")]
     result = run_seed(0, tmp_path / "seed_0", QUICK, variants, log=lambda _: None)

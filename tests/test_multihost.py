@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from run_fixtures import free_port
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SCRIPT = Path(__file__).with_name("multihost_step_script.py")
 

@@ -12,10 +12,13 @@ import subprocess
 
 import jax
 import numpy as np
+import pytest
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
 from run_fixtures import cpu_env, stage_params, start_two_processes, token_pair_run_flags
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def _two_processes(flags: list[str]) -> list[subprocess.CompletedProcess]:

@@ -10,15 +10,18 @@ import pytest
 import torch
 import transformers
 
-from hf_fixtures import SHARED_DATA, load_torch_model, make_chat_checkpoint, make_hf_checkpoint
+from data_paths import ARC_EASY, OPENBOOKQA
+from hf_fixtures import load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_step, encode_choices, evaluate_choices, load_choice_questions
+from sdpo_jax.choice_eval.encode import EncodedChoices
+from sdpo_jax.choice_eval.questions import ChoiceQuestion
+from sdpo_jax.choice_eval.score import choice_metrics
 from sdpo_jax.cli.choices import main as choices_main
-from sdpo_jax.data.errors import DataError
+from sdpo_jax.data.errors import DataError, Location
 from sdpo_jax.models import LlamaForCausalLM
 
-ARC = SHARED_DATA / "eval" / "arc_easy" / "validation.json"
-OBQA = SHARED_DATA / "eval" / "openbookqa" / "openbookqa.jsonl"
+ARC, OBQA = ARC_EASY, OPENBOOKQA
 
 
 # ---- reading -------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ def test_bad_json_list_row_names_row_and_invalid_json_names_line(tmp_path):
 # ---- log-likelihoods against transformers --------------------------------------------------
 
 def _torch_choice_scores(folder, tokenizer, questions, chat_template: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(sum of continuation log-probs, continuation bytes) per (question, choice), unpacked, with torch.
+    """(sum of continuation log-probs, characters of the choice text) per (question, choice), unpacked, with torch.
 
     The boundary by lm-eval's rule, independently of ours: trailing whitespace of the context
     moves to the continuation, the context is tokenized alone, and the continuation's tokens are
@@ -112,13 +115,13 @@ def _torch_choice_scores(folder, tokenizer, questions, chat_template: bool) -> t
             context, continuations, special = f"Question: {q.question}\nAnswer:", [" " + c for c in q.choices], True
         stripped = context.rstrip()
         context_ids = tokenizer(stripped, add_special_tokens=special)["input_ids"]
-        for continuation in continuations:
+        for choice, continuation in zip(q.choices, continuations):
             ids = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
             assert ids[:len(context_ids)] == context_ids
             with torch.no_grad():
                 logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
             scores.append(sum(logps[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
-            lengths.append(len(continuation.encode("utf-8")))
+            lengths.append(len(choice))  # lm-eval's completion_len: the choice without the joining space
     return np.asarray(scores), np.asarray(lengths)
 
 
@@ -169,6 +172,16 @@ def test_loglikelihoods_match_transformers(chat_model, window_model, family, cha
     acc, acc_norm = _numpy_accuracies(questions, expected, lengths)
     assert (metrics["acc"], metrics["acc_norm"]) == (acc, acc_norm)
     assert (metrics["num_questions"], metrics["num_rows"]) == (len(questions), len(expected))
+
+
+def test_acc_norm_divides_by_the_choice_characters_without_the_space():
+    """lm-eval's acc_norm: ll / len(choice). With the joining space counted ('a' 2, 'bbbb' 5) the other
+    choice would win: -2/2 = -1.0 > -6/5 = -1.2, but -2/1 = -2.0 < -6/4 = -1.5."""
+    question = ChoiceQuestion("Which?", ("a", "bbbb"), 1, Location("q.jsonl", "line", 1))
+    encoded = EncodedChoices([[1]], [[2], [3]], np.array([1, 1]), np.array([1, 4]), np.array([0, 0]), np.array([1]), 0, 0)
+    assert encoded.choice_lengths.tolist() == [len(c) for c in question.choices]
+    metrics = choice_metrics(encoded, np.array([-2.0, -6.0]))
+    assert (metrics["acc"], metrics["acc_norm"]) == (0.0, 1.0)
 
 
 MESH_SCRIPT = """
@@ -240,6 +253,7 @@ def test_token_ids_outside_the_model_vocabulary_are_refused(hf_checkpoint):
 
 # ---- the real SmolLM2 ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smollm2_is_clearly_above_chance_on_arc_easy(smollm2_hf):
     """The first 96 ARC-Easy questions: SmolLM2-135M-Instruct gets ~0.5 (chance ~0.25).
 

@@ -111,6 +111,7 @@ def test_packed_train_and_eval_steps_equal_plain(hf_checkpoint):
         np.testing.assert_allclose(evaluate(params, ref_params, packed)[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_packed_steps_on_a_2x2_mesh_equal_plain_on_one_device():
     script = Path(__file__).with_name("prefix_sharing_sharded_script.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -53,8 +53,8 @@ def test_a_mesh_that_does_not_split_the_heads_is_refused():
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
     result = _plan("mistral_7b_instruct_sdpo.py:v5litepod-64", "--config.train.grad_accum=4")
     assert result.returncode == 2
-    assert ("train.batch_size=128 / train.grad_accum=4 = 32 pairs per micro-batch do not split over "
-            "dcn_data*data*fsdp = 64 devices") in result.stderr
+    assert result.stderr.splitlines() == ["sdpo-plan: error: train.batch_size: 128 pairs / grad_accum 4 = 32 per micro-batch, "
+                                          "not a multiple of the 64 devices the batch splits over (dcn_data x data x fsdp)"]
 
 
 def test_too_little_memory_is_a_one_line_refusal():
@@ -82,7 +82,7 @@ def test_compiled_step_arguments_match_the_state_rows():
 def test_multi_slice_mesh_is_planned_over_its_global_shape():
     # Two v5p-32 slices: data-parallel across slices, FSDP 16 inside each; 32 devices in all.
     result = _plan("solar_10_7b_sdpo.py:v5p-32", "--devices=32", "--config.mesh.dcn_data=2")
-    assert result.returncode == 2 and "eval.choices_batch_size=16 questions do not split over" in result.stderr
+    assert result.returncode == 2 and "eval.choices_batch_size: 16 questions do not split over the 32 devices" in result.stderr
     result = _plan("solar_10_7b_sdpo.py:v5p-32", "--devices=32", "--config.mesh.dcn_data=2",
                    "--config.eval.choices_batch_size=32")
     assert result.returncode == 0, result.stderr[-2000:]

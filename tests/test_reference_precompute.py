@@ -5,6 +5,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 import transformers
 
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
@@ -20,6 +21,7 @@ from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, make_train_step
 
 
+@pytest.mark.slow
 def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
     folder = hf_checkpoint("llama2")
     rng = np.random.default_rng(0)

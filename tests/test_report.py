@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("matplotlib")
 from matplotlib.image import imread  # noqa: E402
 
-from sdpo_jax.report import main, short_source, write_report  # noqa: E402
+from sdpo_jax.cli.report import main  # noqa: E402
+from sdpo_jax.report import short_source, write_report  # noqa: E402
 
 SOURCES = ["/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "sample:orca_dpo_pairs/validation-100.jsonl",
            "HuggingFaceH4/ultrafeedback_binarized@train_prefs"]
@@ -134,12 +135,15 @@ def test_fresh_run_has_only_the_report(tmp_path):
 
 
 def test_missing_config_is_an_error(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("sdpo-report: error: ") and "no config.json" in err[0]
 
 
 @pytest.mark.parametrize("name, short", [
-    ("/work/main/sdpo_jax/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "hh_rlhf/helpful-base-test"),
+    ("/home/user/sdpo_jax/sdpo_jax/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "hh_rlhf/helpful-base-test"),
     ("sample:orca_dpo_pairs/validation-100.jsonl", "orca_dpo_pairs/validation-100"),
     ("Intel/orca_dpo_pairs", "orca_dpo_pairs"),
     ("pairs.parquet", "pairs"),

@@ -17,10 +17,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from batch_fixtures import write_token_pairs
 from hf_fixtures import make_hf_checkpoint
 from run_fixtures import cpu_env, stage_params, start_two_processes, token_pair_run_flags
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 ENV = cpu_env(8)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.models import LlamaForCausalLM
+
+pytestmark = [pytest.mark.slow]
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

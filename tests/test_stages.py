@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,8 +22,10 @@ from configs.default import get_config
 from batch_fixtures import write_token_pairs
 from hf_fixtures import load_torch_model, make_hf_checkpoint
 from run_fixtures import stage_params
-from sdpo_jax.cli.export import export
+from sdpo_jax.cli.export import export, main as export_main
 from sdpo_jax.stages import train
+
+pytestmark = [pytest.mark.slow]
 
 CONTRACT_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
 
@@ -261,7 +266,7 @@ def test_policy_init_from_sft_keeps_the_chained_reference(setup, baseline, tmp_p
     first = {run: next(r for r in _train_rows(run) if r["stage"] == 2 and r["step"] == 1) for run in (baseline_dir, tmp_path / "ablation")}
     assert abs(first[baseline_dir]["rewards/chosen"]) < 1e-5 and abs(first[baseline_dir]["rewards/rejected"]) < 1e-5
     assert abs(first[tmp_path / "ablation"]["rewards/chosen"]) > 1e-3
-    with pytest.raises(ValueError, match="sdpo.policy_init must be one of"):
+    with pytest.raises(ValueError, match="sdpo.policy_init: expected one of previous, sft, got 'm0'"):
         train(_config({**overrides, "sdpo.policy_init": "m0"}, tmp_path / "bad_init"))
 
 
@@ -273,7 +278,7 @@ def test_bucket_url_output_dir_is_refused(setup):
 
 def test_bad_stage_override_is_refused(setup, tmp_path):
     _, _, overrides = setup
-    with pytest.raises(ValueError, match="'model.path' cannot vary per stage"):
+    with pytest.raises(ValueError, match="model.path cannot vary per stage"):
         train(_config({**overrides, "sdpo.stage_overrides": ("2:model.path=x",)}, tmp_path / "bad"))
 
 
@@ -320,3 +325,144 @@ def test_embedded_default_shortened(tmp_path, smollm2_gguf):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "- M0: " in (run / "report.md").read_text()
+
+
+# ---- a stranger's first hour: disk, corruption, divergence, a second trainer, a moved folder ----
+
+def _largest_file(folder: Path) -> Path:
+    return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _flip_a_bit(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x08
+    path.write_bytes(bytes(data))
+
+
+def test_a_finished_stage_keeps_only_its_snapshot(baseline):
+    output_dir, _ = baseline
+    assert sorted(p.name for p in (output_dir / "checkpoints").iterdir()) == ["stage_1", "stage_2"]
+    for stage in ("stage_1", "stage_2"):
+        assert [p.name for p in (output_dir / "checkpoints" / stage).iterdir()] == ["final"]  # mid-stage ones removed
+
+
+def test_a_corrupt_checkpoint_falls_back_and_a_copied_folder_resumes(setup, baseline, tmp_path):
+    """Preempted mid-stage 1, the newest mid-stage checkpoint damaged (one flipped bit, which Orbax reads
+    back without complaint), the run folder copied elsewhere: the same command with the new output_dir
+    sets the damaged checkpoint aside, resumes from the one before and ends as the uninterrupted run;
+    keep_stages=1 then removes stage 1's snapshot, which sdpo-export names in one line."""
+    _, model_folder, overrides = setup
+    baseline_dir, _ = baseline
+    run = tmp_path / "run"
+    process = _start(overrides, run)
+    assert _wait_for(lambda: _rows_logged(run, 1, 3), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-2000:]
+    steps = sorted(int(p.name) for p in (run / "checkpoints" / "stage_1" / "steps").iterdir() if p.name.isdigit())
+    assert len(steps) == 2, steps
+    damaged = _largest_file(run / "checkpoints" / "stage_1" / "steps" / str(steps[-1]) / "state")
+    _flip_a_bit(damaged, damaged.stat().st_size // 2)
+    copied = tmp_path / "elsewhere" / "copied"
+    shutil.copytree(run, copied)
+    shutil.rmtree(run)
+    process = _start({**overrides, "checkpoint.keep_stages": 1}, copied)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-2000:]
+    assert f"the checkpoint {copied / 'checkpoints' / 'stage_1' / 'steps' / str(steps[-1])}: its contents differ" in stderr
+    assert f"resuming from step {steps[0]}" in stderr and f"stage 1: resuming at step {steps[0]}/" in stderr
+    ours, reference = stage_params(copied, model_folder, 2), stage_params(baseline_dir, model_folder, 2)
+    for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+    assert (copied / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()
+    assert json.loads((copied / "checkpoints" / "pruned_stages.json").read_text()) == [1]
+    assert not (copied / "checkpoints" / "stage_1" / "final").exists()
+    with pytest.raises(FileNotFoundError, match="the snapshot of stage 1 was removed"):
+        export(str(copied), str(tmp_path / "m1"), stage=1)
+    assert (export(str(copied), str(tmp_path / "m2")) / "model.safetensors").is_file()  # the last stage: M2
+
+
+def test_a_damaged_stage_snapshot_is_one_line(baseline, tmp_path, capsys):
+    output_dir, _ = baseline
+    run = tmp_path / "run"
+    shutil.copytree(output_dir, run)
+    params = _largest_file(run / "checkpoints" / "stage_1" / "final")
+    _flip_a_bit(params, 100)
+    with pytest.raises(SystemExit) as info:
+        export_main(["--run", str(run), "--stage", "1", "--out", str(tmp_path / "m1")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("sdpo-export: error: the snapshot of stage 1 in ") and "its contents differ from what was saved" in err[0]
+    params.write_bytes(params.read_bytes()[:64])  # truncated
+    with pytest.raises(SystemExit) as info:
+        export_main(["--run", str(run), "--stage", "1", "--out", str(tmp_path / "m1")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "the snapshot of stage 1 in " in err[0] and "cannot be read" in err[0], err
+    assert not (tmp_path / "m1").exists()
+
+
+def test_a_diverged_stage_stops_and_is_never_saved(setup, tmp_path):
+    """A learning rate of 1e10 without clipping: the loss turns NaN within a few steps; the stage stops with
+    one line naming it and the step, exit 2, and no snapshot or checkpoint holds a non-finite number."""
+    _, _, overrides = setup
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train",
+                             *_flags({**overrides, "train.learning_rate": 1e10, "train.max_grad_norm": 0.0}, run)],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"sdpo-train: error: stage 1 step \d+: the loss is nan and the gradient norm \S+: training diverged "
+                        r"\(train.learning_rate 1e\+10, train.max_grad_norm 0\); the stage was not saved as finished", last), last
+    assert "Traceback" not in result.stderr
+    assert not (run / "checkpoints" / "stage_1" / "final").exists() and not (run / "stage_report.json").exists()
+    diverged = int(re.search(r"step (\d+)", last).group(1))
+    saved = [int(p.name) for p in (run / "checkpoints" / "stage_1" / "steps").glob("[0-9]*")]
+    assert all(step < diverged for step in saved)
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused(setup, baseline, tmp_path):
+    _, _, overrides = setup
+    baseline_dir, _ = baseline
+    run = tmp_path / "run"
+    first = _start(overrides, run)
+    assert _wait_for(lambda: _rows_logged(run, 1, 1), first)
+    second = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, run)], capture_output=True,
+                            text=True, timeout=240)
+    _, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr[-2000:]
+    err = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
+    assert err[0].startswith(f"sdpo-train: error: output_dir {run} is in use by another sdpo-train (pid {first.pid} on "
+                             f"{socket.gethostname()}, started ") and err[0].endswith("wait for it to finish or use another output_dir")
+    assert (run / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()  # nothing written twice
+
+
+def test_a_model_folder_without_a_usable_tokenizer_is_refused(setup, tmp_path):
+    _, model_folder, overrides = setup
+    folder = tmp_path / "no_tokenizer"
+    shutil.copytree(model_folder, folder)
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        train(_config({**overrides, "model.path": str(folder)}, tmp_path / "run"))
+
+
+def test_the_loss_family_trains_through_the_driver(setup, tmp_path):
+    """MPO (sigmoid + bco_pair + sft, TRL's weights) in stage 1, aot over 2 micro-batches in stage 2, LD-DPO
+    throughout: the precomputed reference log-probs (LD-weighted) give the same training as the reference
+    run inside every step. And WPO-weighted sigmoid + bco_pair trains to finite numbers."""
+    _, _, overrides = setup
+    losses = {**overrides, "dpo.loss_type": "sigmoid,bco_pair,sft", "dpo.loss_weights": "0.8,0.2,1.0", "dpo.ld_alpha": 0.5,
+              "train.batch_size": 4, "train.grad_accum": 2, "sdpo.stage_overrides": ("2:dpo.loss_type=aot", "2:dpo.loss_weights=",
+                                                                                     "2:train.steps_per_stage=2")}
+    runs = {}
+    for precompute in (True, False):
+        folder = tmp_path / f"precompute_{precompute}"
+        report = train(_config({**losses, "train.precompute_reference": precompute, "dpo.use_weighting": False}, folder))
+        runs[precompute] = _train_rows(folder)
+        assert [e["dpo"]["loss_type"] for e in report] == [["sigmoid", "bco_pair", "sft"], ["aot"]]
+    assert [(r["stage"], r["step"]) for r in runs[True]] == [(r["stage"], r["step"]) for r in runs[False]]
+    for a, b in zip(runs[True], runs[False]):
+        assert np.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=2e-5, abs=1e-6), (a, b)
+    weighted = train(_config({**losses, "dpo.use_weighting": True, "dpo.loss_type": "sigmoid,bco_pair", "dpo.loss_weights": "0.8,0.2",
+                              "sdpo.stage_overrides": ("2:train.steps_per_stage=2",)}, tmp_path / "wpo"))
+    assert all(np.isfinite(e["eval_after"]["loss"]) for e in weighted)

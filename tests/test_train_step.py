@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from batch_fixtures import random_pair_batch
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
@@ -82,6 +83,7 @@ def test_schedule_and_decay_mask():
     assert mask == {"embed_tokens": True, "layers": {"mlp": {"up_proj_kernel": True}, "input_layernorm": {"scale": False}}, "norm": {"scale": False}}
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_equals_1_device():
     script = Path(__file__).with_name("sharded_step_script.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

@@ -60,7 +60,7 @@ class EncodedChoices:
     prefixes: list[list[int]]  # [questions] context tokens all choices share (all but the last)
     segments: list[list[int]]  # [rows] last context token(s) + continuation tokens
     scored: np.ndarray  # [rows] index in segments[r] of the first continuation token (>= 1)
-    byte_lengths: np.ndarray  # [rows] UTF-8 bytes of the continuation text
+    choice_lengths: np.ndarray  # [rows] characters of the choice text (without the space before it): acc_norm's divisor
     question_of: np.ndarray  # [rows] question index
     answers: np.ndarray  # [questions] index of the right choice
     boundary_merges: int
@@ -92,7 +92,7 @@ def encode_choices(tokenizer: Any, questions: Sequence[ChoiceQuestion], *, vocab
     prefix = [] if chat_template else _added_prefix(tokenizer)
     context_ids = _tokenize(tokenizer, [context for context, _ in texts], prefix)
     whole_ids = _tokenize(tokenizer, [context + c for context, conts in texts for c in conts], prefix)
-    prefixes, segments, scored, byte_lengths, question_of = [], [], [], [], []
+    prefixes, segments, scored, choice_lengths, question_of = [], [], [], [], []
     merges = truncated = 0
     for q, (question, (_, continuations)) in enumerate(zip(questions, texts)):
         context = context_ids[q]
@@ -118,9 +118,9 @@ def encode_choices(tokenizer: Any, questions: Sequence[ChoiceQuestion], *, vocab
         prefixes.append(context[max(excess, 0):shared])
         segments.extend(own)
         scored.extend(start - shared for start in starts)
-        byte_lengths.extend(len(c.encode("utf-8")) for c in continuations)
+        choice_lengths.extend(len(choice) for choice in question.choices)
         question_of.extend([q] * len(continuations))
-    return EncodedChoices(prefixes, segments, np.asarray(scored), np.asarray(byte_lengths), np.asarray(question_of),
+    return EncodedChoices(prefixes, segments, np.asarray(scored), np.asarray(choice_lengths), np.asarray(question_of),
                           np.asarray([q.answer for q in questions]), merges, truncated)
 
 

@@ -4,10 +4,11 @@ For question q with choices c_1..c_n and context x:
 
     ll_i     = sum over the continuation tokens t of log p(t | x, earlier tokens of c_i)
     acc      = mean over questions of [argmax_i ll_i == answer]
-    acc_norm = mean over questions of [argmax_i ll_i / bytes(c_i) == answer]
+    acc_norm = mean over questions of [argmax_i ll_i / len(c_i) == answer]
 
-where bytes(c_i) is the UTF-8 length of the continuation text (" " + choice in the plain
-prompt). Ties go to the first choice (numpy's argmax), as in lm-eval.
+where len(c_i) is the number of characters of the choice text itself, without the space that
+joins it to the context (lm-evaluation-harness's `completion_len`, taken of `doc_to_choice`).
+Ties go to the first choice (numpy's argmax), as in lm-eval.
 
 Batches. Each question is one packed row (see encode.py): its shared context prefix, then one
 segment per choice. In the forward pass a token attends to the earlier tokens of the prefix and
@@ -111,7 +112,7 @@ def choice_metrics(encoded: EncodedChoices, scores: np.ndarray) -> dict:
     table = np.full((num_questions, counts.max()), -np.inf)
     norm_table = table.copy()
     table[encoded.question_of, slot] = scores
-    norm_table[encoded.question_of, slot] = scores / encoded.byte_lengths
+    norm_table[encoded.question_of, slot] = scores / encoded.choice_lengths
     return {
         "acc": float(np.mean(np.argmax(table, axis=1) == encoded.answers)),
         "acc_norm": float(np.mean(np.argmax(norm_table, axis=1) == encoded.answers)),

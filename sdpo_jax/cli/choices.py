@@ -36,12 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     import optax
-    import transformers
 
     from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
     from sdpo_jax.choice_eval import evaluate_choices, load_choice_questions
     from sdpo_jax.models import LlamaForCausalLM
-    from sdpo_jax.models.loading import COMPUTE_DTYPES, resolve_model_folder
+    from sdpo_jax.models.loading import COMPUTE_DTYPES, load_tokenizer, resolve_model_folder
     from sdpo_jax.sharded_steps import place, state_shardings
     from sdpo_jax.sharding import build_mesh
 
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
     questions = load_choice_questions(args.data, limit=args.limit or None)
     folder = resolve_model_folder(args.model)
     config, params = load_hf_checkpoint(folder)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder)
     model = LlamaForCausalLM(config, dtype=COMPUTE_DTYPES[args.dtype])
     mesh = build_mesh(data=-1)
     shardings, _ = state_shardings(model, optax.identity(), mesh)

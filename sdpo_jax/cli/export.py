@@ -4,7 +4,10 @@
 
 N defaults to the last finished stage. The folder (config.json, model.safetensors or shards,
 generation_config.json, tokenizer files of the run's SFT model) loads with
-transformers.AutoModelForCausalLM and AutoTokenizer, and in vLLM and lm-eval-harness.
+transformers.AutoModelForCausalLM and AutoTokenizer (tested against transformers' own forward
+pass); vLLM and lm-eval-harness read the same Hugging Face layout, but neither was run on an
+export in this project's tests. A snapshot whose files were altered since it was saved, or
+whose parameters are not finite, is refused in one line.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ def export(run_dir: str, out: str, stage: int | None = None, dtype: str = "float
 
     from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
     from sdpo_jax.checkpointing import RunCheckpoints
+    from sdpo_jax.divergence import first_non_finite
+    from sdpo_jax.errors import TrainingDiverged
     from sdpo_jax.models import LlamaForCausalLM, ModelConfig
     from sdpo_jax.models.llama import init_params
     from sdpo_jax.models.loading import resolve_model_folder
@@ -50,6 +55,9 @@ def export(run_dir: str, out: str, stage: int | None = None, dtype: str = "float
     abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
     params, _ = checkpoints.load_stage(stage, abstract)
     checkpoints.close()
+    bad = first_non_finite(params)
+    if bad is not None:
+        raise TrainingDiverged(f"{run_dir}: stage {stage}'s parameter {bad} holds NaN or infinity; not exported")
     return Path(save_hf_checkpoint(params, config, out, dtype=dtype, source_folder=folder))
 
 

@@ -1,9 +1,10 @@
 """sdpo-plan: check that a config fits a number of devices, without weights or accelerators.
 
-    sdpo-plan --config PATH[:ARG] [--config.FIELD=VALUE ...] [--devices N] [--device_memory_gib G]
-              [--platform tpu|gpu|cpu] [--compile]
+usage: sdpo-plan --config PATH[:ARG] [--config.FIELD=VALUE ...] [--devices N] [--device_memory_gib G]
+                 [--platform tpu|gpu|cpu] [--compile]
 
-Reads only the model's config.json (`model.path` when it is a local folder, else
+Checks the config as sdpo-train does (every field, the stages, the mesh and batch rules:
+sdpo_jax.config_check), then reads only the model's config.json (`model.path` when it is a local folder, else
 `model.shape_config`), lays the config's mesh over N fake CPU devices (the command runs itself
 again in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N, which must be set
 before JAX starts), checks that every sharded dimension splits (batch over dcn_data*data*fsdp,
@@ -25,48 +26,50 @@ import os
 import subprocess
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-import configs.default
-
-_CONFIG = config_flags.DEFINE_config_file("config", configs.default.__file__, "ml_collections config file")
-_DEVICES = flags.DEFINE_integer("devices", None, "device count to plan for (default: config.hardware.devices)")
-_MEMORY = flags.DEFINE_float("device_memory_gib", None, "usable memory per device in GiB (default: config.hardware)")
-_PLATFORM = flags.DEFINE_enum("platform", None, ["tpu", "gpu", "cpu"], "target platform (default: config.hardware)")
-_COMPILE = flags.DEFINE_bool("compile", False, "also compile the step for CPU and print XLA's memory figures")
 _CHILD = "SDPO_PLAN_DEVICES"
 DOES_NOT_FIT_EXIT_CODE = 1
 
 
-def _hardware(field: str, default=None):
-    hardware = _CONFIG.value.get("hardware")
-    return hardware.get(field, default) if hardware is not None else default
+def _define_flags(flag_values: flags.FlagValues) -> None:
+    flags.DEFINE_integer("devices", None, "device count to plan for (default: config.hardware.devices)", flag_values=flag_values)
+    flags.DEFINE_float("device_memory_gib", None, "usable memory per device in GiB (default: config.hardware)",
+                       flag_values=flag_values)
+    flags.DEFINE_enum("platform", None, ["tpu", "gpu", "cpu"], "target platform (default: config.hardware)",
+                      flag_values=flag_values)
+    flags.DEFINE_bool("compile", False, "also compile the step for CPU and print XLA's memory figures", flag_values=flag_values)
 
 
-def _reexec(devices: int) -> int:
+def _reexec(devices: int, argv: list[str]) -> int:
     """Run this command again with ``devices`` fake CPU devices; returns its exit status."""
     xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env = {**os.environ, _CHILD: str(devices), "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"])}
-    return subprocess.run([sys.executable, "-m", "sdpo_jax.cli.plan", *sys.argv[1:]], env=env).returncode
+    return subprocess.run([sys.executable, "-m", "sdpo_jax.cli.plan", *argv[1:]], env=env).returncode
 
 
-def _main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main(argv: list[str] | None = None) -> None:
+    import configs.default
+    from sdpo_jax.cli.config_args import parse_command_line, print_help, wants_help
     from sdpo_jax.cli.errors import USER_ERROR_EXIT_CODE, user_errors
 
-    devices = _DEVICES.value or _hardware("devices")
+    argv = list(sys.argv if argv is None else argv)
+    if wants_help(argv):
+        print_help(__doc__)
+    with user_errors("sdpo-plan"):
+        config, options = parse_command_line(argv, configs.default.__file__, _define_flags)
+    hardware = config.get("hardware") or {}
+    devices = options.devices or hardware.get("devices")
     if not devices or devices < 1:
         print("sdpo-plan: error: give --devices N (the config has no hardware.devices)", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT_CODE)
     if os.environ.get(_CHILD) != str(devices):
-        sys.exit(_reexec(devices))
-    memory_gib = _MEMORY.value or _hardware("device_memory_gib")
-    platform = _PLATFORM.value or _hardware("platform", "cpu")
+        sys.exit(_reexec(devices, argv))
+    memory_gib = options.device_memory_gib or hardware.get("device_memory_gib")
+    platform = options.platform or hardware.get("platform", "cpu")
     with user_errors("sdpo-plan"):
-        fits = plan(_CONFIG.value, devices, memory_gib, platform, _COMPILE.value)
+        fits = plan(config, devices, memory_gib, platform, options.compile)
     sys.exit(0 if fits else DOES_NOT_FIT_EXIT_CODE)
 
 
@@ -76,33 +79,26 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
     import jax.numpy as jnp
 
     from sdpo_jax.checkpointing import abstract_with_shardings
-    from sdpo_jax.losses import DPOSettings
+    from sdpo_jax.config_check import check_config
     from sdpo_jax.memory_budget import GIB, KEPT_MODELS, compiled_memory, estimate
     from sdpo_jax.models.loading import build_module, model_shape
-    from sdpo_jax.optim import OptimizerSettings, make_optimizer
+    from sdpo_jax.optim import make_optimizer
     from sdpo_jax.sharded_steps import jit_train_step, state_shardings
     from sdpo_jax.sharding import MeshError, batch_sharding, planning_mesh
     from sdpo_jax.train_step import make_train_step
 
     if jax.device_count() != devices:
         raise RuntimeError(f"expected {devices} fake devices, JAX has {jax.device_count()}")
+    checked = check_config(config, devices)  # every field, the stages, the mesh and batch rules
+    config, first = checked.config, checked.stages[0]
     m = config.mesh
-    dcn_data = m.get("dcn_data", 1)
+    dcn_data = m.dcn_data
+    batch, accum = config.train.batch_size, config.train.grad_accum
     model_config, source = model_shape(config.model)
     try:
         mesh = planning_mesh(m.data, m.fsdp, m.tensor, dcn_data, jax.devices())
         model = build_module(config.model, model_config, mesh)
-        replicas = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch, accum = config.train.batch_size, config.train.grad_accum
-        if batch % accum or (batch // accum) % replicas:
-            raise MeshError(f"train.batch_size={batch} / train.grad_accum={accum} = {batch / accum:g} pairs per micro-batch "
-                            f"do not split over dcn_data*data*fsdp = {replicas} devices")
-        checks = config.get("eval")
-        if checks is not None and checks.get("choices") and checks.choices_batch_size % replicas:
-            raise MeshError(f"eval.choices_batch_size={checks.choices_batch_size} questions do not split over "
-                            f"dcn_data*data*fsdp = {replicas} devices")
-        optimizer = make_optimizer(OptimizerSettings(learning_rate=config.train.learning_rate, total_steps=100,
-                                                     weight_decay=config.train.weight_decay))
+        optimizer = make_optimizer(first.optimizer(100))
         shardings, abstract = state_shardings(model, optimizer, mesh)
     except MeshError as err:
         raise MeshError(f"mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} dcn_data={dcn_data} on {devices} devices: "
@@ -110,8 +106,7 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
     budget = estimate(model_config, config, dict(mesh.shape), abstract, shardings, platform)
 
     precompute = config.train.precompute_reference
-    step = jit_train_step(make_train_step(model, DPOSettings(beta=config.dpo.beta, loss_type=config.dpo.loss_type), optimizer,
-                                          config.train.grad_accum, config.model.logprob_chunk),
+    step = jit_train_step(make_train_step(model, first.dpo, optimizer, config.train.grad_accum, config.model.logprob_chunk),
                           mesh, shardings, with_reference_params=not precompute)
     state = abstract_with_shardings(abstract, shardings)
     lowered = step.lower(state, None if precompute else state.params, _abstract_batch(config, batch_sharding(mesh), jnp))
@@ -158,10 +153,6 @@ def _abstract_batch(config, sharding, jnp) -> dict:
         batch["ref_chosen_logps"] = spec((pairs,), jnp.float32)
         batch["ref_rejected_logps"] = spec((pairs,), jnp.float32)
     return batch
-
-
-def main() -> None:
-    app.run(_main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import dataclasses
 import sys
 from typing import Iterator
 
+from sdpo_jax.errors import SdpoError
+
 EXIT_CODE = 2
 
 
@@ -32,7 +34,7 @@ class Location:
         return f"{self.source} {self.unit} {self.number}"
 
 
-class DataError(ValueError):
+class DataError(SdpoError, ValueError):
     """Bad input data or data settings; the message is one line starting with 'data error: '.
 
     `reason` is a short stable key ('invalid JSON', 'wrong type', ...) used to count skipped rows

@@ -180,7 +180,7 @@ def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, n
     metas = [_merge_metas([summary["metas"][k] for summary in summaries]) for k in range(len(sources))]
     for meta in metas:
         if not meta["pairs"]:
-            raise DataError(meta["name"], f"no valid pairs ({sum(meta['skipped'].values())} skipped)")
+            raise DataError(meta["name"], _no_pairs_detail(meta))
     counts = [len(f["number"]) for f in fields]
     if not sum(counts):
         raise DataError(", ".join(sources), "no trainable pairs left after truncation")
@@ -200,6 +200,15 @@ def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, n
         report={"sources": metas, **_merge_truncation([summary["report"] for summary in summaries])},
         owner=owner[order], process_index=process_index,
         content_id=cache.cache_key(keys, truncation)[:16])
+
+
+def _no_pairs_detail(meta: dict) -> str:
+    """Why a source gave no pairs: the count skipped, the most common reason and its first record."""
+    if not meta["skipped"]:
+        return "no valid pairs"
+    reason, count = max(meta["skipped"].items(), key=lambda item: (item[1], item[0]))
+    return (f"no valid pairs ({sum(meta['skipped'].values())} skipped; most for {reason}: {count}, first: "
+            f"{_example(meta, reason)})")
 
 
 def _merge_metas(shards: list[dict]) -> dict:
@@ -236,7 +245,7 @@ def _check_config(config: Any) -> None:
 def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int,
                  shard: tuple[int, int], bars: bool):
     columns = parse_columns(config.columns)
-    _, split = parse_spec(spec, config.split)
+    name, split = parse_spec(spec, config.split)
     cache_dir = config.cache_dir or cache.default_cache_dir()
     key = cache.cache_key(source_fingerprint(spec, config.split), split, config.limit,
                           config.sample_seed, config.format, columns, config.extra_fields,
@@ -251,8 +260,8 @@ def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vo
                 dataset, meta = cache.save(cache_dir, shard_key, dataset, meta)
         entry = dataset, meta
         entry[1]["from_cache"] = False
-    else:
-        entry[1]["from_cache"] = True
+    else:  # (the entry may come from a run that saw this file at another path, e.g. another clone)
+        entry[1].update(from_cache=True, name=name)
     return entry
 
 
@@ -270,7 +279,7 @@ def _tokenize_source(spec, encoder, config, columns, vocab_size, shard, bars):
         dataset = datasets.Dataset.from_dict({"number": norm.numbers, "prompt": norm.prompt,
                                               "chosen": norm.chosen, "rejected": norm.rejected})
         workers = min(config.num_proc, len(dataset) // MIN_ROWS_PER_WORKER)
-        with _progress_bars(bars):
+        with _progress_bars(bars), _spawned_workers(workers > 1):
             dataset = dataset.map(functools.partial(encoder.encode, norm.kind), batched=True,
                                   num_proc=workers if workers > 1 else None,
                                   remove_columns=["prompt", "chosen", "rejected"], features=features,
@@ -302,6 +311,23 @@ def _tokenized_features():
 
 
 @contextlib.contextmanager
+def _spawned_workers(enabled: bool):
+    """`datasets.map` worker processes started fresh ('spawn') instead of forked: by the time data is
+    tokenized JAX runs threads, and a forked child of a multithreaded process can deadlock."""
+    if not enabled:
+        yield
+        return
+    import multiprocess
+
+    method = multiprocess.get_start_method(allow_none=True)
+    multiprocess.set_start_method("spawn", force=True)
+    try:
+        yield
+    finally:
+        multiprocess.set_start_method(method, force=True)
+
+
+@contextlib.contextmanager
 def _progress_bars(enabled: bool):
     import datasets
 
@@ -313,22 +339,33 @@ def _progress_bars(enabled: bool):
         (datasets.enable_progress_bars if was_enabled else datasets.disable_progress_bars)()
 
 
-def _log_source(meta: dict) -> None:
+def source_lines(meta: dict) -> tuple[str, list[str]]:
+    """(what a source gave, [warnings about it]): skipped records per reason with the first of each,
+    identical pairs, completions tokenized apart from their prompt."""
     name = meta["name"]
-    logger.info("%s: %d pairs, %s format%s%s", name, meta["pairs"], meta["format"],
-                f" ({meta['layout']} layout)" if meta["layout"] else "",
-                ", from cache" if meta["from_cache"] else "")
-    for reason, count in sorted(meta["skipped"].items()):
-        logger.warning("%s: skipped %d invalid record(s): %s, e.g. %s", name, count, reason,
-                       meta["skipped_examples"][reason])
+    info = (f"{name}: {meta['pairs']} pairs, {meta['format']} format" + (f" ({meta['layout']} layout)" if meta["layout"] else "")
+            + (", from cache" if meta["from_cache"] else ""))
+    warnings = [f"{name}: skipped {count} invalid record(s): {reason}, first: {_example(meta, reason)}"
+                for reason, count in sorted(meta["skipped"].items(), key=lambda item: (-item[1], item[0]))]
     if meta["identical"]:
-        logger.warning("%s: %d pair(s) have identical chosen and rejected completions (they "
-                       "carry no preference signal)", name, meta["identical"])
+        warnings.append(f"{name}: {meta['identical']} pair(s) have identical chosen and rejected completions (they "
+                        f"carry no preference signal)")
     if meta["boundary_merges"]:
-        logger.warning("%s: %d completion(s) would tokenize differently joined to their prompt "
-                       "(a token merges across the boundary, e.g. a prompt ending in a space); "
-                       "the prompt and completion are tokenized apart", name,
-                       meta["boundary_merges"])
+        warnings.append(f"{name}: {meta['boundary_merges']} completion(s) would tokenize differently joined to their "
+                        f"prompt (a token merges across the boundary, e.g. a prompt ending in a space); the prompt and "
+                        f"completion are tokenized apart")
+    return info, warnings
+
+
+def _example(meta: dict, reason: str) -> str:
+    return meta["skipped_examples"][reason].removeprefix("data error: ")
+
+
+def _log_source(meta: dict) -> None:
+    info, warnings = source_lines(meta)
+    logger.info(info)
+    for line in warnings:
+        logger.warning(line)
 
 
 def _log_truncation(report: dict) -> None:

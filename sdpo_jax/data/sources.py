@@ -70,6 +70,23 @@ def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
     return name, split
 
 
+def local_source_problem(spec: str) -> str | None:
+    """Why `spec` cannot be read when it names a local file (missing, a folder, unreadable), else None.
+
+    Folders and hub names are not looked at here: whether a hub name exists needs the network.
+    """
+    name, _ = parse_spec(spec, "train")
+    if not name.endswith(FILE_SUFFIXES):
+        return None
+    if not os.path.exists(name):
+        return "no such file"
+    if not os.path.isfile(name):
+        return "not a file"
+    if not os.access(name, os.R_OK):
+        return "not readable (permission denied)"
+    return None
+
+
 def read_source(spec: str, default_split: str = "train", limit: int = 0,
                 sample_seed: int = 0, shard: tuple[int, int] = (0, 1)) -> RawSource:
     """Reads one source; `limit` > 0 keeps that many records (a seeded sample if `sample_seed`).

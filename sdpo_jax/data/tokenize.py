@@ -99,6 +99,8 @@ class PairEncoder:
 
     def _render(self, batch: dict[str, list], out: dict[str, list]) -> dict[str, list[str]]:
         """Chat template text of each prompt (with generation prompt) and of each completion."""
+        import jinja2  # transformers renders chat templates with it; a missing package stops the run
+
         if not self.tokenizer.chat_template:
             raise DataError("tokenizer", "conversational data needs a chat template, and this "
                             "tokenizer has none (set chat_template in tokenizer_config.json)")
@@ -113,7 +115,9 @@ class PairEncoder:
                         raise ValueError("the chat template does not render the prompt (with "
                                          "generation prompt) as a prefix of the conversation")
                     rendered[side] = full[len(rendered["prompt"]):]
-            except Exception as err:  # jinja raises its own types (e.g. roles must alternate)
+            except jinja2.TemplateSyntaxError as err:  # the tokenizer's fault, not the record's
+                raise DataError("tokenizer", f"its chat template does not parse: {err}") from None
+            except (jinja2.TemplateError, ValueError) as err:  # this conversation (e.g. roles must alternate)
                 out["error"][i], out["error_field"][i] = f"chat template: {err}", "prompt"
             for side in SIDES:
                 texts[side].append(rendered[side])

