@@ -32,6 +32,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("norm", None),
     ("layers", None),
+    ("labels", None),
 )
 
 

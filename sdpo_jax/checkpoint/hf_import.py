@@ -57,8 +57,11 @@ def weight_files(folder: str) -> list[str]:
 
 
 def load_hf_checkpoint(folder: str | os.PathLike, param_dtype: Any = np.float32,
-                       shardings: Any = None) -> tuple[ModelConfig, dict]:
+                       shardings: Any = None, config: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
     """Read config.json and every weight of a Hugging Face Llama-family checkpoint folder.
+
+    ``config`` is the architecture to read: by default the folder's config.json as a causal LM (a
+    caller that reads it as something else, say a reward model, passes what it read).
 
     Without ``shardings`` the parameters are host NumPy arrays. With ``shardings`` (a pytree of
     ``jax.sharding.Sharding`` shaped like the parameters) each leaf becomes a ``jax.Array`` laid out
@@ -66,7 +69,7 @@ def load_hf_checkpoint(folder: str | os.PathLike, param_dtype: Any = np.float32,
     files on its own (see `place_leaf`): host memory holds one shard at a time, never the model.
     """
     folder = os.fspath(folder)
-    config = ModelConfig.from_pretrained(folder)
+    config = config or ModelConfig.from_pretrained(folder)
     dtype = np.dtype(param_dtype)
     params: dict = {}
     with ExitStack() as stack:

@@ -8,7 +8,8 @@ sharding (q: [hidden, heads, head_dim]; o: [heads, head_dim, hidden]). So for a 
 
 and for a vector (norm scale, bias) or the embedding table only the shape changes. Decoder
 layers are stacked: our leaf under ``layers`` has a leading [num_hidden_layers] axis and layer i
-comes from ``model.layers.{i}.<name>``.
+comes from ``model.layers.{i}.<name>``. A sequence classifier (a reward model) has a ``score``
+[hidden, num_labels] kernel from ``score.weight`` [num_labels, hidden] and no ``lm_head``.
 """
 from __future__ import annotations
 
@@ -73,8 +74,10 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
         if c.mlp_bias:
             specs.append(_vector(("layers", "mlp", f"{name}_bias"), f"{layer}mlp.{name}.bias", (shape[1],)))
     specs.append(_vector(("norm", "scale"), "model.norm.weight", (d,)))
-    if not c.tie_word_embeddings:
+    if c.untied_lm_head:
         specs.append(_linear(("lm_head",), "lm_head.weight", (d, v), 1))
+    if c.num_labels is not None:
+        specs.append(_linear(("score",), "score.weight", (d, c.num_labels), 1))
     return specs
 
 

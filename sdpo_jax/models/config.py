@@ -8,6 +8,11 @@ Qwen2 (bias on q/k/v) and SOLAR (Llama shape): they share the decoder block
 
 and differ only in the fields below. Anything a field cannot express is refused with
 `UnsupportedModelError` rather than approximated.
+
+A sequence classifier (``*ForSequenceClassification``, the usual form of an open reward model) is
+the same decoder with a ``score`` head [hidden, num_labels] in place of the LM head; it is read
+only where a caller asks for it (``architectures=tuple(SEQUENCE_CLASSIFIERS)``), so a reward
+model is never taken for a causal LM.
 """
 from __future__ import annotations
 
@@ -17,6 +22,12 @@ import os
 from typing import Any, Mapping
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# each sequence classifier -> the causal LM whose decoder it shares
+SEQUENCE_CLASSIFIERS = {
+    "LlamaForSequenceClassification": "LlamaForCausalLM",
+    "MistralForSequenceClassification": "MistralForCausalLM",
+    "Qwen2ForSequenceClassification": "Qwen2ForCausalLM",
+}
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -49,6 +60,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    num_labels: int | None = None  # outputs of a sequence classifier's score head; None for a causal LM
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -64,6 +76,16 @@ class ModelConfig:
         return dict(self.rope_scaling or ())
 
     @property
+    def decoder_architecture(self) -> str:
+        """The causal-LM architecture whose decoder this model has (itself for a causal LM)."""
+        return SEQUENCE_CLASSIFIERS.get(self.architecture, self.architecture)
+
+    @property
+    def untied_lm_head(self) -> bool:
+        """Whether the model has an ``lm_head`` matrix of its own: a causal LM with untied embeddings."""
+        return self.num_labels is None and not self.tie_word_embeddings
+
+    @property
     def num_params(self) -> int:
         """Number of parameters, embeddings and head included (tied head counted once)."""
         d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
@@ -73,19 +95,20 @@ class ModelConfig:
         attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
         mlp = 3 * d * f + (2 * f + d) * self.mlp_bias
         per_layer = attn + mlp + 2 * d
-        head = 0 if self.tie_word_embeddings else d * v
+        head = d * v if self.untied_lm_head else d * (self.num_labels or 0)
         return v * d + self.num_hidden_layers * per_layer + d + head
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json") -> "ModelConfig":
-        """Build from a Hugging Face config dict (transformers 4 or 5 layout)."""
-        architectures = hf.get("architectures") or []
-        architecture = architectures[0] if architectures else _architecture_from_model_type(hf.get("model_type"), source)
-        if architecture not in SUPPORTED_ARCHITECTURES:
+    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json",
+                     architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
+        """Build from a Hugging Face config dict (transformers 4 or 5 layout) of one of ``architectures``."""
+        named = hf.get("architectures") or []
+        architecture = named[0] if named else _architecture_from_model_type(hf.get("model_type"), source)
+        if architecture not in architectures:
             raise UnsupportedModelError(
-                f"{source}: architecture {architecture!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"{source}: architecture {architecture!r} is not supported; supported: {', '.join(architectures)}"
             )
+        decoder = SEQUENCE_CLASSIFIERS.get(architecture, architecture)
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
         heads = _required(hf, "num_attention_heads", source)
@@ -112,32 +135,35 @@ class ModelConfig:
             rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=architecture == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            o_bias=architecture != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
+            qkv_bias=decoder == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            o_bias=decoder != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            sliding_window=_sliding_window(hf, architecture, source),
+            sliding_window=_sliding_window(hf, decoder, source),
             architecture=architecture,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
+            num_labels=_num_labels(hf) if decoder != architecture else None,
         )
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "ModelConfig":
+    def from_pretrained(cls, folder: str | os.PathLike,
+                        architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
         path = os.path.join(os.fspath(folder), "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no config.json in the model folder")
-        return cls.from_json_file(path)
+        return cls.from_json_file(path, architectures)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "ModelConfig":
+    def from_json_file(cls, path: str | os.PathLike,
+                       architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
         """The architecture a config.json file describes (a JSON error names the file)."""
         with open(path, encoding="utf-8") as f:
             try:
                 hf = json.load(f)
             except json.JSONDecodeError as err:
                 raise UnsupportedModelError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_hf_dict(hf, source=os.fspath(path))
+        return cls.from_hf_dict(hf, source=os.fspath(path), architectures=architectures)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
         """A config.json that transformers reads back as the same architecture."""
@@ -145,7 +171,7 @@ class ModelConfig:
         rope.update(self.rope_parameters)
         hf: dict[str, Any] = {
             "architectures": [self.architecture],
-            "model_type": _MODEL_TYPES[self.architecture],
+            "model_type": _MODEL_TYPES[self.decoder_architecture],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -164,12 +190,14 @@ class ModelConfig:
             "pad_token_id": self.pad_token_id,
             "dtype": dtype,
         }
-        if self.architecture == "Qwen2ForCausalLM":
+        if self.decoder_architecture == "Qwen2ForCausalLM":
             hf.update(use_sliding_window=False, sliding_window=None)
         else:
             hf.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        if self.architecture == "MistralForCausalLM":
+        if self.decoder_architecture == "MistralForCausalLM":
             hf["sliding_window"] = self.sliding_window
+        if self.num_labels is not None:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
         return hf
 
 
@@ -181,6 +209,11 @@ def _architecture_from_model_type(model_type: str | None, source: str) -> str:
         f"{source}: no 'architectures' entry and model_type {model_type!r} is not supported; supported: "
         f"{', '.join(SUPPORTED_ARCHITECTURES)}"
     )
+
+
+def _num_labels(hf: Mapping[str, Any]) -> int:
+    """A classifier's label count as transformers reads it: id2label's length, else num_labels, else 2."""
+    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
 
 
 def _required(hf: Mapping[str, Any], field: str, source: str) -> Any:

@@ -223,7 +223,7 @@ class LlamaForCausalLM(nn.Module):
             x, cos, sin, mask, cache_index, stacked_cache
         )
         hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-        if not c.tie_word_embeddings:
+        if c.untied_lm_head:
             _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
         if return_hidden:
             output = hidden
