@@ -57,6 +57,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return _rows_into_place(sharding)(arrays, rows)
 
 
+def whole_batch_on_mesh(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays split over the mesh's batch axes from a batch that every process holds whole:
+    each process gives its own block of rows (its equal share, in process order)."""
+    local = len(next(iter(batch.values()))) // jax.process_count()
+    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    return global_batch({name: value[mine] for name, value in batch.items()}, mesh)
+
+
 @functools.lru_cache(maxsize=None)
 def _rows_into_place(sharding: NamedSharding) -> Callable:
     return jax.jit(lambda staged, rows: jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), staged),

@@ -150,6 +150,14 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def batch_row_multiple(mesh: Mesh | None) -> int:
+    """What a global batch's row count must be a multiple of on ``mesh``: its data x fsdp shards and
+    the process count (each process gives an equal block of rows); 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.lcm(math.prod(mesh.shape[a] for a in BATCH_AXES), jax.process_count())
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

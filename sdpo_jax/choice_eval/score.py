@@ -35,8 +35,8 @@ from sdpo_jax.choice_eval.questions import ChoiceQuestion
 from sdpo_jax.logprobs import token_logps
 from sdpo_jax.models.attention import causal_attention_mask
 from sdpo_jax.models.llama import LlamaForCausalLM, output_embedding
-from sdpo_jax.sharded_steps import global_batch
-from sdpo_jax.sharding import BATCH_AXES, replicated
+from sdpo_jax.sharded_steps import whole_batch_on_mesh
+from sdpo_jax.sharding import batch_row_multiple, replicated
 
 MAX_BUCKETS = 4
 BUCKET_MULTIPLE = 8
@@ -86,17 +86,12 @@ def evaluate_choices(model: LlamaForCausalLM, params: Any, tokenizer: Any, quest
 def choice_loglikelihoods(step: Callable, params: Any, encoded: EncodedChoices, batch_size: int,
                           mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """float64 [rows]: ll of every (question, choice) row of ``encoded``; ``batch_size`` questions per forward."""
-    parts = _batch_parts(mesh)
+    parts = batch_row_multiple(mesh)
     if batch_size < 1 or batch_size % parts:
         raise ValueError(f"batch size {batch_size} must be a positive multiple of the {parts} batch shards of the mesh")
     scores = np.full(len(encoded.segments), np.nan)
     for spans, batch in _batches(encoded, batch_size):
-        if mesh is None:
-            logps = step(params, batch)
-        else:
-            local = batch_size // jax.process_count()
-            mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
-            logps = step(params, global_batch({k: v[mine] for k, v in batch.items()}, mesh))
+        logps = step(params, batch if mesh is None else whole_batch_on_mesh(batch, mesh))
         logps = np.asarray(jax.device_get(logps), np.float64)
         for r, (b, first, end) in spans.items():  # token j is predicted at logps column j - 1
             scores[r] = logps[b, first - 1:end - 1].sum()
@@ -193,10 +188,3 @@ def _batches(encoded: EncodedChoices, batch_size: int) -> Iterator[tuple[dict, d
             batch["attention_mask"][b, :len(row["input_ids"])] = 1
             spans.update({r: (b, first, end) for r, (first, end) in row["spans"].items()})
         yield spans, batch
-
-
-def _batch_parts(mesh: jax.sharding.Mesh | None) -> int:
-    """How many shards a batch is split into (data x fsdp), times processes for the local split."""
-    if mesh is None:
-        return 1
-    return int(np.lcm(int(np.prod([mesh.shape[a] for a in BATCH_AXES])), jax.process_count()))

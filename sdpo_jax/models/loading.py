@@ -117,21 +117,28 @@ def build_module(model_config: Any, config: ModelConfig, mesh: Mesh | None = Non
 
 
 def load_model(model_config: Any, mesh: Mesh | None = None) -> tuple[LlamaForCausalLM, dict, Path]:
-    """(module, float32 params, HF folder) from the config's ``model`` section.
-
-    Without ``mesh`` the params are host NumPy arrays. With ``mesh`` they are already laid out on it
-    by the parameters' logical axes (``sharding.DEFAULT_RULES``, the shardings the train state
-    uses), and each process read only the blocks its own devices hold.
-    """
+    """(module, float32 params, HF folder) from the config's ``model`` section; the params as
+    `load_params` reads them (host arrays, or laid out on ``mesh``)."""
     folder = resolve_model_folder(model_config.path)
-    module = build_module(model_config, ModelConfig.from_pretrained(folder), mesh)
+    config = ModelConfig.from_pretrained(folder)
+    module = build_module(model_config, config, mesh)
+    return module, load_params(module, folder, config, mesh), folder
+
+
+def load_params(module: nn.Module, folder: str | os.PathLike, config: ModelConfig, mesh: Mesh | None = None) -> dict:
+    """The float32 params of ``module`` (built for ``config``) read from the folder's safetensors.
+
+    Without ``mesh`` host NumPy arrays; with ``mesh`` laid out on it by the parameters' logical axes
+    (``sharding.DEFAULT_RULES``, the shardings the train state uses), each process reading only
+    the blocks its own devices hold.
+    """
     shardings = None
     if mesh is not None:
         abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
         shardings = logical_to_shardings(nn.get_partition_spec(abstract), mesh)
         check_divisible(nn.meta.unbox(abstract), shardings)
-    _, params = load_hf_checkpoint(folder, shardings=shardings)
-    return module, params, folder
+    _, params = load_hf_checkpoint(folder, shardings=shardings, config=config)
+    return params
 
 
 def model_shape(model_config: Any) -> tuple[ModelConfig, str]:
