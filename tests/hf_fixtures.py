@@ -32,12 +32,13 @@ FAMILIES = {
 }
 
 
-def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool = True, **changes) -> Path:
-    """Save a random tiny ``family`` model (float32 safetensors) and the Llama tokenizer files."""
+def make_hf_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, with_tokenizer: bool = True,
+                       auto_class=transformers.AutoModelForCausalLM, **changes) -> Path:
+    """Save a random tiny ``family`` model of ``auto_class`` (float32 safetensors) and the Llama tokenizer files."""
     config_class, overrides = FAMILIES[family]
     config = config_class(**{**_COMMON, **overrides, **changes})
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    model = auto_class.from_config(config, attn_implementation="eager").float().eval()
     with torch.no_grad():  # norms are initialised to one; make them informative
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -60,11 +61,30 @@ CHAT_TEMPLATE = (
 
 def make_chat_checkpoint(folder: str | os.PathLike) -> Path:
     """A tiny Llama 2 with the full 32000-token Llama vocabulary and a chat template, for text data."""
-    folder = make_hf_checkpoint("llama2", folder, vocab_size=32000)
+    return add_chat_template(make_hf_checkpoint("llama2", folder, vocab_size=32000))
+
+
+def add_chat_template(folder: Path) -> Path:
+    """Give the checkpoint's tokenizer `CHAT_TEMPLATE`."""
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["chat_template"] = CHAT_TEMPLATE
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return folder
+
+
+def make_reward_checkpoint(family: str, folder: str | os.PathLike, seed: int = 0, chat_template: bool = False,
+                           **changes) -> Path:
+    """A random tiny ``family`` reward model: transformers' *ForSequenceClassification with one label
+    (pad_token_id 0) over the full 32000-token Llama vocabulary, the Llama tokenizer files, and
+    `CHAT_TEMPLATE` when ``chat_template``."""
+    changes = {"num_labels": 1, "vocab_size": 32000, **changes}
+    folder = make_hf_checkpoint(family, folder, seed, auto_class=transformers.AutoModelForSequenceClassification, **changes)
+    return add_chat_template(folder) if chat_template else folder
+
+
+def load_torch_reward_model(folder: str | os.PathLike):
+    return transformers.AutoModelForSequenceClassification.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager").eval()
 
 
 def load_torch_model(folder: str | os.PathLike, dtype=torch.float32):
