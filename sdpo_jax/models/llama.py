@@ -9,9 +9,9 @@ the stacked decoder layers) so that sharding rules can map them to mesh axes.
 The decoder layers run under ``nn.scan`` (one compiled layer body, parameters stacked on a
 leading ``layers`` axis), optionally rematerialised with a ``jax.checkpoint`` policy.
 
-For decoding, a `KVCache` holds every layer's keys and values for T slots; a call with a cache
-writes the new tokens' keys/values at slots ``index .. index + S - 1`` and attends over all T
-slots under the caller's mask [B, 1, S, T] (see sdpo_jax.generation).
+For decoding, a `KVCache` holds every layer's keys and values for T slots; `decode` writes the
+new tokens' keys/values at slots ``index .. index + S - 1`` and attends over all T slots under the
+caller's mask [B, 1, S, T] (see sdpo_jax.generation).
 """
 from __future__ import annotations
 
@@ -43,16 +43,18 @@ _INIT_STD = 0.02
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Keys and values of every layer, [layers, B, T, kv_heads, head_dim], and the next slot to write."""
+    """Per layer, keys and values head-major [B, kv_heads, T, head_dim] (one array each, so a decoding
+    loop updates them in place and attention reads them without a transpose); the next slot to write."""
 
-    key: jnp.ndarray
-    value: jnp.ndarray
+    keys: tuple[jnp.ndarray, ...]
+    values: tuple[jnp.ndarray, ...]
     index: jnp.ndarray
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+        shape = (batch, config.num_key_value_heads, slots, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init=None):
@@ -105,10 +107,12 @@ class Attention(nn.Module):
         key = apply_rotary(projections["k_proj"].astype(jnp.float32), cos, sin).astype(self.dtype)
         value = projections["v_proj"]
         if layer_cache is not None:
-            cached_key, cached_value = layer_cache
-            key = jax.lax.dynamic_update_slice_in_dim(cached_key, key.astype(cached_key.dtype), cache_index, axis=1)
-            value = jax.lax.dynamic_update_slice_in_dim(cached_value, value.astype(cached_value.dtype), cache_index, axis=1)
-            layer_cache = (key, value)
+            # Written head-major; handed on as [B, T, K, d], whose transpose back to head-major inside
+            # the XLA attention path cancels this one (no copy of the cache per step).
+            layer_cache = tuple(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3),
+                                                                    cache_index, axis=2)
+                                for cached, new in zip(layer_cache, (key, value)))
+            key, value = (cached.transpose(0, 2, 1, 3) for cached in layer_cache)
         out = grouped_query_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)
         o_kernel = _param(self, "o_proj_kernel", (h, hd, d), ("q_heads", "head_dim", "embed"))
         y = _matmul("bshk,hkd->bsd", out, o_kernel, self.dtype)
@@ -170,8 +174,7 @@ class LlamaForCausalLM(nn.Module):
     final normalised hidden states [B, S, hidden] in the compute dtype with ``return_hidden=True``
     (for chunked log-probs that never build the full logits; see ``output_embedding``).
     Positions default to cumsum(attention_mask) - 1, which equals 0..S-1 for right padding.
-    With ``cache`` (a `KVCache`; ``positions`` and a dense ``mask`` [B, 1, S, T] over the cache
-    slots are then required) it returns ``(output, updated cache)``.
+    Decoding with a KV cache goes through `decode`.
     ``activation_sharding`` (a Sharding of [B, S, hidden], e.g. batch over the mesh's data and fsdp
     axes) pins every layer's input: without it XLA may keep FSDP-gathered activations whole on
     each device of the fsdp axis instead of split by rows.
@@ -187,10 +190,8 @@ class LlamaForCausalLM(nn.Module):
     activation_sharding: Any = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, mask=None, return_hidden=False):
         c = self.config
-        if cache is not None and (mask is None or positions is None):
-            raise ValueError("a call with a KV cache needs explicit positions and a mask over the cache slots")
         custom_mask = mask is not None or (positions is not None and c.sliding_window is not None)
         implementation = resolve_implementation(self.attention_implementation, self.dtype, custom_mask)
         if attention_mask is None:
@@ -200,9 +201,8 @@ class LlamaForCausalLM(nn.Module):
         if mask is None:
             mask = attention_mask_for(attention_mask, positions, c, implementation)
         embedding = _param(self, "embed_tokens", (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        # "clip": ids are in the vocabulary (sdpo_jax.data checks them), so no NaN-fill select per element.
-        x = jnp.take(embedding, input_ids, axis=0, mode="clip").astype(self.dtype)
-        cos, sin = rotary_cos_sin(positions, inverse_frequencies(c.head_dim, c.rope_theta, c.rope_parameters))
+        x = _embed(embedding, input_ids, self.dtype)
+        cos, sin = _rotary(c, positions)
 
         layer = DecoderLayer
         if REMAT_POLICIES.get(self.remat, "missing") == "missing":
@@ -213,15 +213,11 @@ class LlamaForCausalLM(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        stacked_cache = None if cache is None else (cache.key, cache.value)
-        cache_index = None if cache is None else cache.index
-        x, stacked_cache = layers(c, self.dtype, self.param_dtype, implementation, self.activation_sharding, name="layers")(
-            x, cos, sin, mask, cache_index, stacked_cache
-        )
+        x, _ = layers(c, self.dtype, self.param_dtype, implementation, self.activation_sharding, name="layers")(x, cos, sin, mask)
         hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if c.untied_lm_head:
             _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -230,9 +226,51 @@ class LlamaForCausalLM(nn.Module):
         else:
             head = output_embedding(self.variables["params"], c)
             output = jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
-        if cache is None:
-            return output
-        return output, KVCache(*stacked_cache, cache.index + input_ids.shape[1])
+        return output
+
+
+def _embed(embedding: jnp.ndarray, input_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    """Rows of the embedding for ``input_ids``, in ``dtype``."""
+    # "clip": ids are in the vocabulary (sdpo_jax.data checks them), so no NaN-fill select per element.
+    return jnp.take(embedding, input_ids, axis=0, mode="clip").astype(dtype)
+
+
+def _rotary(config: ModelConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 cos and sin [B, S, head_dim] of the model's rotary embedding at ``positions``."""
+    return rotary_cos_sin(positions, inverse_frequencies(config.head_dim, config.rope_theta, config.rope_parameters))
+
+
+def unstacked_layers(params: Any) -> Any:
+    """``params`` with the stacked decoder layers split into a tuple of per-layer trees (for `decode`).
+
+    Inside a jitted decoding loop, call it outside the loop: the slices are then taken once (a
+    second copy of the layer weights while the loop runs) instead of on every step, which is what a
+    scan over the stacked layers (or slices left inside the loop) costs on CPU.
+    """
+    layers = params["layers"]
+    count = jax.tree_util.tree_leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], layers) for i in range(count))}
+
+
+def decode(model: LlamaForCausalLM, params: Any, input_ids: jnp.ndarray, positions: jnp.ndarray, mask: jnp.ndarray,
+           cache: KVCache) -> tuple[jnp.ndarray, KVCache]:
+    """(final normalised hidden states [B, S, hidden], updated cache) for ``input_ids`` [B, S] at
+    ``positions`` [B, S], written at cache slots ``cache.index .. + S - 1``, attending under the
+    dense ``mask`` [B, 1, S, T] over all T slots; the same layers and numerics as ``model``, one
+    after another on ``params`` from `unstacked_layers`.
+    """
+    c = model.config
+    implementation = resolve_implementation(model.attention_implementation, model.dtype, custom_mask=True)
+    layer = DecoderLayer(c, model.dtype, model.param_dtype, implementation, model.activation_sharding)
+    x = _embed(params["embed_tokens"], input_ids, model.dtype)
+    cos, sin = _rotary(c, positions)
+    keys, values = [], []
+    for layer_params, layer_cache in zip(params["layers"], zip(cache.keys, cache.values)):
+        x, (key, value) = layer.apply({"params": layer_params}, x, cos, sin, mask, cache.index, layer_cache)
+        keys.append(key)
+        values.append(value)
+    hidden = RMSNorm(c.rms_norm_eps, model.dtype, model.param_dtype).apply({"params": params["norm"]}, x)
+    return hidden, KVCache(tuple(keys), tuple(values), cache.index + input_ids.shape[1])
 
 
 def attention_mask_for(
