@@ -134,7 +134,7 @@ def _decode(model: LlamaForCausalLM, params: Any, prompt: jnp.ndarray, prompt_va
     key_valid = jnp.zeros((batch, slots), bool).at[:, :prompt_len].set(prompt_valid)
     prompt_positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
     key_positions = jnp.concatenate([prompt_positions, lengths[:, None] + jnp.arange(max_new_tokens)[None]], axis=1)
-    head = output_embedding(params, model.config)
+    head = output_embedding(params, model.config).astype(model.dtype)
     layers = unstacked_layers(params)
     window = model.config.sliding_window
 
@@ -143,7 +143,7 @@ def _decode(model: LlamaForCausalLM, params: Any, prompt: jnp.ndarray, prompt_va
         positions = jax.lax.dynamic_slice_in_dim(key_positions, first, tokens.shape[1], axis=1)
         mask = cache_attention_mask(key_valid, key_positions, first, tokens.shape[1], window)
         hidden, cache = decode(model, layers, tokens, positions, mask, cache)
-        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bd,dv->bv", hidden[:, -1], head, preferred_element_type=jnp.float32)
         return logits, cache
 
     def pick(logits, n):
