@@ -39,7 +39,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.sdpo.probe_steps = 20  # dpo_probe: DPO steps of the difficulty probe
     c.sdpo.stage_fractions = ()  # random / pair_logratio chunk sizes (equal when empty)
     c.sdpo.policy_init = "previous"  # previous: stage t starts from M(t-1) (the paper) | sft: from M0 (ablation)
-    c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7")
+    c.sdpo.reference = "previous"  # stage t's reference: previous = M(t-1) (the paper) | initial = M0 in every stage
+    c.sdpo.ref_sync_steps = 0  # TR-DPO soft update every N optimizer steps within a stage (0 = off)
+    c.sdpo.ref_mixup_alpha = 0.6  # the update: reference <- alpha * policy + (1 - alpha) * reference
+    c.sdpo.stage_data = "offline"  # offline: the chunk's pairs | generated: pairs of M(t-1)'s samples on the chunk's prompts
+    c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7", "2:sdpo.stage_data=generated")
+
+    # On-policy stage data (sdpo.stage_data = generated) and the scorer of eval.reward_prompts
+    c.generate = ml_collections.ConfigDict()
+    c.generate.scorer = ""  # exact_match | package.module:function | reward_model:HF_DIR
+    c.generate.samples_per_prompt = 4
+    c.generate.temperature = 1.0
+    c.generate.top_p = 1.0
+    c.generate.max_new_tokens = 64
+    c.generate.chosen = "best"  # best: the best-scored sample | gold: the chunk's chosen answer
+    c.generate.min_margin = 0.0  # a prompt gives no pair when chosen and rejected scores differ by less
+    c.generate.batch_size = 8  # prompts sampled together (each gives samples_per_prompt rows)
 
     c.train = ml_collections.ConfigDict()
     c.train.batch_size = 4  # global pairs per optimizer step
@@ -57,8 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The preference loss: TRL 1.16 DPOConfig's fields, names and defaults (sdpo_jax/losses.py, docs/config.md)
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
-    c.dpo.loss_type = "sigmoid"  # a loss type or a comma list of them, e.g. "sigmoid,bco_pair,sft" (MPO)
-    c.dpo.loss_weights = ""  # comma list, one weight per loss type; "" = all 1.0
+    # loss_type: a loss type, or several as a tuple or comma list, e.g. ("sigmoid", "bco_pair", "sft") (MPO)
+    c.dpo.loss_type = ml_collections.FieldReference("sigmoid", field_type=object)
+    # loss_weights: one weight per loss type, a tuple or comma list; "" = all 1.0
+    c.dpo.loss_weights = ml_collections.FieldReference("", field_type=object)
     c.dpo.label_smoothing = 0.0  # robust, exo_pair, aot(_unpaired); with sigmoid: cDPO
     c.dpo.rpo_alpha = 0.0  # weight of the chosen completions' NLL added to the loss (RPO)
     c.dpo.reference_free = False
@@ -81,6 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.choices_limit = 100  # first N questions (0 = all)
     c.eval.choices_chat_template = False  # lm-eval-harness style plain "Question: ...\nAnswer:" prompts
     c.eval.choices_batch_size = 16  # questions per forward (a multiple of mesh data * fsdp)
+    c.eval.reward_prompts = ""  # held-out prompts (jsonl: prompt, optional reference) scored by generate.scorer; '' = off
 
     c.log = ml_collections.ConfigDict()
     c.log.progress = "auto"  # progress bars: auto (when stderr is a terminal) | always | never

@@ -64,6 +64,16 @@ def reward(problem: Problem, completion_ids: list[int]) -> float:
     return hits / max(len(answer), len(target))
 
 
+def score(prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
+    """The true reward r as a stage-data scorer (``generate.scorer = experiments.sorting:score``): each prompt
+    text is "d_1 ... d_n =" and each completion "a_1 ... a_m" (special tokens already dropped)."""
+    values = []
+    for prompt, completion in zip(prompts, completions):
+        digits = tuple(int(token) for token in prompt.split("=")[0].split())
+        values.append(reward(Problem(digits), [TOKEN_ID.get(token, TOKEN_ID[UNK]) for token in completion.split()]))
+    return values
+
+
 def build_tokenizer(folder: str | Path):
     """Writes a word-level fast tokenizer of ``VOCAB`` (whitespace-separated tokens) to ``folder``."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -84,7 +84,8 @@ def run_seed(seed: int, out: Path, settings: ExperimentSettings, variants, log=p
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the driver would otherwise resume
         config = variant_config(variant, model_folder=str(folder), all_pairs=all_file, stage_files=stage_files,
                                 eval_pairs=eval_file, num_pairs=len(pairs), output_dir=str(run_dir),
-                                cache_dir=str(out / "cache"), seed=seed, dpo=settings.dpo)
+                                cache_dir=str(out / "cache"), seed=seed, dpo=settings.dpo, samples=settings.samples,
+                                temperature=settings.temperature, max_new_tokens=settings.sft.lengths[1] + 2)
         report = train(config)
         stages = []
         for entry, stage_p in zip(report, stage_params(model, run_dir)):

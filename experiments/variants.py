@@ -11,6 +11,9 @@ steps (``epochs`` passes over all pairs, split over the T stages):
                      sdpo.difficulty='pair_logratio')
     true-T-init-sft  true-T, but every stage's policy starts from M0 while its reference is
                      M(t-1) (sdpo.policy_init='sft'; the paper's ablation)
+    onpolicy-T       sDPO on a random partition whose stage t trains on M(t-1)'s own samples on its
+                     chunk's prompts (sdpo.stage_data='generated'), scored by the true reward
+                     (experiments.sorting:score): chosen the best sample, rejected the worst
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class Variant:
     stages: int
     partition: str          # 'random' | 'true' | 'model'
     policy_init: str = "previous"
+    stage_data: str = "offline"  # 'offline' | 'generated'
 
 
 VARIANTS = (
@@ -40,6 +44,8 @@ VARIANTS = (
     Variant("model-3", 3, "model"),
     Variant("true-2-init-sft", 2, "true", "sft"),
     Variant("true-3-init-sft", 3, "true", "sft"),
+    Variant("onpolicy-2", 2, "random", stage_data="generated"),
+    Variant("onpolicy-3", 3, "random", stage_data="generated"),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
@@ -56,8 +62,9 @@ class DPOSettings:
 
 def variant_config(variant: Variant, *, model_folder: str, all_pairs: str, stage_files: dict[int, list[str]],
                    eval_pairs: str, num_pairs: int, output_dir: str, cache_dir: str, seed: int,
-                   dpo: DPOSettings) -> ml_collections.ConfigDict:
-    """The driver config of ``variant``; ``stage_files[T]`` are the true-difficulty files, easiest first."""
+                   dpo: DPOSettings, samples: int, temperature: float, max_new_tokens: int) -> ml_collections.ConfigDict:
+    """The driver config of ``variant``; ``stage_files[T]`` are the true-difficulty files, easiest first; a
+    generated stage samples ``samples`` completions per prompt at ``temperature`` (as M0's pairs were)."""
     c = get_config()
     c.output_dir = output_dir
     c.model.path = model_folder
@@ -75,6 +82,13 @@ def variant_config(variant: Variant, *, model_folder: str, all_pairs: str, stage
     c.sdpo.partition = {"random": "random", "true": "datasets", "model": "easy_to_hard"}[variant.partition]
     c.sdpo.difficulty = "pair_logratio"
     c.sdpo.policy_init = variant.policy_init
+    c.sdpo.stage_data = variant.stage_data
+    c.generate.scorer = "experiments.sorting:score"
+    c.generate.samples_per_prompt = samples
+    c.generate.temperature = temperature
+    c.generate.max_new_tokens = max_new_tokens
+    c.generate.chosen = "best"
+    c.generate.batch_size = 256
     c.train.batch_size = dpo.batch_size
     c.train.steps_per_stage = max(1, math.ceil(dpo.epochs * num_pairs / variant.stages / dpo.batch_size))
     c.train.seed = seed

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from sdpo_jax.errors import CorruptCheckpoint
+from sdpo_jax.host_exchange import allgather_json, any_process, on_main_process
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -39,11 +40,23 @@ def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
 
 
 def _bits(x: jnp.ndarray) -> jnp.ndarray:
-    """The raw bits of every element of ``x`` as uint32 (narrower types widened, wider ones split)."""
+    """The raw bits of every element of ``x`` as uint32, in ``x``'s own shape (narrower types widened; an
+    8-byte type gets a trailing axis of its two 32-bit halves)."""
     if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32).ravel()
+        return x.astype(jnp.uint32)
     unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).ravel()
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _odd_position_weights(shape: tuple[int, ...]) -> jnp.ndarray:
+    """2 i + 1 (mod 2^32) for each element's row-major position i, built from per-axis indices, so that an
+    array split over devices is weighed where it lies (no device gathers the whole array)."""
+    position = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        position = position + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return position * jnp.uint32(2) + jnp.uint32(1)
 
 
 @jax.jit
@@ -51,8 +64,7 @@ def _checksums(tree: Any) -> jnp.ndarray:
     sums = []
     for leaf in jax.tree_util.tree_leaves(tree):
         bits = _bits(jnp.asarray(leaf))
-        weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-        sums.append(jnp.sum(bits * weights, dtype=jnp.uint32))
+        sums.append(jnp.sum(bits * _odd_position_weights(bits.shape), dtype=jnp.uint32))
     return jnp.stack(sums) if sums else jnp.zeros((0,), jnp.uint32)
 
 
@@ -107,11 +119,10 @@ class RunCheckpoints:
             manager.close()
 
     def _ensure_space(self, tree: Any, what: str) -> None:
-        """`OSError` (one line) when the disk lacks room for ``tree``, decided on every process alike, before
-        anything is written: a save that runs out of space midway fails in background threads."""
-        from sdpo_jax.host_exchange import any_process
-
-        needed = int(sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)) * 1.05)
+        """`OSError` (one line) when the disk lacks room for the part of ``tree`` this process writes, decided on
+        every process alike, before anything is written: a save that runs out of space midway fails in
+        background threads."""
+        needed = int(sum(_bytes_written_here(x) for x in jax.tree_util.tree_leaves(tree)) * 1.05)
         folder = Path(str(self.root))
         while not folder.exists():
             folder = folder.parent
@@ -120,61 +131,70 @@ class RunCheckpoints:
             raise OSError(errno.ENOSPC, f"no space left for {what}: it needs ~{needed / 2**20:.0f} MiB, "
                                         f"{free / 2**20:.0f} MiB are free on {folder}")
 
-    def save_step(self, stage: int, step: int, state: Any, meta: dict) -> None:
+    def save_step(self, stage: int, step: int, state: Any, meta: dict, reference: Any = None) -> None:
+        """A mid-stage checkpoint: the train state, the JSON ``meta`` and (a moving reference) ``reference``."""
         self.wait()  # (an earlier save's data is on disk before the free space is counted)
-        self._ensure_space(state, f"the checkpoint of stage {stage} step {step}")
-        meta = {**meta, "checksums": tree_checksums(state)}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager(stage, "steps").save(step, args=args)
+        self._ensure_space((state, reference), f"the checkpoint of stage {stage} step {step}")
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "checksums": tree_checksums((state, reference))})}
+        if reference is not None:
+            items["reference"] = ocp.args.StandardSave(reference)
+        self._manager(stage, "steps").save(step, args=ocp.args.Composite(**items))
 
     def latest_step(self, stage: int) -> int | None:
         if not (self.root / f"stage_{stage}" / "steps").is_dir():
             return None
         return self._manager(stage, "steps").latest_step()
 
-    def restore_latest(self, stage: int, abstract_state: Any) -> tuple[int, Any, dict] | None:
-        """(step, TrainState, meta) of the newest intact mid-stage checkpoint of ``stage``, or None.
+    def restore_latest(self, stage: int, abstract_state: Any, abstract_reference: Any = None
+                       ) -> tuple[int, Any, dict, Any] | None:
+        """(step, TrainState, meta, moving reference or None) of the newest intact mid-stage checkpoint of
+        ``stage``, or None; ``abstract_reference`` when the stage's reference moves (it is saved with the state).
 
-        An unreadable or altered checkpoint is set aside (stage_<t>/corrupt/<step>) with a warning and
-        the one before it is tried; a state of another layout (another version's) is a one-line error.
+        A checkpoint that some process cannot decode, or whose arrays differ from their checksums, is set
+        aside (stage_<t>/corrupt/<step>) on every process alike with a warning, and the one before it is
+        tried. A state of another layout (another version's) is a one-line error; so is a failure of the
+        machine (memory, permissions, I/O), which says nothing about the checkpoint.
         """
         while (step := self.latest_step(stage)) is not None:
+            restored, problem = None, None
             try:
-                return (step, *self._restore_step(stage, step, abstract_state))
+                restored = self.restore_step(stage, step, abstract_state, abstract_reference)
             except (CorruptCheckpoint, _UnreadableCheckpoint) as err:
-                self._set_aside(stage, step)
-                older = self.latest_step(stage)
-                self.warn(f"warning: {err}; moved it to {self.root / f'stage_{stage}' / 'corrupt'}, resuming from "
-                          + (f"step {older}" if older is not None else f"the start of stage {stage}"))
+                problem = str(err)
+            problems = [p for p in allgather_json(problem) if p]
+            if not problems:
+                return (step, *restored)
+            self._drop_manager(stage, "steps")
+            target = self.root / f"stage_{stage}" / "corrupt" / str(step)
+            on_main_process(lambda: _move(self.root / f"stage_{stage}" / "steps" / str(step), target),
+                            f"set aside the damaged checkpoint {target.parent.parent / 'steps' / str(step)}")
+            older = self.latest_step(stage)
+            self.warn(f"warning: {problems[0]}; moved it to {target.parent}, resuming from "
+                      + (f"step {older}" if older is not None else f"the start of stage {stage}"))
         return None
 
-    def _restore_step(self, stage: int, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def restore_step(self, stage: int, step: int, abstract_state: Any, abstract_reference: Any = None) -> tuple[Any, dict, Any]:
+        """(TrainState, meta, moving reference or None) of one mid-stage checkpoint, checked against its checksums."""
         folder = self.root / f"stage_{stage}" / "steps" / str(step)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if abstract_reference is not None:
+            items["reference"] = ocp.args.StandardRestore(abstract_reference)
         try:
-            restored = self._manager(stage, "steps").restore(step, args=args)
-        except ValueError as err:
-            if "tree structures do not match" not in str(err):
-                raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({_first_line(err)})") from None
-            where = " ".join(str(err).splitlines()[1:3]).strip()
-            raise ValueError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
-                             f"train state of another layout ({where}; written by another sdpo_jax version or other "
-                             f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
+            restored = self._manager(stage, "steps").restore(step, args=ocp.args.Composite(**items))
         except Exception as err:  # noqa: BLE001 (tensorstore and JSON decoding raise many types for damaged files)
+            if "tree structures do not match" in str(err):
+                where = " ".join(str(err).splitlines()[1:3]).strip()
+                raise ValueError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
+                                 f"train state of another layout ({where}; written by another sdpo_jax version or other "
+                                 f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
+            if _machine_problem(err):
+                raise
             raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({type(err).__name__}: "
                                         f"{_first_line(err)})") from None
         meta = dict(restored.meta)
-        _verify(restored.state, meta.pop("checksums", None), f"the checkpoint {folder}")
-        return restored.state, meta
-
-    def _set_aside(self, stage: int, step: int) -> None:
-        self._drop_manager(stage, "steps")
-        if jax.process_index() == 0:
-            target = self.root / f"stage_{stage}" / "corrupt" / str(step)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(str(target), ignore_errors=True)
-            shutil.move(str(self.root / f"stage_{stage}" / "steps" / str(step)), str(target))
-        _barrier(f"set_aside_{stage}_{step}")
+        reference = restored.reference if abstract_reference is not None else None
+        _verify((restored.state, reference), meta.pop("checksums", None), f"the checkpoint {folder}")
+        return restored.state, meta, reference
 
     def save_stage(self, stage: int, params: Any, meta: dict) -> None:
         """The end-of-stage snapshot, written synchronously (the next stage needs it); then the stage's
@@ -186,22 +206,19 @@ class RunCheckpoints:
         manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)))
         manager.wait_until_finished()
         self._drop_manager(stage, "steps")
-        self._remove(self.root / f"stage_{stage}" / "steps")
-        if self.keep_stages:
-            self._prune_snapshots(stage)
-        _barrier(f"saved_stage_{stage}")
+        pruned = [s for s in self._snapshot_stages() if self.keep_stages and s <= stage - self.keep_stages]
+        for old in pruned:
+            self._drop_manager(old, "final")
+        on_main_process(lambda: self._remove_after_stage(stage, pruned), f"remove the checkpoints stage {stage} no longer needs")
 
-    def _prune_snapshots(self, latest: int) -> None:
-        """Remove the snapshots of stages before the last ``keep_stages`` (the latest, the next stage's
-        reference and starting point, always stays)."""
-        pruned = set(self.pruned_stages())
-        for stage in self._snapshot_stages():
-            if stage <= latest - self.keep_stages:
-                self._drop_manager(stage, "final")
-                self._remove(self.root / f"stage_{stage}" / "final")
-                pruned.add(stage)
-        if jax.process_index() == 0 and pruned:
-            (self.root / "pruned_stages.json").write_text(json.dumps(sorted(pruned)))
+    def _remove_after_stage(self, stage: int, pruned: list[int]) -> None:
+        """Stage ``stage``'s mid-stage checkpoints, and the snapshots of ``pruned`` stages (keep_stages: the
+        latest, the next stage's reference and starting point, always stays), listed in pruned_stages.json."""
+        shutil.rmtree(str(self.root / f"stage_{stage}" / "steps"), ignore_errors=True)
+        for old in pruned:
+            shutil.rmtree(str(self.root / f"stage_{old}" / "final"))
+        if pruned:
+            (self.root / "pruned_stages.json").write_text(json.dumps(sorted(set(self.pruned_stages()) | set(pruned))))
 
     def pruned_stages(self) -> list[int]:
         path = self.root / "pruned_stages.json"
@@ -237,15 +254,13 @@ class RunCheckpoints:
         try:
             restored = manager.restore(0, args=args)
         except Exception as err:  # noqa: BLE001 (damaged files raise many types)
+            if _machine_problem(err):
+                raise
             raise CorruptCheckpoint(f"the snapshot of stage {stage} in {folder} cannot be read ({type(err).__name__}: "
-                                    f"{_first_line(err)}); delete that folder to train the stage again") from None
+                                    f"{_first_line(err)})") from None
         meta = dict(restored.meta)
         _verify(restored.params, meta.pop("checksums", None), f"the snapshot of stage {stage} in {folder}")
         return restored.params, meta
-
-    def _remove(self, folder: epath.Path) -> None:
-        if jax.process_index() == 0 and folder.exists():
-            shutil.rmtree(str(folder), ignore_errors=True)
 
     def wait(self) -> None:
         for manager in self._managers.values():
@@ -261,14 +276,29 @@ class _UnreadableCheckpoint(Exception):
     """A mid-stage checkpoint whose files cannot be restored."""
 
 
+def _machine_problem(err: BaseException) -> bool:
+    """Whether a failed restore is the machine's (memory, permissions, I/O), not the checkpoint's."""
+    from sdpo_jax.cli.errors import environment_problem
+
+    text = str(err)
+    return environment_problem(err) is not None or any(code in text for code in (
+        "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Permission denied"))
+
+
+def _bytes_written_here(x: Any) -> int:
+    """Bytes of ``x`` this process writes: the first replica of each of its shards (all of a host array)."""
+    shards = getattr(x, "addressable_shards", None)
+    if shards is None:
+        return int(np.prod(np.shape(x))) * np.asarray(x).dtype.itemsize if x is not None else 0
+    return sum(shard.data.nbytes for shard in shards if shard.replica_id == 0)
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(str(target), ignore_errors=True)
+    shutil.move(str(source), str(target))
+
+
 def _first_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text[:300] if text else type(err).__name__
-
-
-def _barrier(name: str) -> None:
-    """All processes wait here (so that none reads a folder process 0 is still changing)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)

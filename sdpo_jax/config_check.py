@@ -40,13 +40,21 @@ from sdpo_jax.models.loading import COMPUTE_DTYPES, model_path_problem
 from sdpo_jax.models.llama import REMAT_POLICIES
 from sdpo_jax.optim import SCHEDULES, OptimizerSettings
 from sdpo_jax.partition import DIFFICULTIES, PARTITIONS
+from sdpo_jax.scorers import spec_problem
+from sdpo_jax.stage_data import GenerateSettings
 from sdpo_jax.sharding import MeshError, global_mesh_shape
 
 POLICY_INITS = ("previous", "sft")
+REFERENCES = ("previous", "initial")
+STAGE_DATA = ("offline", "generated")
+CHOSEN_RULES = ("best", "gold")
 PROGRESS_MODES = ("auto", "always", "never")
 # Fields a stage may set for itself with sdpo.stage_overrides (besides the dpo.* fields but RUN_WIDE_DPO).
 STAGE_FIELDS = ("train.learning_rate", "train.steps_per_stage", "train.lr_schedule", "train.warmup_ratio",
-                "train.weight_decay", "train.max_grad_norm")
+                "train.weight_decay", "train.max_grad_norm", "sdpo.reference", "sdpo.ref_sync_steps",
+                "sdpo.ref_mixup_alpha", "sdpo.stage_data", "generate.scorer", "generate.samples_per_prompt",
+                "generate.temperature", "generate.top_p", "generate.max_new_tokens", "generate.chosen",
+                "generate.min_margin", "generate.batch_size")
 # dpo fields that must be the same in every stage: LD-DPO's weighting is part of every reference log-prob,
 # and the held-out set's are computed once per run.
 RUN_WIDE_DPO = ("dpo.ld_alpha",)
@@ -129,7 +137,7 @@ def _sequence(item: Callable, allow_empty: bool = True) -> Callable:
 
 
 def _sources(allow_empty: bool) -> Callable:
-    """A tuple of source strings (or one string, commas separating several); local files must exist."""
+    """A tuple of source strings (or one string, commas separating several)."""
     def rule(value):
         from sdpo_jax.data.load import source_list
 
@@ -137,19 +145,26 @@ def _sources(allow_empty: bool) -> Callable:
             return f"expected a tuple of sources, got {_type_name(value)} {value!r}"
         if not isinstance(value, str) and any(not isinstance(v, str) for v in value):
             return f"expected source strings, got {value!r}"
-        specs = source_list(value)
-        if not specs and not allow_empty:
+        if not source_list(value) and not allow_empty:
             return "no sources given"
-        for i, spec in enumerate(specs):
-            problem = local_source_problem(spec)
-            if problem:
-                return f"[{i}] {spec!r}: {problem}"
         return None
     return rule
 
 
-def _model_path(value):
-    return _text()(value) or model_path_problem(value)
+def _local_sources(value) -> str | None:
+    """Which source names a local file that is not there (or not readable)."""
+    from sdpo_jax.data.load import source_list
+
+    for i, spec in enumerate(source_list(value)):
+        problem = local_source_problem(spec)
+        if problem:
+            return f"[{i}] {spec!r}: {problem}"
+    return None
+
+
+def _local_file(value) -> str | None:
+    problem = local_source_problem(value) if value else None
+    return f"{value!r}: {problem}" if problem else None
 
 
 def _output_dir(value):
@@ -164,17 +179,9 @@ def _output_dir(value):
     return None
 
 
-def _choices_file(value):
-    problem = _text(allow_empty=True)(value)
-    if problem or not value:
-        return problem
-    problem = local_source_problem(value)
-    return f"{value!r}: {problem}" if problem else None
-
-
 FIELD_RULES: dict[str, Callable] = {
     "output_dir": _output_dir,
-    "model.path": _model_path,
+    "model.path": _text(),
     "model.dtype": _choice(*COMPUTE_DTYPES),
     "model.attention": _choice(*ATTENTION_IMPLEMENTATIONS),
     "model.remat": _choice(*REMAT_POLICIES),
@@ -204,7 +211,19 @@ FIELD_RULES: dict[str, Callable] = {
     "sdpo.probe_steps": _integer(1),
     "sdpo.stage_fractions": _sequence(_number(0.0, low_open=True)),
     "sdpo.policy_init": _choice(*POLICY_INITS),
+    "sdpo.reference": _choice(*REFERENCES),
+    "sdpo.ref_sync_steps": _integer(0),
+    "sdpo.ref_mixup_alpha": _number(0.0, 1.0, low_open=True),
+    "sdpo.stage_data": _choice(*STAGE_DATA),
     "sdpo.stage_overrides": _sequence(_text()),
+    "generate.scorer": _text(allow_empty=True),
+    "generate.samples_per_prompt": _integer(1),
+    "generate.temperature": _number(0.0, low_open=True),
+    "generate.top_p": _number(0.0, 1.0, low_open=True),
+    "generate.max_new_tokens": _integer(1),
+    "generate.chosen": _choice(*CHOSEN_RULES),
+    "generate.min_margin": _number(0.0),
+    "generate.batch_size": _integer(1),
     "train.batch_size": _integer(1),
     "train.grad_accum": _integer(1),
     "train.steps_per_stage": _integer(0),
@@ -219,10 +238,11 @@ FIELD_RULES: dict[str, Callable] = {
     "eval.prompts": _sequence(_text()),
     "eval.max_new_tokens": _integer(1),
     "eval.temperature": _number(0.0),
-    "eval.choices": _choices_file,
+    "eval.choices": _text(allow_empty=True),
     "eval.choices_limit": _integer(0),
     "eval.choices_chat_template": _boolean,
     "eval.choices_batch_size": _integer(1),
+    "eval.reward_prompts": _text(allow_empty=True),
     "log.progress": _choice(*PROGRESS_MODES),
     "log.tensorboard": _boolean,
     "log.wandb": _boolean,
@@ -236,6 +256,17 @@ FIELD_RULES: dict[str, Callable] = {
     "checkpoint.keep_stages": _integer(0),
     "checkpoint.async_save": _boolean,
     "checkpoint.force_resume": _boolean,
+}
+
+
+# Whether what a field names is there (skipped by sdpo-plan, which checks a config for another machine).
+FILE_RULES: dict[str, Callable] = {
+    "model.path": model_path_problem,
+    "data.train": _local_sources,
+    "data.eval": _local_sources,
+    "eval.choices": _local_file,
+    "eval.reward_prompts": _local_file,
+    "generate.scorer": lambda spec: spec_problem(spec) if spec else None,
 }
 
 
@@ -253,6 +284,16 @@ class StageSettings:
     warmup_ratio: float
     weight_decay: float
     max_grad_norm: float
+    reference: str  # 'previous': M(t-1) | 'initial': M0
+    ref_sync_steps: int  # TR-DPO soft update every N steps (0: the reference stays frozen)
+    ref_mixup_alpha: float
+    stage_data: str  # 'offline' | 'generated'
+    generate: GenerateSettings
+
+    @property
+    def moving_reference(self) -> bool:
+        """Whether the reference moves within the stage (its log-probs are then computed in the step)."""
+        return self.ref_sync_steps > 0
 
     def steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of this stage, given its chunk's batches per epoch."""
@@ -307,24 +348,30 @@ def unknown_field_message(name: str, where: str = "") -> str:
     return f"{where}unknown config field {name!r}{hint} (every field: docs/config.md, or sdpo-train --show_config)"
 
 
-def check_config(config: ml_collections.ConfigDict, device_count: int) -> CheckedConfig:
-    """The accepted ``config`` with its stages' settings and mesh shape; else a one-line `ConfigError`."""
+def check_config(config: ml_collections.ConfigDict, device_count: int, local_files: bool = True) -> CheckedConfig:
+    """The accepted ``config`` with its stages' settings and mesh shape; else a one-line `ConfigError`.
+
+    ``local_files`` False skips whether the named files and folders exist here (sdpo-plan checks a config
+    for another machine)."""
     fields = flat_fields(config)
     for name in fields:
         if name not in FIELD_RULES and name not in OPTIONAL_FIELDS and name not in _dpo_fields():
             raise ConfigError(unknown_field_message(name))
+    missing = next((name for name in [*FIELD_RULES, *_dpo_fields()] if name not in fields), None)
+    if missing:
+        raise ConfigError(f"config field {missing!r} is missing (build configs on configs.default.get_config())")
     for name, rule in FIELD_RULES.items():
-        if name not in fields:
-            raise ConfigError(f"config field {name!r} is missing (build configs on configs.default.get_config())")
-        problem = rule(fields[name])
+        problem = rule(fields[name]) or (FILE_RULES[name](fields[name]) if local_files and name in FILE_RULES else None)
         if problem:
             raise ConfigError(f"{name}: {problem}")
     for name, kind in OPTIONAL_FIELDS.items():
         if name in fields and not isinstance(fields[name], kind if kind is not float else (int, float)):
             raise ConfigError(f"{name}: expected {kind.__name__}, got {_type_name(fields[name])} {fields[name]!r}")
     _check_lengths(config)
-    stages = tuple(_stage_settings(config, stage) for stage in range(1, config.sdpo.num_stages + 1))
+    stages = tuple(_stage_settings(config, stage, local_files) for stage in range(1, config.sdpo.num_stages + 1))
     _check_stage_data(config)
+    if config.eval.reward_prompts and not config.generate.scorer:
+        raise ConfigError("eval.reward_prompts: scoring the answers to held-out prompts needs generate.scorer")
     shape = _check_mesh(config, device_count)
     config = ml_collections.ConfigDict(config.to_dict())
     config.lock()
@@ -344,9 +391,8 @@ def _check_lengths(config) -> None:
         raise ConfigError(str(err)) from None
 
 
-def parse_stage_override(item: str, num_stages: int) -> tuple[int, str, Any]:
-    """'STAGE:section.field=value' -> (stage, 'section.field', value); the value is a Python literal
-    when it reads as one (numbers, True/False, tuples), else the text itself."""
+def parse_stage_override(item: str, num_stages: int) -> tuple[int, str, str]:
+    """'STAGE:section.field=value' -> (stage, 'section.field', the value's text)."""
     where = f"sdpo.stage_overrides: {item!r}"
     head, colon, assignment = item.partition(":")
     field, equals, text = assignment.partition("=")
@@ -361,22 +407,28 @@ def parse_stage_override(item: str, num_stages: int) -> tuple[int, str, Any]:
             raise ConfigError(f"{where}: " + unknown_field_message(field))
         raise ConfigError(f"{where}: {field} cannot vary per stage; allowed: dpo.* but {', '.join(RUN_WIDE_DPO)}, and "
                           f"{', '.join(STAGE_FIELDS)}")
+    return stage, field, text.strip()
+
+
+def override_value(current: Any, text: str) -> Any:
+    """An override's text as the field's kind of value: text for a text field (a tuple when written as one,
+    e.g. "('sigmoid','sft')"); otherwise a Python literal (numbers, True/False, tuples), else the text."""
+    if isinstance(current, str) and not text.startswith(("(", "[")):
+        return text
     try:
-        value = ast.literal_eval(text.strip())
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        value = text.strip()
-    return stage, field, value
+        return text
+    return float(value) if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def stage_fields(config, stage: int) -> dict[str, Any]:
-    """The dpo and train fields of ``stage``: the config's, with that stage's overrides applied."""
-    fields = {name: value for name, value in flat_fields(config).items() if name.startswith(("dpo.", "train."))}
+    """The fields a stage may set for itself (dpo.*, STAGE_FIELDS): the config's, with that stage's overrides applied."""
+    fields = {name: value for name, value in flat_fields(config).items() if name.startswith("dpo.") or name in STAGE_FIELDS}
     for item in config.sdpo.stage_overrides:
-        target, field, value = parse_stage_override(item, config.sdpo.num_stages)
+        target, field, text = parse_stage_override(item, config.sdpo.num_stages)
         if target == stage:
-            if isinstance(fields[field], float) and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            fields[field] = value
+            fields[field] = override_value(fields[field], text)
     return fields
 
 
@@ -394,7 +446,7 @@ def _kind_problem(default: Any, value: Any) -> str | None:
     return None if ok else f"expected {expected}, got {_type_name(value)} {value!r}"
 
 
-def _stage_settings(config, stage: int) -> StageSettings:
+def _stage_settings(config, stage: int, local_files: bool) -> StageSettings:
     fields = stage_fields(config, stage)
     where = f"stage {stage}: " if config.sdpo.stage_overrides else ""
     for name in STAGE_FIELDS:
@@ -409,13 +461,31 @@ def _stage_settings(config, stage: int) -> StageSettings:
         dpo = DPOSettings(**{name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith("dpo.")})
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{where}{str(err).splitlines()[0]}") from None
-    train = {name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS}
-    settings = StageSettings(stage=stage, dpo=dpo, **train)
+    generate = GenerateSettings(**{name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS if name.startswith("generate.")})
+    others = {name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS if not name.startswith("generate.")}
+    settings = StageSettings(stage=stage, dpo=dpo, generate=generate, **others)
+    _check_generated_stage(settings, where, local_files)
     try:
         settings.optimizer(max(settings.steps_per_stage, 1))
     except ValueError as err:
         raise ConfigError(f"{where}{err}") from None
     return settings
+
+
+def _check_generated_stage(settings: StageSettings, where: str, local_files: bool) -> None:
+    """A generated stage needs a scorer that exists and enough samples to pair."""
+    g = settings.generate
+    if settings.stage_data != "generated":
+        return
+    if not g.scorer:
+        raise ConfigError(f"{where}generate.scorer: sdpo.stage_data=generated needs a scorer (exact_match, "
+                          f"package.module:function or reward_model:HF_DIR)")
+    problem = spec_problem(g.scorer) if local_files else None
+    if problem:
+        raise ConfigError(f"{where}generate.scorer: {problem}")
+    if g.chosen == "best" and g.samples_per_prompt < 2:
+        raise ConfigError(f"{where}generate.samples_per_prompt: chosen=best pairs the best and the worst of at least "
+                          f"2 samples, got {g.samples_per_prompt}")
 
 
 def _check_stage_data(config) -> None:

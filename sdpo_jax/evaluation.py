@@ -27,7 +27,8 @@ def eval_step(model: LlamaForCausalLM, settings: DPOSettings, mesh: jax.sharding
 def evaluate_pairs(
     step, params: Any, ref_params: Any, batches: Iterable[dict[str, np.ndarray]], settings: DPOSettings, mesh: jax.sharding.Mesh
 ) -> dict[str, float]:
-    """TRL-named means over all valid pairs of ``batches`` (this process's rows) plus ``num_pairs``."""
+    """TRL-named means over all valid pairs of ``batches`` plus ``num_pairs``; each process passes its own rows
+    of every global batch, and every process gets the metrics of all of them."""
     parts: dict[str, list[np.ndarray]] = {}
     for batch in batches:
         values = jax.device_get(step(params, ref_params, global_batch(batch, mesh)))

@@ -9,13 +9,41 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def on_main_process(action: Callable[[], Any], what: str) -> Any:
+    """Run ``action`` on process 0 alone and tell every process how it went: its (JSON-able) result on all
+    of them, or its error raised on all of them (process 0 raises the error itself, the others a one-line
+    `SdpoError` naming it), so that no process waits for one that failed."""
+    from sdpo_jax.errors import SdpoError
+
+    result, error = None, None
+    if jax.process_index() == 0:
+        try:
+            result = action()
+        except Exception as err:  # noqa: BLE001 (re-raised below, on every process)
+            error = err
+    if jax.process_count() > 1:
+        outcome = allgather_json({"result": result, "error": f"{type(error).__name__}: {error}" if error else None})[0]
+        if outcome["error"] and error is None:
+            raise SdpoError(f"process 0 could not {what}: {' '.join(outcome['error'].split())}")
+        result = outcome["result"]
+    if error is not None:
+        raise error
+    return result
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (none reads a file process 0 is still writing)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def allgather_bytes(blob: bytes) -> list[bytes]:

@@ -127,6 +127,8 @@ def _names(loss_type) -> tuple[str, ...]:
 
 
 def _loss_weights(weights, count: int) -> tuple[float, ...]:
+    if isinstance(weights, (int, float)) and not isinstance(weights, bool):
+        weights = (weights,)
     if isinstance(weights, str):
         try:
             weights = tuple(float(w) for w in weights.split(",") if w.strip())

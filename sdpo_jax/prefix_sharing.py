@@ -21,7 +21,7 @@ token before rejected (the paper's way; one more token per row whose hidden stat
 index P-1 anyway), the batch carries, per side, the index of the predicting hidden state for each
 completion token (``{side}_index`` [B, K]), the token (``{side}_labels``) and a mask
 (``{side}_label_mask``), K a static completion bucket. The log-prob head then gathers those
-rows of hidden states and computes logits only there (sdpo_jax.logprobs.gathered_sequence_logps):
+rows of hidden states and computes logits only there (sdpo_jax.logprobs.gathered_token_logps):
 no logits at prompt or padding positions at all.
 
 Attention with a custom mask runs on the 'xla' (or 'cudnn') path; TPU splash attention takes

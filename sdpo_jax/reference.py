@@ -1,4 +1,5 @@
-"""Reference log-probs precomputed once per stage chunk, then looked up by pair index.
+"""The reference model's part of a stage: its log-probs precomputed once per stage's pairs, then
+looked up by pair index; and TR-DPO's soft update when the reference moves within a stage.
 
 One forward pass of the frozen reference over every pair of the chunk gives
 log pi_ref(y_w|x) and log pi_ref(y_l|x) per pair; training batches then carry them
@@ -51,3 +52,10 @@ def attach_reference(batch: dict[str, np.ndarray], chosen: np.ndarray, rejected:
     valid = batch["valid"].astype(bool)
     return {**batch, "ref_chosen_logps": np.where(valid, chosen[index], 0.0).astype(np.float32),
             "ref_rejected_logps": np.where(valid, rejected[index], 0.0).astype(np.float32)}
+
+
+@jax.jit
+def mix_reference(policy: Any, reference: Any, alpha: float) -> Any:
+    """TR-DPO's soft update (TRL's ``sync_ref_model``): reference <- alpha * policy + (1 - alpha) * reference,
+    leaf by leaf, laid out as the reference is."""
+    return jax.tree_util.tree_map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), policy, reference)

@@ -22,16 +22,12 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-
-from sdpo_jax.losses import DPOSettings
-
-LOSS_DEFAULTS = {field.name: field.default for field in dataclasses.fields(DPOSettings)}
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 120
-PLOT_NAMES = {"train": "train_curves.png", "eval": "eval_accuracy.png", "gamma": "ref_logratio.png"}
+PLOT_NAMES = {"train": "train_curves.png", "eval": "eval_accuracy.png", "gamma": "ref_logratio.png", "reward": "reward.png"}
 _EXTENSIONS = (".gz", ".jsonl", ".json", ".parquet")
 
 
@@ -251,12 +247,58 @@ def plot_ref_logratio(run: RunData, path: Path) -> Path:
     pad = 0.15 * (high - low) or 1.0
     ax.set_ylim(low - pad, high + pad)
     wrap = dict(width=28, break_long_words=False, break_on_hyphens=False)
-    ax.set_xticks(x, [f"stage {t} (ref M{t - 1})\n" + "\n".join(textwrap.wrap(source_label(sources.get(t, [])), **wrap)[:3])
+    references = {e["stage"]: e.get("reference", {}).get("model", f"M{e['stage'] - 1}") for e in run.stages}
+    ax.set_xticks(x, [f"stage {t} (ref {references[t]})\n" + "\n".join(textwrap.wrap(source_label(sources.get(t, [])), **wrap)[:3])
                       for t in stages], fontsize=8)
     ax.set_ylabel(r"$\gamma_t$ = mean log $\pi_{ref}(y_w|x)$ - log $\pi_{ref}(y_l|x)$")
     ax.set_title("Reference log-ratio per stage\n(stage t's chunk under its reference $M_{t-1}$)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def plot_reward(run: RunData, path: Path) -> Path:
+    """Mean scorer reward of the greedy answers to the held-out reward prompts, per model M_0..M_T."""
+    rewards = per_model(run.stages, "reward")
+    models = list(rewards)
+    x = np.arange(len(models))
+    values = [rewards[t]["mean"] for t in models]
+    fig = Figure(figsize=(max(5.5, 1.3 * len(models) + 2.5), 3.9), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(x, values, marker="o", color="C2")
+    _annotate(ax, x, values, ".3f")
+    ax.set_xticks(x, [f"M{t}" + ("\n(SFT)" if t == 0 else "") for t in models])
+    ax.set_xlabel("model after stage t")
+    ax.set_ylabel("mean reward")
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.15, y=0.2)
+    scorer = run.config.get("generate", {}).get("scorer", "?")
+    ax.set_title(f"Reward of greedy answers to {rewards[models[0]]['num_prompts']} held-out prompts ({scorer})")
+    return _save(fig, path)
+
+
+def stage_data_lines(run: RunData) -> list[str]:
+    """Where each stage's pairs and reference came from: offline chunk or M(t-1)'s scored samples; M(t-1) or M0,
+    frozen or moving (TR-DPO)."""
+    rows = []
+    for e in run.stages:
+        ref = e.get("reference") or {}
+        reference = ref.get("model", f"M{e['stage'] - 1}") + (
+            f", moving (every {ref['sync_steps']} steps, alpha {ref['mixup_alpha']:g})" if ref.get("moved") else ", frozen")
+        g = e.get("generated")
+        data = (f"M{e['stage'] - 1}'s samples: {g['pairs']} pairs from {g['prompts']} prompts x {g['samples_per_prompt']} "
+                f"({g['prompts_without_pair']} without a pair), mean best {g['mean_best_score']:.3f} / worst "
+                f"{g['mean_worst_score']:.3f} by {g['scorer']} (chosen = {g['chosen']})") if g else "offline chunk"
+        rows.append([str(e["stage"]), data, reference])
+    return _table(["stage", "pairs", "reference"], rows) if rows else ["No stage has finished yet."]
+
+
+def reward_lines(run: RunData) -> list[str]:
+    """Mean reward of every model on the held-out reward prompts (``eval.reward_prompts``)."""
+    rewards = per_model(run.stages, "reward")
+    if not rewards:
+        return ["No held-out reward prompts in this run (eval.reward_prompts is empty)."]
+    return _table(["model", "mean reward", "prompts"], [[f"M{t}", f"{v['mean']:.4f}", str(v["num_prompts"])]
+                                                         for t, v in rewards.items()])
 
 
 def _num(value, spec: str) -> str:
@@ -272,16 +314,33 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
 
 
+def _loss_description(dpo: dict) -> str:
+    """'sigmoid, beta 0.1' plus every loss setting that differs from its default, compared as the trainer
+    reads them (sdpo_jax.losses.DPOSettings: a comma list and a tuple are the same loss)."""
+    from sdpo_jax.losses import DPOSettings
+
+    try:
+        settings, defaults = DPOSettings(**dpo), DPOSettings()
+    except (TypeError, ValueError):  # a config of another version: shown as written
+        return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dpo.items())
+    text = f"{'+'.join(settings.loss_type)}, beta {settings.beta:g}"
+    for field in dataclasses.fields(DPOSettings):
+        value = getattr(settings, field.name)
+        if field.name in ("loss_type", "beta") or value == getattr(defaults, field.name):
+            continue
+        if field.name == "loss_weights" and value == (1.0,) * len(settings.loss_type):
+            continue
+        text += f", {field.name.replace('_', ' ')}" + ("" if value is True else f" {value}")
+    return text
+
+
 def config_lines(run: RunData) -> list[str]:
     """The key settings as a two-column table."""
     c = run.config
     sdpo, dpo, train, data = (c.get(k, {}) for k in ("sdpo", "dpo", "train", "data"))
     partition = sdpo.get("partition", "?")
     difficulty = run.partition.get("difficulty") or (sdpo.get("difficulty") if partition == "easy_to_hard" else None)
-    loss = f"{dpo.get('loss_type', '?')}, beta {dpo.get('beta', '?')}"
-    changed = {k: v for k, v in dpo.items() if k not in ("loss_type", "beta") and v != LOSS_DEFAULTS.get(k, v)}
-    loss += "".join(f", {k.replace('_', ' ')} {v}" for k, v in changed.items() if not isinstance(v, bool))
-    loss += "".join(f", {k.replace('_', ' ')}" for k, v in changed.items() if v is True)
+    loss = _loss_description(dpo)
     batch = f"{train.get('batch_size', '?')}" + (f" × {train['grad_accum']} accumulation" if train.get("grad_accum", 1) > 1 else "")
     steps = train.get("steps_per_stage") or "one epoch of the stage's chunk"
     ran = ", ".join(str(e["steps"]) for e in run.stages)
@@ -437,22 +496,25 @@ def reading_lines(run: RunData) -> list[str]:
 def render_markdown(run: RunData, plots: dict[str, Path | None]) -> str:
     """report.md: title, configuration, partition, stages, plots (or why skipped) and the reading."""
     skipped = {"train": "no training steps logged yet", "eval": "no held-out data in this run",
-               "gamma": "no finished stage yet"}
+               "gamma": "no finished stage yet", "reward": "no held-out reward prompts in this run"}
     titles = {"train": "Training loss and reward margin", "eval": "Held-out accuracy, margin and loss per model",
-              "gamma": "Reference log-ratio γ per stage"}
+              "gamma": "Reference log-ratio γ per stage", "reward": "Reward of greedy answers per model"}
     lines = [f"# sDPO run report: {run.output_dir.name}", "",
              f"Run directory `{run.output_dir}`, model `{run.config.get('model', {}).get('path', '?')}`. "
              "Held-out metrics use the SFT model as reference in every stage, so M0, M1, ... are comparable; "
-             "γ_t is the mean of log π_ref(y_w|x) − log π_ref(y_l|x) over stage t's chunk, with reference M_(t-1).",
+             "γ_t is the mean of log π_ref(y_w|x) − log π_ref(y_l|x) over stage t's pairs under its reference as the "
+             "stage starts (M_(t-1) unless the run says otherwise below).",
              "", "## Configuration", "", *config_lines(run), "", "## Partition", "", *partition_lines(run), "",
              "## Stages", ""]
     lines += stage_lines(run) if run.stages else ["No stage has finished yet."]
+    lines += ["", "## Stage data and reference", "", *stage_data_lines(run)]
     lines += ["", "## Plots", ""]
     for key, path in plots.items():
         lines.append(f"![{titles[key]}]({path.relative_to(run.output_dir).as_posix()})" if path
                      else f"*{titles[key]}: skipped ({skipped[key]}).*")
         lines.append("")
     lines += ["## Multiple-choice check", "", *choice_lines(run), ""]
+    lines += ["## Reward on held-out prompts", "", *reward_lines(run), ""]
     lines += ["## Answers to fixed prompts", "", *generation_lines(run)]
     lines += ["## Reading", "", *reading_lines(run), ""]
     return "\n".join(lines)
@@ -466,6 +528,7 @@ def write_report(output_dir: str | Path) -> list[Path]:
         "train": plot_train_curves(run, plot_dir / PLOT_NAMES["train"]) if run.train_rows else None,
         "eval": plot_eval(run, plot_dir / PLOT_NAMES["eval"]) if run.evals else None,
         "gamma": plot_ref_logratio(run, plot_dir / PLOT_NAMES["gamma"]) if run.stages else None,
+        "reward": plot_reward(run, plot_dir / PLOT_NAMES["reward"]) if per_model(run.stages, "reward") else None,
     }
     report = run.output_dir / "report.md"
     report.write_text(render_markdown(run, plots), encoding="utf-8")

@@ -24,7 +24,7 @@ def test_checkpoint_of_another_train_state_layout_is_a_one_line_error(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"stage 1: the checkpoint of step 2 in {tmp_path}")
     assert "holds a train state of another layout" in message and "use another output_dir" in message
-    step, same, meta = checkpoints.restore_latest(1, jax.tree_util.tree_map(
+    step, same, meta, _ = checkpoints.restore_latest(1, jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), TrainState.create(PARAMS, older)))
     assert (step, int(same.step), meta) == (2, 0, {"step": 2})  # (a layout mismatch is not damage: nothing set aside)
     checkpoints.close()

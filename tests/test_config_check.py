@@ -6,7 +6,7 @@ import pytest
 
 from configs.default import get_config
 from configs.tiny import get_config as tiny_config
-from sdpo_jax.config_check import check_config, known_fields, parse_stage_override, stage_fields
+from sdpo_jax.config_check import check_config, known_fields, override_value, parse_stage_override, stage_fields
 from sdpo_jax.errors import ConfigError
 
 
@@ -122,7 +122,9 @@ def test_stage_overrides_build_each_stages_settings():
     assert (second.dpo.beta, second.learning_rate, second.steps_per_stage, second.dpo.loss_type) == (0.2, 2e-7, 0, ("ipo",))
     assert second.optimizer(10).schedule == "cosine" and second.optimizer(10).warmup_steps == 1
     assert first.steps(7) == 3 and second.steps(7) == 7
-    assert parse_stage_override("2:dpo.reference_free=True", 2) == (2, "dpo.reference_free", True)
+    assert parse_stage_override("2:dpo.reference_free=True", 2) == (2, "dpo.reference_free", "True")
+    assert (override_value(False, "True"), override_value(0.1, "2"), override_value("", "1.0"), override_value("x", "('a','b')")) \
+        == (True, 2.0, "1.0", ("a", "b"))
     assert stage_fields(config, 2)["dpo.beta"] == 0.2 and isinstance(stage_fields(config, 1)["train.learning_rate"], float)
 
 

@@ -8,10 +8,10 @@ import pytest
 import transformers
 
 from experiments.pairs import Pair, split_by_difficulty
-from experiments.sorting import EOS_ID, Problem, build_tokenizer, reward, strip_eos, TOKEN_ID
+from experiments.sorting import EOS_ID, Problem, build_tokenizer, reward, score, strip_eos, TOKEN_ID
 from experiments.stepwise import QUICK, run_seed
 from experiments.summary import markdown_table, summarize
-from experiments.variants import VARIANTS
+from experiments.variants import VARIANTS, DPOSettings, variant_config
 
 
 def ids(text: str) -> list[int]:
@@ -31,6 +31,25 @@ def ids(text: str) -> list[int]:
 def test_reward_is_the_fraction_of_right_items(answer, expected):
     problem = Problem((3, 1, 3, 2))
     assert math.isclose(reward(problem, ids(answer)), expected)
+
+
+def test_the_scorer_reads_the_decoded_texts_as_the_reward_does(tmp_path):
+    build_tokenizer(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    problem, answers = Problem((3, 1, 3, 2)), ["1 2 3 3 </s>", "1 3 2 3 </s>", "= 2 3 3 </s>"]
+    prompt = tokenizer.decode(problem.prompt_ids, skip_special_tokens=True)
+    completions = [tokenizer.decode(ids(a), skip_special_tokens=True) for a in answers]
+    assert prompt == "3 1 3 2 =" and score([prompt] * 3, completions, [None] * 3) == [reward(problem, ids(a)) for a in answers]
+
+
+def test_on_policy_variants_generate_every_stage_with_the_true_reward():
+    onpolicy = next(v for v in VARIANTS if v.name == "onpolicy-3")
+    config = variant_config(onpolicy, model_folder="m0", all_pairs="all.jsonl", stage_files={}, eval_pairs="eval.jsonl",
+                            num_pairs=960, output_dir="out", cache_dir="cache", seed=0, dpo=DPOSettings(), samples=4,
+                            temperature=1.0, max_new_tokens=14)
+    assert (config.sdpo.num_stages, config.sdpo.partition, config.sdpo.stage_data) == (3, "random", "generated")
+    assert (config.generate.scorer, config.generate.samples_per_prompt, config.generate.chosen) == ("experiments.sorting:score", 4, "best")
+    assert config.train.steps_per_stage == 40  # the same total steps as every variant: 4 epochs x 960 pairs / 3 stages / 32
 
 
 def test_problem_ids_and_saved_tokenizer_agree(tmp_path):

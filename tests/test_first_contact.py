@@ -115,9 +115,14 @@ def test_the_loss_watch_stops_at_non_finite_and_warns_once_on_a_climb():
                         "diverging (train.learning_rate 10)"]
     with pytest.raises(TrainingDiverged, match=r"^stage 2 step 6: the loss is 0.5 and the gradient norm inf: training diverged"):
         watch.observe(6, {"loss": 0.5, "grad_norm": float("inf")})
-    watch.defer(7, {"loss": jnp.float32(np.nan), "grad_norm": jnp.float32(1.0)})  # looked at one step late
-    with pytest.raises(TrainingDiverged, match="stage 2 step 7: the loss is nan"):
-        watch.flush()
+    watch.check()  # nothing tracked yet
+    for step, loss in ((7, 0.5), (8, np.nan), (9, np.inf)):  # folded on the device, read at check()
+        watch.track(step, {"loss": jnp.float32(loss), "grad_norm": jnp.float32(1.0)})
+    with pytest.raises(TrainingDiverged, match="stage 2 step 8: the loss is nan and the gradient norm 1.0"):
+        watch.check()
+    resumed = LossWatch(2, "lr", warnings.append, first_loss=0.69)
+    resumed.observe(30, {"loss": 9.0, "grad_norm": 1.0})  # the baseline is the stage's first step, not the resume's
+    assert warnings[-1].startswith("warning: stage 2 step 30: loss 9 is far above its first value 0.69")
 
 
 def test_first_non_finite_names_the_leaf():
@@ -181,3 +186,24 @@ def test_resume_compares_what_changes_the_result():
     current["train"]["seed"], current["dpo"]["ld_alpha"] = 0, 0.5
     with pytest.raises(ValueError, match=r"dpo.ld_alpha: 1.0 -> 0.5"):
         check_resume_config(stored, current, force=False)
+
+
+SHARDED_CHECKSUM = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from sdpo_jax.checkpointing import _checksums, tree_checksums
+mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+x = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+tree = {"x": jax.device_put(x, NamedSharding(mesh, P("a", "b"))), "y": jax.device_put(x[:8], NamedSharding(mesh, P(None, "b")))}
+assert tree_checksums(tree) == tree_checksums({"x": x, "y": x[:8]}), "layout changed the checksums"
+hlo = _checksums.lower(tree).compile().as_text()
+assert "all-gather" not in hlo, "an array was gathered whole onto a device"
+print("ok")
+"""
+
+
+def test_checksums_of_sharded_arrays_equal_the_whole_arrays_and_gather_nothing():
+    result = subprocess.run([sys.executable, "-c", SHARDED_CHECKSUM], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]

@@ -14,7 +14,6 @@ from data_paths import ARC_EASY, OPENBOOKQA
 from hf_fixtures import load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_step, encode_choices, evaluate_choices, load_choice_questions
-from sdpo_jax.choice_eval.encode import EncodedChoices
 from sdpo_jax.choice_eval.questions import ChoiceQuestion
 from sdpo_jax.choice_eval.score import choice_metrics
 from sdpo_jax.cli.choices import main as choices_main
@@ -174,12 +173,12 @@ def test_loglikelihoods_match_transformers(chat_model, window_model, family, cha
     assert (metrics["num_questions"], metrics["num_rows"]) == (len(questions), len(expected))
 
 
-def test_acc_norm_divides_by_the_choice_characters_without_the_space():
+def test_acc_norm_divides_by_the_choice_characters_without_the_space(chat_model):
     """lm-eval's acc_norm: ll / len(choice). With the joining space counted ('a' 2, 'bbbb' 5) the other
     choice would win: -2/2 = -1.0 > -6/5 = -1.2, but -2/1 = -2.0 < -6/4 = -1.5."""
     question = ChoiceQuestion("Which?", ("a", "bbbb"), 1, Location("q.jsonl", "line", 1))
-    encoded = EncodedChoices([[1]], [[2], [3]], np.array([1, 1]), np.array([1, 4]), np.array([0, 0]), np.array([1]), 0, 0)
-    assert encoded.choice_lengths.tolist() == [len(c) for c in question.choices]
+    encoded = encode_choices(transformers.AutoTokenizer.from_pretrained(chat_model), [question], vocab_size=32000, max_length=64)
+    assert encoded.choice_lengths.tolist() == [1, 4]
     metrics = choice_metrics(encoded, np.array([-2.0, -6.0]))
     assert (metrics["acc"], metrics["acc_norm"]) == (0.0, 1.0)
 

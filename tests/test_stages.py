@@ -22,6 +22,7 @@ from configs.default import get_config
 from batch_fixtures import write_token_pairs
 from hf_fixtures import load_torch_model, make_hf_checkpoint
 from run_fixtures import stage_params
+from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.cli.export import export, main as export_main
 from sdpo_jax.stages import train
 
@@ -160,9 +161,9 @@ def test_every_stage_exports_and_loads_in_transformers(setup, baseline, tmp_path
     assert not torch.equal(outputs[0], outputs[1])
 
 
-def _start(overrides, output_dir):
+def _start(overrides, output_dir, env=None):
     return subprocess.Popen([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, output_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _wait_for(predicate, process, timeout=240):
@@ -310,6 +311,7 @@ def test_embedded_default_shortened(tmp_path, smollm2_gguf):
     to the fixed capital-of-France prompt, decoded with the KV cache through the chat template, is right."""
     run = tmp_path / "run"
     flags = ["--config.data.limit=10", "--config.data.length_buckets=(192,)", "--config.eval.max_new_tokens=12",
+             "--config.eval.choices_limit=16",
              f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
     result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -420,21 +422,25 @@ def test_a_diverged_stage_stops_and_is_never_saved(setup, tmp_path):
     assert all(step < diverged for step in saved)
 
 
-def test_a_second_trainer_on_the_same_folder_is_refused(setup, baseline, tmp_path):
+def test_a_second_trainer_on_the_same_folder_is_refused(setup, tmp_path):
+    """While one sdpo-train runs (made long: 60 steps in stage 1), a second on the same output_dir stops at once
+    naming the first; the first, preempted afterwards, wrote each of its rows once."""
     _, _, overrides = setup
-    baseline_dir, _ = baseline
     run = tmp_path / "run"
-    first = _start(overrides, run)
+    first = _start({**overrides, "train.steps_per_stage": 60}, run)
     assert _wait_for(lambda: _rows_logged(run, 1, 1), first)
     second = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, run)], capture_output=True,
                             text=True, timeout=240)
+    still_running = first.poll() is None
+    first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=240)
-    assert first.returncode == 0, stderr[-2000:]
+    assert still_running and first.returncode == 143, stderr[-2000:]
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
     assert err[0].startswith(f"sdpo-train: error: output_dir {run} is in use by another sdpo-train (pid {first.pid} on "
                              f"{socket.gethostname()}, started ") and err[0].endswith("wait for it to finish or use another output_dir")
-    assert (run / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()  # nothing written twice
+    rows = [(r["split"], r["stage"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert len(rows) == len(set(rows)) and ("train", 1, 1) in rows  # nothing written twice
 
 
 def test_a_model_folder_without_a_usable_tokenizer_is_refused(setup, tmp_path):
@@ -466,3 +472,133 @@ def test_the_loss_family_trains_through_the_driver(setup, tmp_path):
     weighted = train(_config({**losses, "dpo.use_weighting": True, "dpo.loss_type": "sigmoid,bco_pair", "dpo.loss_weights": "0.8,0.2",
                               "sdpo.stage_overrides": ("2:train.steps_per_stage=2",)}, tmp_path / "wpo"))
     assert all(np.isfinite(e["eval_after"]["loss"]) for e in weighted)
+
+
+def test_a_fixed_reference_is_m0_in_every_stage(setup, baseline, tmp_path):
+    """sdpo.reference=initial: stage 2's reference log-probs are M0's (transformers' forward of the SFT folder
+    over stage 2's pairs), while its policy still starts from M1 (step 1's rewards are not 0)."""
+    _, model_folder, overrides = setup
+    baseline_dir, baseline_report = baseline
+    run = tmp_path / "initial"
+    report = train(_config({**overrides, "sdpo.reference": "initial"}, run))
+    assert [e["reference"]["model"] for e in report] == ["M0", "M0"] and not report[1]["reference"]["moved"]
+    assert [e["reference"]["model"] for e in baseline_report] == ["M0", "M1"]
+    hard_rows = [json.loads(line) for line in Path(report[1]["sources"][0]).read_text().splitlines()]
+    m0_chosen, m0_rejected = _torch_logps(load_torch_model(model_folder), hard_rows)
+    stage2 = np.load(run / "reference" / "stage_2.npz")
+    for chosen, rejected in zip(stage2["chosen"], stage2["rejected"]):
+        assert np.min(np.abs(m0_chosen - chosen) + np.abs(m0_rejected - rejected)) < 1e-3
+    first = next(r for r in _train_rows(run) if r["stage"] == 2 and r["step"] == 1)
+    assert abs(first["rewards/chosen"]) > 1e-3  # M1 against M0
+    assert report[0]["eval_after"] == report[1]["eval_before"]  # 'before' is M1 whatever the reference
+
+
+def _checkpoint(run: Path, model_folder: Path, stage: int, step: int, steps: int):
+    """(policy params, moving reference) of a mid-stage checkpoint, as host arrays."""
+    from sdpo_jax.checkpointing import RunCheckpoints
+    from sdpo_jax.models import LlamaForCausalLM, ModelConfig
+    from sdpo_jax.models.llama import init_params
+    from sdpo_jax.optim import OptimizerSettings, make_optimizer
+    from sdpo_jax.train_step import TrainState
+
+    model = LlamaForCausalLM(ModelConfig.from_pretrained(model_folder))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    place = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+    state = jax.eval_shape(lambda p: TrainState.create(p, make_optimizer(OptimizerSettings(total_steps=steps))), params)
+    checkpoints = RunCheckpoints(run)
+    restored, _, reference = checkpoints.restore_step(stage, step, place(state), place(params))
+    checkpoints.close()
+    return jax.device_get(restored.params), jax.device_get(reference)
+
+
+def test_a_moving_reference_follows_tr_dpo_and_resumes_bit_identically(setup, tmp_path):
+    """sdpo.ref_sync_steps=2, alpha 0.6: the reference saved with the step-2 and step-4 checkpoints is
+    0.6 * policy + 0.4 * the reference before, from M0; preempted mid-stage 1, the same command ends with the
+    uninterrupted run's snapshots and metrics, bit for bit."""
+    _, model_folder, overrides = setup
+    moving = {**overrides, "sdpo.ref_sync_steps": 2, "sdpo.ref_mixup_alpha": 0.6, "checkpoint.keep": 10,
+              "train.steps_per_stage": 16}  # (long enough that the SIGTERM lands inside stage 1)
+    uninterrupted = tmp_path / "uninterrupted"
+    report = train(_config(moving, uninterrupted))
+    assert all(e["reference"]["moved"] and e["reference"]["sync_steps"] == 2 for e in report)
+    run = tmp_path / "run"
+    process = _start(moving, run)
+    assert _wait_for(lambda: _rows_logged(run, 1, 5), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-2000:]
+    _, m0 = load_hf_checkpoint(model_folder)
+    steps = report[0]["steps"]
+    p2, r2 = _checkpoint(run, model_folder, 1, 2, steps)
+    p4, r4 = _checkpoint(run, model_folder, 1, 4, steps)
+    for expected, got in ((jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p2, m0), r2),
+                          (jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p4, r2), r4)):
+        for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    process = _start(moving, run)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-2000:]
+    for stage in (1, 2):
+        for a, b in zip(jax.tree_util.tree_leaves(stage_params(run, model_folder, stage)),
+                        jax.tree_util.tree_leaves(stage_params(uninterrupted, model_folder, stage))):
+            np.testing.assert_array_equal(a, b)
+    assert (run / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
+
+
+SCORERS = """
+def length(prompts, completions, references):
+    return [float(len(c)) for c in completions]
+"""
+
+
+def test_an_on_policy_stage_pairs_scored_samples_and_resumes_without_sampling_again(setup, tmp_path, monkeypatch):
+    """Stage 1 offline, stage 2 generated from M1's samples (3 per prompt, scored by a user function): the pairs
+    file holds the best and worst sample of each prompt; a second run samples the same; killed while sampling,
+    the same command keeps the saved batches and ends with the uninterrupted run's pairs and snapshots; the
+    held-out reward prompts are scored before and after each stage."""
+    _, _, overrides = setup
+    model_folder = make_hf_checkpoint("llama2", tmp_path / "model", seed=0, vocab_size=32000)  # (text prompts need the vocabulary)
+    overrides = {**overrides, "model.path": str(model_folder)}
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "stage_scorers.py").write_text(SCORERS)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "lib"), os.environ.get("PYTHONPATH", "")])}
+    prompts = tmp_path / "reward_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hello there", "Count to three", "Why?")))
+    generated = {**overrides, "generate.scorer": "stage_scorers:length", "generate.samples_per_prompt": 3,
+                 "generate.max_new_tokens": 8, "generate.batch_size": 1, "eval.reward_prompts": str(prompts),
+                 "sdpo.stage_overrides": ("2:sdpo.stage_data=generated",)}
+    first = tmp_path / "first"
+    report = train(_config(generated, first))
+    summary = report[1]["generated"]
+    lines = [json.loads(line) for line in (first / "generated" / "stage_2.jsonl").read_text().splitlines()]
+    assert summary["pairs"] == len(lines) == report[1]["num_pairs"] > 0 and summary["prompts"] == 16
+    assert summary["pairs"] + summary["prompts_without_pair"] == summary["prompts"] and "generated" not in report[0]
+    for line in lines:
+        assert {"prompt", "chosen", "rejected", "chosen_score", "rejected_score", "sample_scores"} <= set(line)
+        assert line["chosen_score"] == max(line["sample_scores"]) > line["rejected_score"] == min(line["sample_scores"])
+        assert line["chosen_score"] == len(line["chosen"]) and line["rejected_score"] == len(line["rejected"])
+    assert all(e["reward_before"]["num_prompts"] == 3 and "mean" in e["reward_after"] for e in report)
+    assert report[1]["reward_before"] == report[0]["reward_after"]
+    assert "## Reward on held-out prompts" in (first / "report.md").read_text() and (first / "plots" / "reward.png").is_file()
+    again = tmp_path / "again"
+    train(_config(generated, again))
+    assert (again / "generated" / "stage_2.jsonl").read_bytes() == (first / "generated" / "stage_2.jsonl").read_bytes()
+
+    killed = tmp_path / "killed"
+    partial = killed / "generated" / "stage_2.partial.jsonl"
+    process = _start(generated, killed, env=env)
+    assert _wait_for(lambda: partial.exists() and len(partial.read_text().splitlines()) >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=240)
+    saved = len(partial.read_text().splitlines()) - 1
+    assert 2 <= saved < 16, saved
+    process = _start(generated, killed, env=env)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr[-2000:]
+    assert f"stage 2: {saved} of 16 sampled batches saved by an earlier run are reused" in stderr
+    assert (killed / "generated" / "stage_2.jsonl").read_bytes() == (first / "generated" / "stage_2.jsonl").read_bytes()
+    for a, b in zip(jax.tree_util.tree_leaves(stage_params(killed, model_folder, 2)),
+                    jax.tree_util.tree_leaves(stage_params(first, model_folder, 2))):
+        np.testing.assert_array_equal(a, b)

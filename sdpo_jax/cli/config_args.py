@@ -2,11 +2,11 @@
 file, absl config_flags style), `--config.FIELD=VALUE` overrides and the command's own flags, read
 without tracebacks.
 
-Reading happens in three passes so that each mistake is told in one line naming what is wrong:
-the config file alone (missing file, an error inside it), then the names of the overrides against
-that config's fields (a misspelt field is named with the nearest valid one), then everything with
-config_flags' own value parsing (a value of the wrong type names the flag). Any of them raises
-`ConfigError`; `-h`/`--help` prints the command's help and exits 0.
+Reading happens in three steps so that each mistake is told in one line naming what is wrong:
+the config file (its get_config runs once; a missing file or an error inside it), then the names of
+the overrides against that config's fields (a misspelt field is named with the nearest valid one),
+then the overrides with config_flags' own value parsing (a value of the wrong type names the flag).
+Any of them raises `ConfigError`; `-h`/`--help` prints the command's help and exits 0.
 """
 from __future__ import annotations
 
@@ -33,46 +33,51 @@ def wants_help(argv: list[str]) -> bool:
 def parse_command_line(argv: list[str], default_config: str, define_flags: Callable[[flags.FlagValues], None]
                        ) -> tuple[object, flags.FlagValues]:
     """(the config with its overrides applied, the parsed FlagValues of ``define_flags``' flags)."""
-    spec_argv = _config_spec_argv(argv)
-    config = _load(spec_argv, default_config, "--config " + (spec_argv[-1].split("=", 1)[-1] if len(spec_argv) > 1 else default_config))
+    spec, rest = _split_config_spec(argv)
+    config = _load(spec or default_config)
     fields = flat_fields(config)
     sections = {name.rsplit(".", i)[0] for name in fields for i in range(1, name.count(".") + 1)}
-    for arg in argv[1:]:
+    for arg in rest[1:]:
         match = _OVERRIDE.match(arg)
         if match and match.group(1) not in fields and match.group(1) not in sections:
             raise ConfigError(unknown_field_message(match.group(1), where=f"{arg}: "))
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    config_flags.DEFINE_config_file("config", default_config, "ml_collections config file", flag_values=flag_values,
-                                    sys_argv=argv)
+    config_flags.DEFINE_config_dict("config", config, "the config (--config PATH[:ARG])", flag_values=flag_values,
+                                    sys_argv=rest)
     try:
-        rest = flag_values(argv)
+        unparsed = flag_values(rest)
     except flags.Error as err:
         raise ConfigError(" ".join(str(err).split()).removeprefix("flag ")) from None
-    if len(rest) > 1:
-        raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])} (options are --name=value)")
+    if len(unparsed) > 1:
+        raise ConfigError(f"unexpected arguments: {' '.join(unparsed[1:])} (options are --name=value)")
     flags.FLAGS.mark_as_parsed()  # absl's own flags: its logging then needs no warning about early use
     return flag_values["config"].value, flag_values
 
 
-def _config_spec_argv(argv: list[str]) -> list[str]:
-    """The program name and the --config argument(s) alone."""
+def _split_config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the PATH[:ARG] of --config, or None; argv without it)."""
     for i, arg in enumerate(argv[1:], start=1):
         if _CONFIG_SPEC.match(arg):
-            return [argv[0], arg] if "=" in arg or i + 1 >= len(argv) else [argv[0], arg, argv[i + 1]]
-    return [argv[0]]
+            if "=" in arg:
+                return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                raise ConfigError("--config needs a PATH (a config file, e.g. configs/tiny.py)")
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, list(argv)
 
 
-def _load(spec_argv: list[str], default_config: str, where: str):
-    """The config file named by ``spec_argv`` (or the default), without overrides."""
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default_config, "ml_collections config file", flag_values=flag_values,
-                                    sys_argv=spec_argv)
-    path = (spec_argv[-1].split("=", 1)[-1] if len(spec_argv) > 1 else default_config).split(":", 1)[0]
+def _load(spec: str):
+    """The config of ``PATH[:ARG]``: get_config(ARG) of the file, run once."""
+    path = spec.split(":", 1)[0]
+    where = f"--config {spec}"
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such config file")
-    try:
-        flag_values(spec_argv)
+    flag_values = flags.FlagValues()
+    try:  # (config_flags runs get_config when the flag is defined, its default being the file)
+        config_flags.DEFINE_config_file("config", spec, "ml_collections config file", flag_values=flag_values,
+                                        sys_argv=["load"])
+        flag_values(["load"])
         return flag_values["config"].value
     except flags.Error as err:  # config_flags reports an error inside the file with its traceback: keep the last line
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

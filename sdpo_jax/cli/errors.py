@@ -18,8 +18,6 @@ def environment_problem(err: BaseException) -> str | None:
     """One line for an error of the machine rather than of the input, else None."""
     if isinstance(err, ModuleNotFoundError):
         return f"a required package is missing: {err} (reinstall with `pip install -e .`)"
-    if isinstance(err, ImportError):
-        return f"a package failed to import: {_one_line(err)}"
     if isinstance(err, MemoryError):
         return "out of host memory"
     if isinstance(err, OSError):

@@ -89,7 +89,7 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
 
     if jax.device_count() != devices:
         raise RuntimeError(f"expected {devices} fake devices, JAX has {jax.device_count()}")
-    checked = check_config(config, devices)  # every field, the stages, the mesh and batch rules
+    checked = check_config(config, devices, local_files=False)  # every field, the stages, the mesh and batch rules
     config, first = checked.config, checked.stages[0]
     m = config.mesh
     dcn_data = m.dcn_data

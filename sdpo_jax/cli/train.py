@@ -51,10 +51,19 @@ def _start_distributed(jax, options: flags.FlagValues) -> None:
     hosts find each other through the TPU runtime.)"""
     import os
 
-    if options.coordinator:
-        jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
-        jax.distributed.initialize()
+    from sdpo_jax.errors import SdpoError
+
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    if not options.coordinator and not slurm:
+        return
+    try:
+        if options.coordinator:
+            jax.distributed.initialize(options.coordinator, options.num_processes, options.process_id)
+        else:
+            jax.distributed.initialize()
+    except Exception as err:  # noqa: BLE001 (an unreachable coordinator, a bad process id: told in one line)
+        where = f"at {options.coordinator}" if options.coordinator else "(SLURM)"
+        raise SdpoError(f"could not join the other processes {where}: {' '.join(str(err).split())[:300]}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

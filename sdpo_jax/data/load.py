@@ -46,12 +46,12 @@ def source_list(value: str | Sequence[str]) -> list[str]:
 
 
 def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int, process_index: int = 0,
-                  process_count: int = 1, progress_bars: bool = True
+                  process_count: int = 1, progress_bars: bool = True, log_sources: bool = True
                   ) -> tuple[TokenizedPairs, TokenizedPairs | None]:
     """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any."""
     load = functools.partial(load_pairs, tokenizer=tokenizer, config=config, vocab_size=vocab_size,
                              process_index=process_index, process_count=process_count,
-                             progress_bars=progress_bars)
+                             progress_bars=progress_bars, log_sources=log_sources)
     train = load(source_list(config.train))
     eval_sources = source_list(config.eval)
     if eval_sources:
@@ -100,14 +100,15 @@ PAIR_FIELDS = ("source_id", "number", "head", "prompt_len", "chosen_len", "rejec
 
 def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
                process_index: int = 0, process_count: int = 1,
-               progress_bars: bool = True) -> TokenizedPairs:
+               progress_bars: bool = True, log_sources: bool = True) -> TokenizedPairs:
     """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`.
 
     Each of the `process_count` processes reads and tokenizes only its shard of every source
     (`read_shard`); the processes then exchange each pair's lengths, source and record number
     (and their counts and first error), so every process knows all pairs and holds the tokens of
-    its own (`combine_shards`). Process 0 reports each source; with ``progress_bars`` it also
-    shows tokenization bars.
+    its own (`combine_shards`). Process 0 logs what each source gave (``log_sources``; sdpo-train
+    prints the same lines in its start-up summary instead); with ``progress_bars`` it also shows
+    tokenization bars.
     """
     _check_config(config)
     if not sources:
@@ -120,9 +121,10 @@ def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
         raise shard.error
     pairs = combine_shards(shard, allgather_json(shard.summary()), allgather_arrays(shard.pair_fields()),
                            process_index, sources, truncation_id(config, tokenizer.bos_token_id))
-    if process_index == 0:
+    if process_index == 0 and log_sources:
         for meta in pairs.report["sources"]:
             _log_source(meta)
+    if process_index == 0:
         _log_truncation(pairs.report)
     return pairs
 
