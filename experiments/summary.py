@@ -128,9 +128,10 @@ def plot(summary: dict, path: Path) -> None:
 
 def _color(name: str) -> str:
     family = name.split("-")[0]
-    return {"dpo": "tab:gray", "random": "tab:blue", "true": "tab:green", "model": "tab:orange"}[family] \
+    return {"dpo": "tab:gray", "random": "tab:blue", "true": "tab:green", "model": "tab:orange",
+            "onpolicy": "tab:purple"}[family] \
         if "init-sft" not in name else "tab:red"
 
 
 def _style(name: str) -> str:
-    return "--" if name.endswith("2") or name.startswith("true-2") else "-"
+    return "--" if name.endswith("2") or "-2-" in name else "-"

@@ -97,6 +97,7 @@ def variant_config(variant: Variant, *, model_folder: str, all_pairs: str, stage
     c.train.log_every = 1000
     c.dpo.beta = dpo.beta
     c.eval.prompts = ()  # the driver's free-text sample answers mean nothing for this task
+    c.eval.choices = ""  # nor does a multiple-choice benchmark for a sorting model
     c.log.progress = "never"
     c.log.tensorboard = False
     c.checkpoint.every_steps = 1_000_000  # stage snapshots only: runs are short

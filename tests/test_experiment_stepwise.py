@@ -9,7 +9,9 @@ import transformers
 
 from experiments.pairs import Pair, split_by_difficulty
 from experiments.sorting import EOS_ID, Problem, build_tokenizer, reward, score, strip_eos, TOKEN_ID
-from experiments.stepwise import QUICK, run_seed
+from experiments.provenance import provenance, same_platform
+from experiments.reproduce import differences
+from experiments.stepwise import QUICK, run_seed, settings_from_record, settings_record
 from experiments.summary import markdown_table, summarize
 from experiments.variants import VARIANTS, DPOSettings, variant_config
 
@@ -89,3 +91,27 @@ def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
     assert summary["variants"]["true-2"]["gamma"][1]["mean"] == pytest.approx(true_stages[1]["gamma"])
     table = markdown_table(summary)
     assert "| dpo |" in table and "| true-2 |" in table
+
+
+def test_check_names_every_number_that_differs_and_ignores_timings():
+    committed = {"seed": 0, "seconds": 12.0, "provenance": {"commit": "a"},
+                 "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.0}], "seconds": 4.0}}}
+    now = {"seed": 0, "seconds": 99.0, "provenance": {"commit": "b"},
+           "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.5}, {"reward": 0.7}], "seconds": 5.0}}}
+    assert differences(committed, committed | {"seconds": 1.0, "provenance": {}}) == []
+    found = {d.path: d for d in differences(committed, now)}
+    assert set(found) == {"variants.dpo.stages[0].gamma", "variants.dpo.stages[1].reward"}
+    assert "diff +0.5" in found["variants.dpo.stages[0].gamma"].describe()
+    assert found["variants.dpo.stages[1].reward"].committed == "(absent)"
+
+
+def test_provenance_names_the_commit_packages_and_device():
+    record = provenance(["--check"])
+    assert set(record["packages"]) == {"jax", "jaxlib", "flax", "optax", "numpy"}
+    assert record["platform"] == "cpu" and record["command"] == "python -m experiments.stepwise --check"
+    assert record["commit"] is None or len(record["commit"]) == 40
+    assert same_platform(record, record) and not same_platform(record, record | {"device_kind": "TPU v5e"})
+
+
+def test_committed_settings_round_trip():
+    assert settings_from_record(settings_record(QUICK)) == QUICK

@@ -1,0 +1,50 @@
+"""Where a result came from: the code, the packages, the device and the command that made it.
+
+Every experiment run records ``provenance()`` beside its numbers, so that a published table can be
+traced to a commit and rerun there; ``same_platform`` says whether two records were made on the
+same kind of device with the same numerical packages (where a rerun should agree bit for bit).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+
+#: The packages whose versions can change the numbers.
+NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+def _git(*args: str) -> str | None:
+    """The output of ``git args`` in the repository, or None where there is no git or no repository."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """The commit (None outside a git clone), whether tracked or untracked files differ from it, the versions
+    of ``NUMERIC_PACKAGES``, the device kind and count, the Python version and the command line."""
+    status = _git("status", "--porcelain")
+    devices = jax.devices()
+    return {
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": None if status is None else bool(status),
+        "packages": {name: importlib.metadata.version(name) for name in NUMERIC_PACKAGES},
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "python": sys.version.split()[0],
+        "command": " ".join(["python -m experiments.stepwise", *(sys.argv[1:] if argv is None else argv)]),
+    }
+
+
+def same_platform(a: dict, b: dict) -> bool:
+    """Whether two provenance records share the device kind, device count and numeric package versions."""
+    keys = ("platform", "device_kind", "device_count", "packages")
+    return all(a.get(k) == b.get(k) for k in keys)
