@@ -14,6 +14,8 @@ steps (``epochs`` passes over all pairs, split over the T stages):
     onpolicy-T       sDPO on a random partition whose stage t trains on M(t-1)'s own samples on its
                      chunk's prompts (sdpo.stage_data='generated'), scored by the true reward
                      (experiments.sorting:score): chosen the best sample, rejected the worst
+    onpolicy-gold-T  onpolicy-T, but chosen is the correct answer (generate.chosen='gold'), as in the
+                     offline pairs: only the rejected answers (M(t-1)'s worst) are on-policy
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Variant:
     partition: str          # 'random' | 'true' | 'model'
     policy_init: str = "previous"
     stage_data: str = "offline"  # 'offline' | 'generated'
+    chosen: str = "best"         # a generated pair's chosen answer: 'best' sample | 'gold' (the correct one)
 
 
 VARIANTS = (
@@ -46,6 +49,8 @@ VARIANTS = (
     Variant("true-3-init-sft", 3, "true", "sft"),
     Variant("onpolicy-2", 2, "random", stage_data="generated"),
     Variant("onpolicy-3", 3, "random", stage_data="generated"),
+    Variant("onpolicy-gold-2", 2, "random", stage_data="generated", chosen="gold"),
+    Variant("onpolicy-gold-3", 3, "random", stage_data="generated", chosen="gold"),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
@@ -87,7 +92,7 @@ def variant_config(variant: Variant, *, model_folder: str, all_pairs: str, stage
     c.generate.samples_per_prompt = samples
     c.generate.temperature = temperature
     c.generate.max_new_tokens = max_new_tokens
-    c.generate.chosen = "best"
+    c.generate.chosen = variant.chosen
     c.generate.batch_size = 256
     c.train.batch_size = dpo.batch_size
     c.train.steps_per_stage = max(1, math.ceil(dpo.epochs * num_pairs / variant.stages / dpo.batch_size))

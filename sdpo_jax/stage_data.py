@@ -7,7 +7,8 @@ by the stage's scorer (sdpo_jax.scorers), and turned into at most one pair:
 
     chosen   = the best sample (generate.chosen = 'best') or the reference answer ('gold', scored too)
     rejected = the worst sample
-    no pair when score(chosen) - score(rejected) < generate.min_margin
+    no pair when score(chosen) - score(rejected) < generate.min_margin, or when score(chosen) <=
+    score(rejected) (nothing to prefer: tied samples, or a reference answer no better than the worst)
 
 Prompts are sampled in batches of ``generate.batch_size`` in chunk order; batch b is seeded by
 (train.seed, stage, b), so the samples depend only on the model, the prompts and the settings.
@@ -119,7 +120,8 @@ def pair_of(record: dict, settings: GenerateSettings) -> dict | None:
         chosen, chosen_ids, chosen_score = record["samples"][best], record["sample_ids"][best], scores[best]
     else:
         chosen, chosen_ids, chosen_score = record["reference"], record["reference_ids"], record["reference_score"]
-    if chosen_score - scores[worst] < settings.min_margin or (settings.chosen == "best" and best == worst):
+    margin = chosen_score - scores[worst]
+    if margin < settings.min_margin or margin <= 0:
         return None
     return {"prompt": record["prompt"], "chosen": chosen, "rejected": record["samples"][worst],
             "chosen_score": chosen_score, "rejected_score": scores[worst], "sample_scores": scores,

@@ -52,6 +52,11 @@ def test_on_policy_variants_generate_every_stage_with_the_true_reward():
     assert (config.sdpo.num_stages, config.sdpo.partition, config.sdpo.stage_data) == (3, "random", "generated")
     assert (config.generate.scorer, config.generate.samples_per_prompt, config.generate.chosen) == ("experiments.sorting:score", 4, "best")
     assert config.train.steps_per_stage == 40  # the same total steps as every variant: 4 epochs x 960 pairs / 3 stages / 32
+    gold = next(v for v in VARIANTS if v.name == "onpolicy-gold-2")
+    config = variant_config(gold, model_folder="m0", all_pairs="all.jsonl", stage_files={}, eval_pairs="eval.jsonl",
+                            num_pairs=960, output_dir="out", cache_dir="cache", seed=0, dpo=DPOSettings(), samples=4,
+                            temperature=1.0, max_new_tokens=14)
+    assert (config.sdpo.stage_data, config.generate.chosen, config.train.steps_per_stage) == ("generated", "gold", 60)
 
 
 def test_problem_ids_and_saved_tokenizer_agree(tmp_path):

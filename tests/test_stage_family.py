@@ -74,6 +74,8 @@ def test_pairs_take_the_best_and_the_worst_sample_above_the_margin():
     gold = SETTINGS.__class__(**{**SETTINGS.__dict__, "chosen": "gold"})
     pair = pair_of(_record([0.5, 0.9, 0.1], reference_score=1.0), gold)
     assert (pair["chosen"], pair["chosen_ids"], pair["rejected"], pair["chosen_score"]) == ("gold", [9, 2], "s2", 1.0)
+    assert pair_of(_record([1.0, 1.0, 1.0], reference_score=1.0), gold) is None  # every sample as good as the reference
+    assert pair_of(_record([0.7, 0.9], reference_score=0.5), gold) is None  # the reference scores below the worst sample
 
 
 def test_a_killed_sampling_keeps_its_whole_batches_only(tmp_path):
