@@ -4,11 +4,19 @@ Only process 0 writes or prints. ``metrics.jsonl`` holds one JSON object per log
 ``split`` ("train" or "eval"), ``stage`` and ``step``; on resume the rows past the restored
 position are dropped first, so the file reads as if the run had never stopped. Trackers
 (TensorBoard, W&B; see sdpo_jax.tracking) get the same rows at the run-wide step.
+
+One console channel: while ``library_messages()`` is open, what the library's own modules log
+(the ``sdpo_jax`` loggers: the data loader's truncation and drop counts, the reward model's
+warnings) comes out as the run's console lines, whatever level absl or the user set on Python's
+root logger.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +35,22 @@ class RunLog:
     def info(self, message: str) -> None:
         if self.is_main:
             say(f"[sdpo {time.perf_counter() - self._started:7.1f}s] {message}")
+
+    @contextlib.contextmanager
+    def library_messages(self) -> Iterator[None]:
+        """Route the ``sdpo_jax`` loggers' INFO and above to ``info`` (warnings prefixed) until closed."""
+        library = logging.getLogger("sdpo_jax")
+        handler = _ConsoleHandler(self)
+        saved = library.level, library.propagate
+        library.addHandler(handler)
+        library.setLevel(logging.INFO)
+        library.propagate = False
+        try:
+            yield
+        finally:
+            library.removeHandler(handler)
+            library.setLevel(saved[0])
+            library.propagate = saved[1]
 
     def metrics(self, row: dict[str, Any], global_step: int) -> None:
         """Append ``row`` to metrics.jsonl and send it to the trackers at run-wide ``global_step``."""
@@ -72,3 +96,13 @@ class RunLog:
     def write_json(self, name: str, value: Any) -> None:
         if self.is_main:
             (self.dir / name).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+class _ConsoleHandler(logging.Handler):
+    def __init__(self, log: RunLog):
+        super().__init__(logging.INFO)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        self.log.info(f"warning: {message}" if record.levelno >= logging.WARNING else message)

@@ -156,7 +156,8 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
         _checks_before(ctx, entry, models.previous, held_out, settings, step_offset, report[-1] if report else None)
         state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, _start_params(ctx, models)), optimizer), shardings)
         start_step = 0
-    log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {', '.join(sources)}, {steps} steps, "
+    origin = f"M{stage - 1}'s samples on the prompts of {', '.join(sources)}" if generated else ", ".join(sources)
+    log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {origin}, {steps} steps, "
              f"reference {ref_name}{' (moving, TR-DPO)' if settings.moving_reference else ''}, reference log-ratio mean "
              f"{entry.ref_logratio_mean:.3f}")
     if not in_step and _reference_not_needed_again(ctx, settings, initial):

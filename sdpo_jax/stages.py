@@ -88,7 +88,8 @@ def train(config: ml_collections.ConfigDict | CheckedConfig) -> list[dict]:
     if warning:
         log.info(f"warning: {warning}")
     try:
-        return [entry.to_json() for entry in _train_locked(checked, log)]
+        with log.library_messages():
+            return [entry.to_json() for entry in _train_locked(checked, log)]
     finally:
         lock.release()
 

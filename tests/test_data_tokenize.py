@@ -136,3 +136,11 @@ def test_local_dataset_folder_as_hub_name(tmp_path, tokenizer, config):
     assert len(load_pairs([f"{folder}@test"], tokenizer, config, vocab_size=VOCAB)) == 2
     with pytest.raises(DataError, match="cannot load dataset split 'nope'"):
         load_pairs([f"{folder}@nope"], tokenizer, config, vocab_size=VOCAB)
+
+
+def test_the_data_cache_defaults_to_sdpo_jax_cache(tokenizer, config, tmp_path, monkeypatch):
+    """With data.cache_dir = '' tokenized sources go under $SDPO_JAX_CACHE/data, like every other cache."""
+    monkeypatch.setenv("SDPO_JAX_CACHE", str(tmp_path / "everything"))
+    config.cache_dir, config.limit = "", 8
+    load_pairs(["sample:hh_rlhf/helpful-base-test.jsonl.gz"], tokenizer, config, vocab_size=VOCAB)
+    assert any((tmp_path / "everything" / "data").iterdir())

@@ -207,3 +207,26 @@ print("ok")
 def test_checksums_of_sharded_arrays_equal_the_whole_arrays_and_gather_nothing():
     result = subprocess.run([sys.executable, "-c", SHARDED_CHECKSUM], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_library_messages_reach_the_run_console_whatever_the_root_level(tmp_path, capsys):
+    """absl (under sdpo-train) sets Python's root logger to FATAL; the data loader's truncation and drop
+    lines and the reward model's warnings still reach the run's console while the run is open."""
+    import logging
+
+    from sdpo_jax.run_log import RunLog
+
+    root_level = logging.root.level
+    logging.root.setLevel(logging.FATAL)
+    try:
+        log = RunLog(tmp_path)
+        with log.library_messages():
+            logging.getLogger("sdpo_jax.data").info("truncated %d prompt(s)", 3)
+            logging.getLogger("sdpo_jax.reward").warning("reward model: 2 of 8 texts were longer")
+        logging.getLogger("sdpo_jax.data").info("after the run")
+    finally:
+        logging.root.setLevel(root_level)
+    err = capsys.readouterr().err
+    assert "s] truncated 3 prompt(s)" in err and "s] warning: reward model: 2 of 8 texts were longer" in err
+    assert "after the run" not in err
+    assert logging.getLogger("sdpo_jax").handlers == [] and logging.getLogger("sdpo_jax").propagate

