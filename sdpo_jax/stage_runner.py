@@ -102,9 +102,10 @@ def _stage_pairs(ctx: RunContext, settings: StageSettings, models: StageModels, 
                  f"{settings.generate.samples_per_prompt} samples of {models.previous_name} (mean best score "
                  f"{summary['mean_best_score']:.3f}, worst {summary['mean_worst_score']:.3f}); {path}")
     if not summary["pairs"]:
-        raise SdpoError(f"stage {stage}: the samples gave no pairs (every prompt's chosen and rejected scores differ by "
-                        f"less than generate.min_margin {settings.generate.min_margin}); raise generate.temperature or "
-                        f"generate.samples_per_prompt, or lower generate.min_margin")
+        raise SdpoError(f"stage {stage}: the samples gave no pairs (no prompt's chosen scored above its rejected by at "
+                        f"least generate.min_margin {settings.generate.min_margin}); raise generate.temperature or "
+                        f"generate.samples_per_prompt, lower generate.min_margin, use generate.chosen=gold, or check that "
+                        f"generate.scorer {settings.generate.scorer} tells the samples apart")
     pairs = load_generated(path, config.data, ctx.tokenizer, ctx.model.config.vocab_size)
     return pairs, {**summary, "file": str(path)}
 
