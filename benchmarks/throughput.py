@@ -50,9 +50,9 @@ from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.llama import init_params
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.prefix_sharing import pack_pairs
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
+from sdpo_jax.placement import place, state_shardings
 from sdpo_jax.sharding import build_mesh
-from sdpo_jax.train_step import TrainState, make_train_step
+from sdpo_jax.train_step import TrainState, jit_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -160,8 +160,8 @@ def build(a):
     shardings, _ = state_shardings(model, optimizer, mesh)
     params = init_params(model, jax.random.key(0))
     in_step = a.reference == "in-step"
-    step = jit_train_step(make_train_step(model, DPOSettings(beta=0.1), optimizer, chunk_size=a.logprob_chunk),
-                          mesh, shardings, with_reference_params=in_step)
+    step = jit_train_step(model, DPOSettings(beta=0.1), optimizer, mesh, shardings, with_reference_params=in_step,
+                          chunk_size=a.logprob_chunk)
     ref = place(params, shardings.params) if in_step else None
     state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer), shardings)
     rng = np.random.default_rng(0)

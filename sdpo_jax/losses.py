@@ -27,6 +27,7 @@ Batch losses, over the batch's valid pairs j = 1..B, l(t) = -(1-eps) log sig(t) 
     sft          -(sum of the chosen tokens' log-probs) / (number of chosen tokens)     MPO 2411.10442's SFT term
 The loss is sum_k loss_weights[k] * (mean over pairs of loss_type[k]; the batch losses as above) plus
 rpo_alpha * sft (RPO 2404.19733; our own field, never WPO-weighted). MPO is ("sigmoid", "bco_pair", "sft").
+The chosen NLL is computed once, weighted by rpo_alpha plus the loss_weights of sft.
 WPO (use_weighting, 2406.11827): each pair's loss is multiplied by w = w_w w_l, w_y = exp(mean over y's tokens
 of log(p_t / sum_v p_v^2)) under the policy, without gradient (not with aot, aot_unpaired, sft: TRL 1.16 refuses
 the first two and fails on the third).
@@ -376,15 +377,40 @@ def batch_loss_sum(
     total = 0.0
     for loss_type, loss_weight in zip(settings.loss_type, settings.loss_weights):
         if loss_type == "sft":
-            term = _chosen_nll_sum(logps, valid) / num_chosen_tokens
-        elif loss_type in SORTED_LOSSES:
+            continue
+        if loss_type in SORTED_LOSSES:
             term = jnp.sum(_sorted_loss(logps, valid, settings, loss_type)) / num_pairs
         else:
             term = jnp.sum(weighted * per_pair_loss(logps, settings, loss_type)) / num_pairs
         total = total + loss_weight * term
-    if settings.rpo_alpha:
-        total = total + settings.rpo_alpha * _chosen_nll_sum(logps, valid) / num_chosen_tokens
+    nll_weight = _chosen_nll_weight(settings)
+    if nll_weight:
+        total = total + nll_weight * _chosen_nll_sum(logps, valid) / num_chosen_tokens
     return total
+
+
+def _chosen_nll_weight(settings: DPOSettings) -> float:
+    """The weight of the chosen tokens' mean NLL in the loss: rpo_alpha plus the loss_weights of "sft"."""
+    return settings.rpo_alpha + sum(w for name, w in zip(settings.loss_type, settings.loss_weights) if name == "sft")
+
+
+def metric_sums(logps: PairLogps, weights: jnp.ndarray, settings: DPOSettings, loss: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Per-pair metrics summed over the pairs with ``weights`` [pairs] (1 real, 0 padding), their count
+    ``num_pairs``, and ``loss``: this batch's share of the loss (``batch_loss_sum``), without gradient."""
+    sums = {name: jnp.sum(weights * value) for name, value in per_pair_metrics(logps, settings).items()}
+    sums["loss"] = jax.lax.stop_gradient(loss)
+    sums["num_pairs"] = jnp.sum(weights)
+    return sums
+
+
+def metric_means(sums: dict[str, jnp.ndarray]) -> dict[str, jnp.ndarray]:
+    """TRL's means from ``metric_sums`` (added over micro-batches): the sums divided by ``num_pairs``;
+    ``loss`` is already the whole loss; ``num_pairs`` stays a count."""
+    count = jnp.maximum(sums["num_pairs"], 1.0)
+    means = {name: value / count for name, value in sums.items() if name not in ("loss", "num_pairs")}
+    means["loss"] = sums["loss"]
+    means["num_pairs"] = sums["num_pairs"]
+    return means
 
 
 def per_pair_metrics(logps: PairLogps, settings: DPOSettings) -> dict[str, jnp.ndarray]:

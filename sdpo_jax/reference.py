@@ -1,33 +1,49 @@
 """The reference model's part of a stage: its log-probs precomputed once per stage's pairs, then
 looked up by pair index; and TR-DPO's soft update when the reference moves within a stage.
 
+``make_reference_step`` is the pure step, ``jit_reference_step`` its form jitted for a mesh, and
+``precompute_reference_logps`` runs it over a pair set.
+
 One forward pass of the frozen reference over every pair of the chunk gives
 log pi_ref(y_w|x) and log pi_ref(y_l|x) per pair; training batches then carry them
 (``ref_chosen_logps``/``ref_rejected_logps``) and the reference params can leave the device.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
 from sdpo_jax.models.llama import LlamaForCausalLM
-from sdpo_jax.sharded_steps import global_batch, host_rows, jit_reference_step
-from sdpo_jax.train_step import make_reference_step
+from sdpo_jax.pair_logps import reference_sequence_logps
+from sdpo_jax.placement import global_batch, host_rows
+from sdpo_jax.sharding import batch_sharding, replicated
 
 
-def reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128,
-                   ld_alpha: float = 1.0):
-    """The jitted ``(ref_params, global batch) -> (chosen, rejected)`` step; build once, reuse. ``ld_alpha``
-    is the loss's (LD-DPO weighs the reference's tokens beyond the shorter completion too)."""
-    return jit_reference_step(make_reference_step(model, chunk_size, ld_alpha), mesh, param_shardings)
+def make_reference_step(model: LlamaForCausalLM, chunk_size: int = 128, ld_alpha: float = 1.0) -> Callable:
+    """Build ``reference_step(ref_params, batch) -> (chosen_logps, rejected_logps)`` [B], a pure function;
+    ``ld_alpha`` must be the loss's (LD-DPO weighs the reference's tokens beyond the shorter completion too)."""
+
+    def reference_step(ref_params: Any, batch: dict):
+        return reference_sequence_logps(model, ref_params, batch, chunk_size, ld_alpha)
+
+    return reference_step
+
+
+def jit_reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128,
+                       ld_alpha: float = 1.0) -> Callable:
+    """``make_reference_step``'s step jitted for ``mesh``: ``ref_params`` laid out as ``param_shardings``,
+    the batch split over the mesh's batch axes, the log-probs replicated. Build once, reuse."""
+    return jax.jit(make_reference_step(model, chunk_size, ld_alpha), in_shardings=(param_shardings, batch_sharding(mesh)),
+                   out_shardings=replicated(mesh))
 
 
 def precompute_reference_logps(
     step, ref_params: Any, batches: Iterable[dict[str, np.ndarray]], num_pairs: int, mesh: jax.sharding.Mesh
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(chosen, rejected) float32 [num_pairs], filled from batches that cover every pair once.
+    """(chosen, rejected) float32 [num_pairs], the reference log-probs of every pair, scored by ``step``
+    (from ``jit_reference_step``) over batches that cover every pair once.
 
     ``batches`` are this process's rows; every process gets the full arrays back.
     """

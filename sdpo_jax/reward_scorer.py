@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from sdpo_jax.data.validation import token_range_problem
 from sdpo_jax.models.loading import load_tokenizer
 from sdpo_jax.models.reward import LlamaForSequenceClassification, load_reward_model
-from sdpo_jax.sharded_steps import whole_batch_on_mesh
+from sdpo_jax.placement import whole_batch_on_mesh
 from sdpo_jax.sharding import batch_row_multiple, replicated
 
 WIDTH_MULTIPLE = 64

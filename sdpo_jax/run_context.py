@@ -26,18 +26,17 @@ from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_metrics, choice_step
 from sdpo_jax.config_check import StageSettings
 from sdpo_jax.data.batching import PairBatcher
-from sdpo_jax.evaluation import eval_step, evaluate_pairs
+from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
 from sdpo_jax.generation import generate
 from sdpo_jax.host_exchange import any_process
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.optim import OptimizerSettings
 from sdpo_jax.progress import progress
-from sdpo_jax.reference import attach_reference, precompute_reference_logps, reference_step
+from sdpo_jax.reference import attach_reference, jit_reference_step, precompute_reference_logps
 from sdpo_jax.run_log import RunLog
 from sdpo_jax.scorers import REWARD_MODEL_PREFIX, Scorer, load_scorer
-from sdpo_jax.sharded_steps import jit_train_step
 from sdpo_jax.tracking import TensorBoardSink, WandbSink
-from sdpo_jax.train_step import make_train_step
+from sdpo_jax.train_step import jit_train_step
 
 
 def folder_identity(folder: Path) -> str:
@@ -91,8 +90,8 @@ class RunContext:
         schedule's numbers, which differ per stage, are optimizer state: sdpo_jax.optim)."""
         config = self.config
         key = ("train", settings, optimizer_settings.compiled(), config.train.grad_accum, config.model.logprob_chunk, with_reference_params)
-        return self._once(key, lambda: jit_train_step(make_train_step(self.model, settings, optimizer, config.train.grad_accum,
-                                                                      config.model.logprob_chunk), self.mesh, shardings, with_reference_params))
+        return self._once(key, lambda: jit_train_step(self.model, settings, optimizer, self.mesh, shardings, with_reference_params,
+                                                      config.train.grad_accum, config.model.logprob_chunk))
 
     def scorer(self, spec: str) -> Scorer:
         """The scorer ``spec`` names (sdpo_jax.scorers); a reward model is loaded on the run's mesh for each
@@ -133,7 +132,7 @@ class RunContext:
                            prefix_sharing=self.config.data.prefix_sharing)
 
     @staticmethod
-    def cached_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    def stored_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
         """The log-probs stored in ``cache`` for ``key``, when every process finds them (else None on all,
         so that all of them recompute together)."""
         found = None
@@ -151,16 +150,16 @@ class RunContext:
         """The run's dpo.ld_alpha (the same in every stage: config_check)."""
         return self.stages[0].dpo.ld_alpha
 
-    def reference_logps(self, ref_params, pairs, cache: Path, key: str, description: str, ld_alpha: float | None = None
+    def cached_reference_logps(self, ref_params, pairs, cache: Path, key: str, description: str, ld_alpha: float | None = None
                         ) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-probs of every pair, LD-weighted with ``ld_alpha`` (default: the run's, as the loss
         reads them; 1.0: the plain sums), from ``cache`` when it was made for ``key``."""
         ld_alpha = self.ld_alpha if ld_alpha is None else ld_alpha
         key = key if ld_alpha == 1.0 else f"{key}-ld{ld_alpha!r}"
-        cached = self.cached_logps(cache, key)
+        cached = self.stored_logps(cache, key)
         if cached is not None:
             return cached
-        step = self._once(("reference", ld_alpha), lambda: reference_step(self.model, self.mesh, self.param_shardings,
+        step = self._once(("reference", ld_alpha), lambda: jit_reference_step(self.model, self.mesh, self.param_shardings,
                                                                           self.config.model.logprob_chunk, ld_alpha))
         chosen, rejected = precompute_reference_logps(step, ref_params, self.progress(self.batches(pairs), description),
                                                       len(pairs), self.mesh)
@@ -175,7 +174,7 @@ class RunContext:
         batches = (attach_reference(b, *eval_ref) for b in self.progress(self.batches(eval_pairs), description))
         # (the step's outputs depend on the loss settings only through ld_alpha and use_weighting)
         step = self._once(("eval", settings.ld_alpha, settings.use_weighting),
-                          lambda: eval_step(self.model, settings, self.mesh, self.param_shardings, False,
+                          lambda: jit_eval_step(self.model, settings, self.mesh, self.param_shardings, False,
                                             self.config.model.logprob_chunk))
         return evaluate_pairs(step, params, None, batches, settings, self.mesh)
 

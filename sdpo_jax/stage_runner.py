@@ -32,7 +32,7 @@ from sdpo_jax.optim import make_optimizer
 from sdpo_jax.progress import progress
 from sdpo_jax.reference import attach_reference, mix_reference
 from sdpo_jax.run_context import RunContext
-from sdpo_jax.sharded_steps import global_batch, place, state_shardings
+from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.stage_data import StageSampler, chunk_prompts, generated_stage, load_generated, sampling_key
 from sdpo_jax.stage_report import StageReport
 from sdpo_jax.train_step import TrainState
@@ -119,11 +119,11 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
     ref_params, ref_key, ref_name = (models.sft, models.sft_key, "M0") if initial else \
         (models.previous, models.previous_key, models.previous_name)
     chunk_key = f"{ref_key}-{pairs.identity()}"
-    ref_chosen, ref_rejected = ctx.reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}.npz",
+    ref_chosen, ref_rejected = ctx.cached_reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}.npz",
                                                    chunk_key, f"stage {stage}: reference log-probs of its pairs")
     gamma = float(np.mean(ref_chosen - ref_rejected))
     if ctx.ld_alpha != 1.0:  # gamma is defined on the plain sums; the loss reads LD-weighted ones
-        plain = ctx.reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}_plain.npz", chunk_key,
+        plain = ctx.cached_reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}_plain.npz", chunk_key,
                                     f"stage {stage}: plain reference log-probs (gamma)", ld_alpha=1.0)
         gamma = float(np.mean(plain[0] - plain[1]))
     batcher = ctx.batches(pairs, shuffle=True, seed=config.train.seed + stage)

@@ -50,7 +50,7 @@ from sdpo_jax.run_context import RunContext, folder_identity
 from sdpo_jax.run_lock import RunFolderLock
 from sdpo_jax.run_log import RunLog
 from sdpo_jax.scorers import load_reward_prompts
-from sdpo_jax.sharded_steps import global_batch, place, state_shardings
+from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.sharding import build_mesh, check_process_rows
 from sdpo_jax.stage_report import StageReport
 from sdpo_jax.stage_runner import HeldOut, Preempted, StageModels, run_stage
@@ -129,7 +129,7 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
                                         chat_template=config.eval.choices_chat_template)
     plan = _plan(ctx, train_pairs, sft_params, f"{sft_key}-{data_key}")
     _summary(ctx, train_pairs, eval_pairs, plan)
-    held_out = HeldOut(eval_pairs, ctx.reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz",
+    held_out = HeldOut(eval_pairs, ctx.cached_reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz",
                                                        f"{sft_key}-eval-{eval_pairs.identity()}",
                                                        "reference log-probs of the eval pairs (M0)") if eval_pairs else None)
     finished = ctx.checkpoints.finished_stages()
@@ -243,7 +243,7 @@ def _difficulty_scores(run: RunContext, train_pairs, sft_params, key: str) -> np
     """Per-pair easiness (higher = easier): the SFT log-ratio, or the margin a short DPO probe learns (both
     on the plain sequence log-probs, whatever dpo.ld_alpha)."""
     config, cache = run.config, Path(run.config.output_dir) / "reference"
-    chosen, rejected = run.reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key,
+    chosen, rejected = run.cached_reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key,
                                            "difficulty: SFT log-probs of every train pair", ld_alpha=1.0)
     if config.sdpo.difficulty != "dpo_probe":
         return chosen - rejected
@@ -254,14 +254,14 @@ def _difficulty_scores(run: RunContext, train_pairs, sft_params, key: str) -> np
     step_fn = run.train_step(dataclasses.replace(first.dpo, ld_alpha=1.0), optimizer_settings, optimizer, shardings,
                              with_reference_params=False)
     probe_key = f"{key}-probe{steps}-{first.learning_rate}-{first.dpo.beta}-{config.train.seed}"
-    probe = run.cached_logps(cache / "train_probe.npz", probe_key)
+    probe = run.stored_logps(cache / "train_probe.npz", probe_key)
     if probe is None:
         run.log.info(f"DPO probe: {steps} steps over all {len(train_pairs)} pairs to score difficulty")
         state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, sft_params), optimizer), shardings)
         batcher = run.batches(train_pairs, shuffle=True, seed=config.train.seed)
         for _ in progress(range(steps), steps, "difficulty: DPO probe steps", run.bars, unit="step"):
             state, _ = step_fn(state, None, global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
-        probe = run.reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key,
+        probe = run.cached_reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key,
                                     "difficulty: probe log-probs of every train pair", ld_alpha=1.0)
     probe_chosen, probe_rejected = probe
     return (probe_chosen - chosen) - (probe_rejected - rejected)

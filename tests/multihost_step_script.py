@@ -31,9 +31,9 @@ from sdpo_jax.losses import DPOSettings  # noqa: E402
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from sdpo_jax.models.llama import init_params  # noqa: E402
 from sdpo_jax.optim import OptimizerSettings, make_optimizer  # noqa: E402
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings  # noqa: E402
+from sdpo_jax.placement import place, state_shardings  # noqa: E402
 from sdpo_jax.sharding import batch_sharding, build_mesh  # noqa: E402
-from sdpo_jax.train_step import TrainState, make_train_step  # noqa: E402
+from sdpo_jax.train_step import TrainState, jit_train_step  # noqa: E402
 
 config = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -42,8 +42,8 @@ params = init_params(model, jax.random.key(0))
 optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-2, total_steps=10))
 mesh = build_mesh(2, 2, 2)
 shardings, _ = state_shardings(model, optimizer, mesh)
-step = jit_train_step(make_train_step(model, DPOSettings(beta=0.5), optimizer, grad_accum=2, chunk_size=7),
-                      mesh, shardings, with_reference_params=True)
+step = jit_train_step(model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, grad_accum=2,
+                      chunk_size=7)
 state = place(TrainState.create(params, optimizer), shardings)
 ref = place(jax.tree_util.tree_map(lambda x: x * 0.9, params), shardings.params)
 rows = slice(None) if mode == "single" else slice(int(mode) * 4, int(mode) * 4 + 4)

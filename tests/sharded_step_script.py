@@ -19,9 +19,9 @@ from sdpo_jax.losses import DPOSettings  # noqa: E402
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from sdpo_jax.models.llama import init_params  # noqa: E402
 from sdpo_jax.optim import OptimizerSettings, make_optimizer  # noqa: E402
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings  # noqa: E402
+from sdpo_jax.placement import place, state_shardings  # noqa: E402
 from sdpo_jax.sharding import build_mesh  # noqa: E402
-from sdpo_jax.train_step import TrainState, make_train_step  # noqa: E402
+from sdpo_jax.train_step import TrainState, jit_train_step  # noqa: E402
 
 
 def run(mesh_shape, devices):
@@ -33,8 +33,8 @@ def run(mesh_shape, devices):
     optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-2, total_steps=10))
     mesh = build_mesh(*mesh_shape, devices=devices)
     shardings, _ = state_shardings(model, optimizer, mesh)
-    step = jit_train_step(make_train_step(model, DPOSettings(beta=0.5), optimizer, grad_accum=2, chunk_size=7),
-                          mesh, shardings, with_reference_params=True)
+    step = jit_train_step(model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, grad_accum=2,
+                          chunk_size=7)
     state = place(TrainState.create(params, optimizer), shardings)
     ref = place(ref_params, shardings.params)
     losses = []

@@ -21,9 +21,9 @@ from batch_fixtures import random_pair_batch  # noqa: E402
 from sdpo_jax.losses import DPOSettings  # noqa: E402
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from sdpo_jax.models.llama import init_params  # noqa: E402
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings  # noqa: E402
+from sdpo_jax.placement import place, state_shardings  # noqa: E402
 from sdpo_jax.sharding import build_mesh  # noqa: E402
-from sdpo_jax.train_step import TrainState, make_train_step  # noqa: E402
+from sdpo_jax.train_step import TrainState, jit_train_step  # noqa: E402
 
 SETTINGS = DPOSettings(beta=0.5, loss_type=("aot", "aot_unpaired"), loss_weights=(1.0, 0.5), label_smoothing=0.1)
 
@@ -35,8 +35,8 @@ def run(mesh, grad_accum):
     params = init_params(model, jax.random.key(0))
     optimizer = optax.sgd(0.5)
     shardings, _ = state_shardings(model, optimizer, mesh)
-    step = jit_train_step(make_train_step(model, SETTINGS, optimizer, grad_accum=grad_accum, chunk_size=7), mesh, shardings,
-                          with_reference_params=True)
+    step = jit_train_step(model, SETTINGS, optimizer, mesh, shardings, with_reference_params=True, grad_accum=grad_accum,
+                          chunk_size=7)
     state = place(TrainState.create(params, optimizer), shardings)
     ref = place(jax.tree_util.tree_map(lambda x: x * 0.9, params), shardings.params)
     losses = []

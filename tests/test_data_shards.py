@@ -124,7 +124,7 @@ def local_batches(tmp_path, tokenizer, config, count):
 
 
 def on_devices(locals_: list[dict]) -> dict:
-    """The global batch from every process's local batch, as `sharded_steps.global_batch` builds it."""
+    """The global batch from every process's local batch, as `placement.global_batch` builds it."""
     glued = {k: np.concatenate([b[k] for b in locals_]) for k in locals_[0]}
     if "source_row" in glued:
         rows = glued.pop("source_row")

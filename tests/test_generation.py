@@ -24,7 +24,7 @@ from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.generation import generate, inverse_cdf, next_tokens, top_p_filter
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.models.llama import logical_axes
-from sdpo_jax.sharded_steps import place
+from sdpo_jax.placement import place
 from sdpo_jax.sharding import build_mesh, logical_to_shardings
 
 NEW_TOKENS = 12

@@ -13,7 +13,7 @@ from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.logprobs import token_logps
 from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models import LlamaForCausalLM
-from sdpo_jax.train_step import completion_logps
+from sdpo_jax.pair_logps import completion_logps
 
 
 def _naive_token_logps(hidden, weights, targets):

@@ -24,7 +24,9 @@ from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.losses import LOSS_TYPES, METRIC_NAMES, DPOSettings, PairLogps, batch_loss_sum
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.prefix_sharing import pack_pairs
-from sdpo_jax.train_step import TrainState, make_eval_step, make_reference_step, make_train_step, pair_set_metrics
+from sdpo_jax.evaluation import make_eval_step, pair_set_metrics
+from sdpo_jax.reference import make_reference_step
+from sdpo_jax.train_step import TrainState, make_train_step
 
 # TRL DPOConfig keyword arguments; ours are the same names (tuples for lists).
 CASES = {

@@ -190,7 +190,7 @@ import optax, transformers
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_step, encode_choices, load_choice_questions
 from sdpo_jax.models import LlamaForCausalLM
-from sdpo_jax.sharded_steps import place, state_shardings
+from sdpo_jax.placement import place, state_shardings
 from sdpo_jax.sharding import build_mesh
 folder, data = sys.argv[1:]
 config, params = load_hf_checkpoint(folder)

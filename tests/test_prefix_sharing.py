@@ -18,7 +18,9 @@ from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.prefix_sharing import CHOSEN, PAD, PROMPT, REJECTED, pack_pairs, packed_attention_mask
-from sdpo_jax.train_step import TrainState, completion_logps, make_eval_step, make_train_step
+from sdpo_jax.evaluation import make_eval_step
+from sdpo_jax.pair_logps import completion_logps
+from sdpo_jax.train_step import TrainState, make_train_step
 
 
 def _tiny_plain_batch():

@@ -15,10 +15,10 @@ from sdpo_jax.data.load import load_pairs
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
-from sdpo_jax.reference import attach_reference, precompute_reference_logps, reference_step
-from sdpo_jax.sharded_steps import jit_train_step, place, state_shardings
+from sdpo_jax.reference import attach_reference, jit_reference_step, precompute_reference_logps
+from sdpo_jax.placement import place, state_shardings
 from sdpo_jax.sharding import build_mesh
-from sdpo_jax.train_step import TrainState, make_train_step
+from sdpo_jax.train_step import TrainState, jit_train_step
 
 
 @pytest.mark.slow
@@ -40,17 +40,17 @@ def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
     optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-3, total_steps=3))
     shardings, _ = state_shardings(model, optimizer, mesh)
     ref = place(params, shardings.params)
-    chosen, rejected = precompute_reference_logps(reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0),
+    chosen, rejected = precompute_reference_logps(jit_reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0),
                                                   len(pairs), mesh)
     assert chosen.shape == (11,) and np.all(chosen < 0)
     packed = PairBatcher(pairs, batch_size=4, seed=3, buckets=(16, 32, 64), prefix_sharing=True)
-    packed_logps = precompute_reference_logps(reference_step(model, mesh, shardings.params), ref, packed.epoch_batches(0),
+    packed_logps = precompute_reference_logps(jit_reference_step(model, mesh, shardings.params), ref, packed.epoch_batches(0),
                                               len(pairs), mesh)
     np.testing.assert_allclose(packed_logps, (chosen, rejected), rtol=1e-5, atol=1e-4)  # prefix sharing: same numbers
 
     settings = DPOSettings(beta=0.1)
-    in_step = jit_train_step(make_train_step(model, settings, optimizer), mesh, shardings, with_reference_params=True)
-    precomputed = jit_train_step(make_train_step(model, settings, optimizer), mesh, shardings, with_reference_params=False)
+    in_step = jit_train_step(model, settings, optimizer, mesh, shardings, with_reference_params=True)
+    precomputed = jit_train_step(model, settings, optimizer, mesh, shardings, with_reference_params=False)
     state_a = place(TrainState.create(params, optimizer), shardings)
     state_b = place(TrainState.create(params, optimizer), shardings)
     for batch in batcher.epoch_batches(0):  # 3 batches, the last one with a padding row

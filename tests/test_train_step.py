@@ -17,7 +17,8 @@ from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.optim import OptimizerSettings, make_optimizer, scheduled_lr, weight_decay_mask
-from sdpo_jax.train_step import TrainState, make_reference_step, make_train_step
+from sdpo_jax.reference import make_reference_step
+from sdpo_jax.train_step import TrainState, make_train_step
 
 
 def _setup(hf_checkpoint, **dpo):

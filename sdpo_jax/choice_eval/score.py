@@ -35,7 +35,7 @@ from sdpo_jax.choice_eval.questions import ChoiceQuestion
 from sdpo_jax.logprobs import token_logps
 from sdpo_jax.models.attention import causal_attention_mask
 from sdpo_jax.models.llama import LlamaForCausalLM, output_embedding
-from sdpo_jax.sharded_steps import whole_batch_on_mesh
+from sdpo_jax.placement import whole_batch_on_mesh
 from sdpo_jax.sharding import batch_row_multiple, replicated
 
 MAX_BUCKETS = 4

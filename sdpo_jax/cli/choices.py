@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
     from sdpo_jax.choice_eval import evaluate_choices, load_choice_questions
     from sdpo_jax.models import LlamaForCausalLM
     from sdpo_jax.models.loading import COMPUTE_DTYPES, load_tokenizer, resolve_model_folder
-    from sdpo_jax.sharded_steps import place, state_shardings
+    from sdpo_jax.placement import place, state_shardings
     from sdpo_jax.sharding import build_mesh
 
     if args.limit < 0 or args.batch_size < 1 or args.max_length < 2:

@@ -69,12 +69,12 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     from sdpo_jax.data.batching import PairBatcher, resolve_buckets
     from sdpo_jax.data.config import get_data_config
     from sdpo_jax.data.load import load_pairs
-    from sdpo_jax.evaluation import eval_step, evaluate_pairs
+    from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
     import optax
 
     from sdpo_jax.models import LlamaForCausalLM
     from sdpo_jax.models.loading import load_tokenizer
-    from sdpo_jax.sharded_steps import place, state_shardings
+    from sdpo_jax.placement import place, state_shardings
     from sdpo_jax.sharding import build_mesh
 
     config, params = load_hf_checkpoint(args.policy)
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     model = LlamaForCausalLM(config)
     shardings, _ = state_shardings(model, optax.identity(), mesh)
     batcher = PairBatcher(pairs, args.batch_size, seed=0, buckets=resolve_buckets((), args.max_length), shuffle=False)
-    step = eval_step(model, settings, mesh, shardings.params, with_reference_params=True)
+    step = jit_eval_step(model, settings, mesh, shardings.params, with_reference_params=True)
     return evaluate_pairs(step, place(params, shardings.params), place(ref_params, shardings.params),
                           batcher.epoch_batches(0), settings, mesh)
 

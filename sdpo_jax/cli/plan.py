@@ -83,9 +83,9 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
     from sdpo_jax.memory_budget import GIB, KEPT_MODELS, compiled_memory, estimate
     from sdpo_jax.models.loading import build_module, model_shape
     from sdpo_jax.optim import make_optimizer
-    from sdpo_jax.sharded_steps import jit_train_step, state_shardings
+    from sdpo_jax.placement import state_shardings
     from sdpo_jax.sharding import MeshError, batch_sharding, planning_mesh
-    from sdpo_jax.train_step import make_train_step
+    from sdpo_jax.train_step import jit_train_step
 
     if jax.device_count() != devices:
         raise RuntimeError(f"expected {devices} fake devices, JAX has {jax.device_count()}")
@@ -106,8 +106,8 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
     budget = estimate(model_config, config, dict(mesh.shape), abstract, shardings, platform)
 
     precompute = config.train.precompute_reference
-    step = jit_train_step(make_train_step(model, first.dpo, optimizer, config.train.grad_accum, config.model.logprob_chunk),
-                          mesh, shardings, with_reference_params=not precompute)
+    step = jit_train_step(model, first.dpo, optimizer, mesh, shardings, with_reference_params=not precompute,
+                          grad_accum=config.train.grad_accum, chunk_size=config.model.logprob_chunk)
     state = abstract_with_shardings(abstract, shardings)
     lowered = step.lower(state, None if precompute else state.params, _abstract_batch(config, batch_sharding(mesh), jnp))
 

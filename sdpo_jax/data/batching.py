@@ -25,7 +25,7 @@ lengths), and each process builds the rows of the pairs it holds: row j of the b
 its holder h(j) (the padding rows from their planned process). Process p lays its rows out in
 batch order in a staging block of W rows (W = B/P times the fewest whole blocks that fit the
 busiest holder; the rest padding), and `source_row[j] = h(j) * W + (rank of j among h(j)'s rows)`
-says where the planned row j is in the P * W staging rows; `sharded_steps.global_batch` moves
+says where the planned row j is in the P * W staging rows; `placement.global_batch` moves
 them into place on the devices. So a global batch is the same for any number of processes, and no
 process touches another's tokens. Unshuffled plans (reference log-probs, evaluation) take the
 pairs interleaved by holder (for one process: in order), so their batches rarely need W > B/P.

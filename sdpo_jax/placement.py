@@ -1,8 +1,9 @@
-"""The train, eval and reference steps jitted with shardings over a device mesh (pjit).
+"""Placing host data on the device mesh and reading it back: the train state's shardings, batches
+split over the mesh's batch axes, whole arrays gathered on a host.
 
 The train state's shardings come from the parameters' logical axes: the optimizer's moments
-follow the parameters they belong to, scalars are replicated. The state is donated (updated in
-place); the reference parameters are an input only, never donated.
+follow the parameters they belong to, scalars are replicated. The jitted steps that consume them
+live with their pure forms (sdpo_jax.train_step, sdpo_jax.evaluation, sdpo_jax.reference).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from sdpo_jax.models.llama import LlamaForCausalLM
-from sdpo_jax.sharding import DEFAULT_RULES, batch_sharding, check_divisible, logical_to_shardings, replicated
+from sdpo_jax.sharding import DEFAULT_RULES, batch_sharding, check_divisible, logical_to_shardings
 from sdpo_jax.train_step import TrainState
 
 
@@ -74,22 +75,3 @@ def _rows_into_place(sharding: NamedSharding) -> Callable:
 def host_rows(array: jax.Array) -> np.ndarray:
     """A global (possibly multi-process) array, whole, on this host."""
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
-def jit_train_step(step: Callable, mesh: Mesh, shardings: TrainState, with_reference_params: bool) -> Callable:
-    ref_sharding = shardings.params if with_reference_params else None
-    return jax.jit(
-        step,
-        in_shardings=(shardings, ref_sharding, batch_sharding(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=(0,),
-    )
-
-
-def jit_eval_step(step: Callable, mesh: Mesh, param_shardings: Any, with_reference_params: bool) -> Callable:
-    ref_sharding = param_shardings if with_reference_params else None
-    return jax.jit(step, in_shardings=(param_shardings, ref_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
-
-
-def jit_reference_step(step: Callable, mesh: Mesh, param_shardings: Any) -> Callable:
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
