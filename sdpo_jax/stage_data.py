@@ -62,6 +62,13 @@ class StagePrompt:
     reference_ids: tuple[int, ...]
 
 
+def generated_origin(stage: int, sources: list[str], pairs: int | None = None) -> str:
+    """Where a generated stage's pairs come from, for the run's lines: M(stage-1)'s samples on the prompts
+    of the chunk drawn from ``sources`` (of its ``pairs`` offline pairs, when given)."""
+    chunk = f"{pairs} pairs of " if pairs is not None else ""
+    return f"M{stage - 1}'s samples on the prompts of {chunk}{', '.join(sources)}"
+
+
 def chunk_prompts(chunk: TokenizedPairs) -> list[StagePrompt]:
     """The chunk's distinct prompts in chunk order (the first pair's chosen answer as each one's reference),
     gathered from every process (each holds only its pairs' tokens)."""

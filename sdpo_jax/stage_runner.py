@@ -33,7 +33,7 @@ from sdpo_jax.progress import progress
 from sdpo_jax.reference import attach_reference, mix_reference
 from sdpo_jax.run_context import RunContext
 from sdpo_jax.placement import global_batch, place, state_shardings
-from sdpo_jax.stage_data import StageSampler, chunk_prompts, generated_stage, load_generated, sampling_key
+from sdpo_jax.stage_data import StageSampler, chunk_prompts, generated_origin, generated_stage, load_generated, sampling_key
 from sdpo_jax.stage_report import StageReport
 from sdpo_jax.train_step import TrainState
 
@@ -157,7 +157,7 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
         _checks_before(ctx, entry, models.previous, held_out, settings, step_offset, report[-1] if report else None)
         state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, _start_params(ctx, models)), optimizer), shardings)
         start_step = 0
-    origin = f"M{stage - 1}'s samples on the prompts of {', '.join(sources)}" if generated else ", ".join(sources)
+    origin = generated_origin(stage, sources) if generated else ", ".join(sources)
     log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {origin}, {steps} steps, "
              f"reference {ref_name}{' (moving, TR-DPO)' if settings.moving_reference else ''}, reference log-ratio mean "
              f"{entry.ref_logratio_mean:.3f}")

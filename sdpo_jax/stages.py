@@ -52,6 +52,7 @@ from sdpo_jax.run_log import RunLog
 from sdpo_jax.scorers import load_reward_prompts
 from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.sharding import build_mesh, check_process_rows
+from sdpo_jax.stage_data import generated_origin
 from sdpo_jax.stage_report import StageReport
 from sdpo_jax.stage_runner import HeldOut, Preempted, StageModels, run_stage
 from sdpo_jax.train_step import TrainState
@@ -190,8 +191,8 @@ def _stage_line(settings, pairs: int, sources: list[str], steps: int) -> str:
     """How a stage gets its pairs and reference, for the start-up summary."""
     t, g = settings.stage, settings.generate
     if settings.stage_data == "generated":
-        line = (f"pairs from M{t - 1}'s samples ({g.samples_per_prompt} per prompt, scored by {g.scorer}) on the prompts "
-                f"of {pairs} pairs of {', '.join(sources)}; "
+        line = (f"pairs from {generated_origin(t, sources, pairs)} ({g.samples_per_prompt} per prompt, scored by "
+                f"{g.scorer}); "
                 + (f"{settings.steps_per_stage} steps" if settings.steps_per_stage else "one epoch of them"))
     else:
         line = f"{pairs} pairs from {', '.join(sources)}; {steps} steps"
