@@ -11,7 +11,7 @@ RUNTIME = [
     "datasets>=5.0",
     "ml-collections>=1.1",
     "absl-py>=2.0",
-    "safetensors>=0.7",
+    "safetensors>=0.7",  # hf_import reads with safe_open(framework="numpy") + get_slice; BF16 checked on 0.7.0
     "ml_dtypes>=0.5",
     "numpy>=2.0",
     "gguf>=0.17",

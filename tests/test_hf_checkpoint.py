@@ -13,12 +13,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from safetensors import safe_open
 
 from hf_fixtures import FAMILIES, load_torch_model
 from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
-from sdpo_jax.checkpoint.hf_import import CheckpointError, load_hf_checkpoint
-from sdpo_jax.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from sdpo_jax.checkpoint import hf_import
+from sdpo_jax.checkpoint.hf_import import CheckpointError, HFTensors, load_hf_checkpoint
+from sdpo_jax.checkpoint.param_mapping import get_leaf, tensor_specs
+from sdpo_jax.checkpoint.safetensors_io import write_safetensors
 from sdpo_jax.models import UnsupportedModelError
+
+
+def _read_all(path):
+    """Every tensor of a safetensors file, read by the safetensors library (independently of our writer)."""
+    with safe_open(path, framework="numpy") as f:
+        return {name: f.get_tensor(name) for name in f.keys()}
 
 
 def _assert_trees_identical(a, b):
@@ -37,10 +46,11 @@ def test_import_export_import_is_bit_identical(hf_checkpoint, tmp_path, family):
     assert config2 == config
     _assert_trees_identical(params, params2)
     # The exported tensors are byte-for-byte the ones transformers wrote.
-    with SafetensorsFile(folder / "model.safetensors") as original, SafetensorsFile(tmp_path / "out" / "model.safetensors") as ours:
-        assert sorted(original.keys()) == sorted(ours.keys())
-        for name in original.keys():
-            np.testing.assert_array_equal(original[name], ours[name])
+    original, ours = _read_all(folder / "model.safetensors"), _read_all(tmp_path / "out" / "model.safetensors")
+    assert sorted(original) == sorted(ours)
+    for name in original:
+        assert ours[name].dtype == original[name].dtype
+        np.testing.assert_array_equal(original[name], ours[name])
 
 
 def test_export_loads_in_transformers_with_same_logits_and_tokenizer(hf_checkpoint, tmp_path):
@@ -93,10 +103,11 @@ def test_bfloat16_checkpoints(hf_checkpoint, tmp_path):
     assert params["embed_tokens"].dtype == np.float32 and params_bf16["embed_tokens"].dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(params["embed_tokens"], params_bf16["embed_tokens"].astype(np.float32))
     save_hf_checkpoint(params, config, tmp_path / "bf16_again", dtype="bfloat16", source_folder=folder)
-    with SafetensorsFile(tmp_path / "bf16" / "model.safetensors") as a, SafetensorsFile(tmp_path / "bf16_again" / "model.safetensors") as b:
-        for name in a.keys():
-            assert b.dtype(name) == ml_dtypes.bfloat16
-            np.testing.assert_array_equal(a[name], b[name])
+    a, b = _read_all(tmp_path / "bf16" / "model.safetensors"), _read_all(tmp_path / "bf16_again" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(a[name], b[name])
     assert load_torch_model(tmp_path / "bf16_again", dtype=None).dtype == torch.bfloat16
 
 
@@ -107,8 +118,7 @@ def _copy(folder, tmp_path):
 
 
 def _rewrite_weights(folder, edit):
-    with SafetensorsFile(folder / "model.safetensors") as f:
-        tensors = {name: np.array(f[name]) for name in f.keys()}
+    tensors = _read_all(folder / "model.safetensors")
     edit(tensors)
     write_safetensors(folder / "model.safetensors", tensors, metadata={"format": "pt"})
 
@@ -159,6 +169,36 @@ def test_missing_weights_and_missing_shards_are_refused(hf_checkpoint, tmp_path)
         load_hf_checkpoint(folder)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_safetensors", "header_too_long"])
+def test_damaged_weight_files_are_refused_in_one_line_naming_the_file(hf_checkpoint, tmp_path, damage):
+    folder = _copy(hf_checkpoint("llama2"), tmp_path)
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[:-100], "not_safetensors": b"<html>not found</html>",
+                      "header_too_long": (1 << 40).to_bytes(8, "little") + data[8:]}[damage])
+    with pytest.raises(CheckpointError) as raised:
+        load_hf_checkpoint(folder)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: not a readable safetensors file (") and "\n" not in message, message
+
+
+def test_any_block_is_read_exactly_even_split_inside_a_flattened_axis(hf_checkpoint, monkeypatch):
+    """Blocks split inside head_dim (several runs per HF row range) and reads cut into 256-element pieces
+    (many get_slice calls per block) give exactly the host-loaded leaf's block, in the asked dtype."""
+    folder = hf_checkpoint("qwen2")
+    config, host = load_hf_checkpoint(folder)
+    monkeypatch.setattr(hf_import, "_READ_ELEMENTS", 256)
+    with safe_open(folder / "model.safetensors", framework="numpy") as handle:
+        tensors = HFTensors(str(folder), config, {str(folder / "model.safetensors"): handle})
+        for spec in tensor_specs(config):
+            leaf = get_leaf(host, spec.path)
+            index = tuple(slice(n // 3, n - n // 4) for n in leaf.shape)  # a strict inner block of every axis
+            for dtype in (np.float32, ml_dtypes.bfloat16):
+                block = tensors.read(spec, index, np.dtype(dtype))
+                assert block.dtype == dtype and block.flags.c_contiguous
+                np.testing.assert_array_equal(block, leaf[index].astype(dtype), err_msg="/".join(spec.path))
+
+
 def test_untied_lm_head_beside_tied_embeddings_is_refused(hf_checkpoint, tmp_path):
     folder = _copy(hf_checkpoint("llama3"), tmp_path)
     _rewrite_weights(folder, lambda t: t.update({"lm_head.weight": t["model.embed_tokens.weight"] + 1}))
@@ -202,7 +242,7 @@ print(json.dumps({"reads": reads, "leaves": leaves}))
 
 @pytest.mark.parametrize("family, mesh_shape", [("qwen2", "2x2x2"), ("solar", "1x4x2")])
 def test_sharded_load_reads_each_shard_only(hf_checkpoint, tmp_path, family, mesh_shape):
-    """On 8 devices each parameter is assembled from per-shard reads of the mapped safetensors: every read
+    """On 8 devices each parameter is assembled from per-shard reads of the safetensors files: every read
     is one device's block (never the whole tensor when the leaf is split), replicas share a read, and the
     placed arrays equal the host-loaded ones, shard by shard."""
     folder = tmp_path / "sharded_files"

@@ -30,10 +30,18 @@ class TensorSpec:
     shape: tuple[int, ...]  # our per-layer shape
     hf_shape: tuple[int, ...]
     transpose: bool  # a linear weight: HF [out, in] is our [in..., out...] transposed
+    dims_per_hf_axis: tuple[int, ...]  # how many of our axes each HF axis flattens, in HF's axis order
 
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.hf_name
+
+    def hf_axis_groups(self) -> list[range]:
+        """For each HF axis, in order, the axes of ours that it is the row-major flattening of."""
+        counts = self.dims_per_hf_axis[::-1] if self.transpose else self.dims_per_hf_axis  # ours lists inputs first
+        starts = np.cumsum((0, *counts)).tolist()
+        groups = [range(a, b) for a, b in zip(starts, starts[1:])]
+        return groups[::-1] if self.transpose else groups
 
     def to_ours(self, hf_tensor: np.ndarray) -> np.ndarray:
         return (hf_tensor.T if self.transpose else hf_tensor).reshape(self.shape)
@@ -46,11 +54,12 @@ class TensorSpec:
 
 def _linear(path, hf_name, shape, input_dims) -> TensorSpec:
     inputs, outputs = int(np.prod(shape[:input_dims])), int(np.prod(shape[input_dims:]))
-    return TensorSpec(path, hf_name, shape, (outputs, inputs), transpose=True)
+    return TensorSpec(path, hf_name, shape, (outputs, inputs), transpose=True,
+                      dims_per_hf_axis=(len(shape) - input_dims, input_dims))
 
 
 def _vector(path, hf_name, shape) -> TensorSpec:
-    return TensorSpec(path, hf_name, shape, (int(np.prod(shape)),), transpose=False)
+    return TensorSpec(path, hf_name, shape, (int(np.prod(shape)),), transpose=False, dims_per_hf_axis=(len(shape),))
 
 
 def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
@@ -59,7 +68,8 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     h, k = c.num_attention_heads, c.num_key_value_heads
     layer = "model.layers.{layer}."
-    specs = [TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), (v, d), transpose=False)]
+    specs = [TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), (v, d), transpose=False,
+                        dims_per_hf_axis=(1, 1))]
     specs.append(_vector(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", (d,)))
     for name, heads in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
         specs.append(_linear(("layers", "self_attn", f"{name}_kernel"), f"{layer}self_attn.{name}.weight", (d, heads, hd), 1))
