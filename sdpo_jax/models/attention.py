@@ -18,6 +18,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models.splash import splash_attention
@@ -84,11 +85,18 @@ def resolve_implementation(name: str, dtype: jnp.dtype, custom_mask: bool = Fals
 
 
 def grouped_query_attention(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | PaddedCausalMask, implementation: str
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    mask: jnp.ndarray | PaddedCausalMask,
+    implementation: str,
+    mesh: Mesh | None = None,
 ) -> jnp.ndarray:
     """q [B, T, H, d], k/v [B, S, K, d], mask bool [B, 1, T, S] or a `PaddedCausalMask` -> [B, T, H, d].
 
-    The output is in q's dtype. 'splash' requires a `PaddedCausalMask` (and T == S).
+    The output is in q's dtype. 'splash' requires a `PaddedCausalMask` (and T == S), and on a
+    ``mesh`` runs per device under shard_map (rows over data x fsdp, heads over tensor; see
+    `sdpo_jax.models.splash`); the other paths leave the layout to XLA and ignore ``mesh``.
     """
     if implementation == "splash":
         if not isinstance(mask, PaddedCausalMask):
@@ -96,7 +104,7 @@ def grouped_query_attention(
                 "attention implementation 'splash' needs a PaddedCausalMask (the default causal/padding/window "
                 "mask), not a dense mask; use 'xla' or 'cudnn' for a custom mask"
             )
-        return splash_attention(q, k, v, mask.attention_mask, mask.sliding_window)
+        return splash_attention(q, k, v, mask.attention_mask, mask.sliding_window, mesh)
     if isinstance(mask, PaddedCausalMask):
         mask = mask.dense()
     if implementation == "cudnn":

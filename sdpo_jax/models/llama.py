@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
 
 from sdpo_jax.mixed_einsum import mixed_einsum
 from sdpo_jax.models.attention import (
@@ -84,10 +85,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Projections, rotary, grouped-query attention and the output projection; ``mesh`` (or None)
+    is the device mesh the splash kernel is laid on (see `grouped_query_attention`)."""
+
     config: ModelConfig
     dtype: Any
     param_dtype: Any
     implementation: str
+    mesh: Any = None
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_index=None, layer_cache=None):
@@ -113,7 +118,8 @@ class Attention(nn.Module):
                                                                     cache_index, axis=2)
                                 for cached, new in zip(layer_cache, (key, value)))
             key, value = (cached.transpose(0, 2, 1, 3) for cached in layer_cache)
-        out = grouped_query_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation)
+        out = grouped_query_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation,
+                                     self.mesh)
         o_kernel = _param(self, "o_proj_kernel", (h, hd, d), ("q_heads", "head_dim", "embed"))
         y = _matmul("bshk,hkd->bsd", out, o_kernel, self.dtype)
         if c.o_bias:
@@ -158,9 +164,9 @@ class DecoderLayer(nn.Module):
         if self.activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
         norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
-        attended, layer_cache = Attention(c, self.dtype, self.param_dtype, self.implementation, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, cache_index, layer_cache
-        )
+        mesh = _sharding_mesh(self.activation_sharding)
+        attention = Attention(c, self.dtype, self.param_dtype, self.implementation, mesh, name="self_attn")
+        attended, layer_cache = attention(norm("input_layernorm")(x), cos, sin, mask, cache_index, layer_cache)
         h = x + attended
         out = h + MLP(c, self.dtype, self.param_dtype, name="mlp")(norm("post_attention_layernorm")(h))
         return out, layer_cache
@@ -177,7 +183,8 @@ class LlamaForCausalLM(nn.Module):
     Decoding with a KV cache goes through `decode`.
     ``activation_sharding`` (a Sharding of [B, S, hidden], e.g. batch over the mesh's data and fsdp
     axes) pins every layer's input: without it XLA may keep FSDP-gathered activations whole on
-    each device of the fsdp axis instead of split by rows.
+    each device of the fsdp axis instead of split by rows. Its mesh, when it is a NamedSharding, is
+    also where the splash kernel runs per device (rows over data x fsdp, heads over tensor).
     With ``attention_implementation='splash'`` (TPU) the mask must be the default one, and with a
     sliding window the positions too (the kernel's window counts token indices).
     """
@@ -227,6 +234,11 @@ class LlamaForCausalLM(nn.Module):
             head = output_embedding(self.variables["params"], c)
             output = jnp.einsum("bsd,dv->bsv", hidden, head.astype(self.dtype), preferred_element_type=jnp.float32)
         return output
+
+
+def _sharding_mesh(sharding: Any) -> Mesh | None:
+    """The device mesh of an activation sharding when it names one (a NamedSharding), else None."""
+    return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
 def _embed(embedding: jnp.ndarray, input_ids: jnp.ndarray, dtype: Any) -> jnp.ndarray:
