@@ -25,6 +25,7 @@ import numpy as np
 
 from sdpo_jax.checkpoint.param_mapping import TensorSpec, get_leaf, hf_names, set_leaf, tensor_specs
 from sdpo_jax.checkpoint.safetensors_io import SafetensorsError, SafetensorsFile
+from sdpo_jax.errors import SdpoError
 from sdpo_jax.models.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,7 +33,7 @@ SINGLE_FILE = "model.safetensors"
 _NON_PARAMETER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SdpoError, ValueError):
     """A checkpoint folder whose files do not match what its config.json describes."""
 
 

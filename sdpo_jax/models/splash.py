@@ -27,7 +27,7 @@ Mapping onto the kernel (``splash_attention_kernel.make_splash_mha``):
 
 Off TPU the kernel only runs through the Pallas interpreter, which ``interpret_mode()`` switches
 on (for tests on CPU: slow, exact semantics, says nothing about TPU speed). Asking for splash on
-another backend outside ``interpret_mode()`` is a ``ValueError``.
+another backend outside ``interpret_mode()`` is a ``ConfigError`` naming model.attention.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+from sdpo_jax.errors import ConfigError
 
 LANES = kernel_lib.NUM_LANES
 BLOCK_SIZES = (512, 256, 128)
@@ -68,9 +70,9 @@ def splash_attention(
     """q [B, T, H, d], k/v [B, T, K, d], attention_mask [B, T] (1 real) -> [B, T, H, d] in q's dtype."""
     interpret = _INTERPRET.get()
     if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(
-            f"splash attention is a TPU kernel and the backend is {jax.default_backend()!r}; use "
-            "attention_implementation='xla' (or 'auto'), or sdpo_jax.models.splash.interpret_mode() to test it"
+        raise ConfigError(
+            f"model.attention: splash attention is a TPU kernel and the backend is {jax.default_backend()!r}; use "
+            "'xla' (or 'auto'), or sdpo_jax.models.splash.interpret_mode() to test it"
         )
     batch, seq, heads, head_dim = q.shape
     if k.shape[1] != seq:
