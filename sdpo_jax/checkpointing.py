@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from sdpo_jax.errors import CorruptCheckpoint
+from sdpo_jax.errors import CorruptCheckpoint, SdpoError
 from sdpo_jax.host_exchange import allgather_json, any_process, on_main_process
 
 
@@ -184,9 +184,9 @@ class RunCheckpoints:
         except Exception as err:  # noqa: BLE001 (tensorstore and JSON decoding raise many types for damaged files)
             if "tree structures do not match" in str(err):
                 where = " ".join(str(err).splitlines()[1:3]).strip()
-                raise ValueError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
-                                 f"train state of another layout ({where}; written by another sdpo_jax version or other "
-                                 f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
+                raise SdpoError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
+                                f"train state of another layout ({where}; written by another sdpo_jax version or other "
+                                f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
             if _machine_problem(err):
                 raise
             raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({type(err).__name__}: "

@@ -2,8 +2,16 @@
 
 Every command prints these as ``<command>: error: <message>`` and exits with status 2
 (sdpo_jax.cli.errors). Errors of the environment rather than of the input (a missing package, an
-unreadable or full disk, no memory left) are reported the same way, in one line, by the commands;
-anything else is a bug and keeps its traceback.
+unreadable or full disk, no memory left) are reported the same way, in one line, by the commands.
+Anything else is a bug in sdpo_jax: the commands print its traceback and say so.
+
+Raise an `SdpoError` (or a subclass) only for what the user's input can cause: a config value, a
+command-line option, a data file, a checkpoint, a run folder. A check of what our own code passes
+to our own code stays a ValueError (or an assertion): it fails only through a bug. The families
+with a type of their own: ConfigError (here), DataError (sdpo_jax.data.errors), CheckpointError
+(sdpo_jax.checkpoint.hf_import), UnsupportedModelError (sdpo_jax.models.config), GGUFImportError
+(sdpo_jax.checkpoint.gguf_import), MeshError (sdpo_jax.sharding), ScorerError (sdpo_jax.scorers),
+PyPIWeightsError (sdpo_jax.checkpoint.pypi_weights).
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ class SdpoError(Exception):
 
 
 class ConfigError(SdpoError, ValueError):
-    """A config field with a value the run cannot use; the message names the field."""
+    """A config field or command-line option with a value the run cannot use; the message names it."""
 
 
 class RunLocked(SdpoError):

@@ -53,6 +53,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from sdpo_jax.errors import ConfigError
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
               "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
@@ -101,7 +103,7 @@ class DPOSettings:
             object.__setattr__(self, field, _number(field, getattr(self, field)))
         for field in ("reference_free", "use_weighting"):
             if not isinstance(getattr(self, field), bool):
-                raise ValueError(f"dpo.{field} must be True or False, got {getattr(self, field)!r}")
+                raise ConfigError(f"dpo.{field} must be True or False, got {getattr(self, field)!r}")
         _check_ranges(self)
         _check_combinations(self)
 
@@ -120,10 +122,10 @@ class DPOSettings:
 def _names(loss_type) -> tuple[str, ...]:
     names = loss_type.split(",") if isinstance(loss_type, str) else loss_type
     if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"dpo.loss_type must be a name, a comma list or a tuple of names, got {loss_type!r}")
+        raise ConfigError(f"dpo.loss_type must be a name, a comma list or a tuple of names, got {loss_type!r}")
     names = tuple(n.strip() for n in names)
     if not names or any(n not in LOSS_TYPES for n in names):
-        raise ValueError(f"dpo.loss_type {loss_type!r}: each name must be one of {LOSS_TYPES}")
+        raise ConfigError(f"dpo.loss_type {loss_type!r}: each name must be one of {LOSS_TYPES}")
     return names
 
 
@@ -134,36 +136,36 @@ def _loss_weights(weights, count: int) -> tuple[float, ...]:
         try:
             weights = tuple(float(w) for w in weights.split(",") if w.strip())
         except ValueError:
-            raise ValueError(f"dpo.loss_weights {weights!r} is not a comma list of numbers") from None
+            raise ConfigError(f"dpo.loss_weights {weights!r} is not a comma list of numbers") from None
     if not isinstance(weights, (tuple, list)):
-        raise ValueError(f"dpo.loss_weights must be a tuple of numbers, got {weights!r}")
+        raise ConfigError(f"dpo.loss_weights must be a tuple of numbers, got {weights!r}")
     weights = tuple(_number("loss_weights", w) for w in weights) or (1.0,) * count
     if len(weights) != count:
-        raise ValueError(f"dpo.loss_weights has {len(weights)} weights for {count} loss types")
+        raise ConfigError(f"dpo.loss_weights has {len(weights)} weights for {count} loss types")
     if any(w < 0 for w in weights):
-        raise ValueError(f"dpo.loss_weights must not be negative, got {weights}")
+        raise ConfigError(f"dpo.loss_weights must not be negative, got {weights}")
     return weights
 
 
 def _number(field: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"dpo.{field} must be a finite number, got {value!r}")
+        raise ConfigError(f"dpo.{field} must be a finite number, got {value!r}")
     return float(value)
 
 
 def _check_ranges(s: DPOSettings) -> None:
     if s.beta <= 0:
-        raise ValueError(f"dpo.beta must be positive, got {s.beta}")
+        raise ConfigError(f"dpo.beta must be positive, got {s.beta}")
     if not 0.0 <= s.label_smoothing < 0.5:
-        raise ValueError(f"dpo.label_smoothing must lie in [0, 0.5), got {s.label_smoothing}")
+        raise ConfigError(f"dpo.label_smoothing must lie in [0, 0.5), got {s.label_smoothing}")
     if s.rpo_alpha < 0:
-        raise ValueError(f"dpo.rpo_alpha must not be negative, got {s.rpo_alpha}")
+        raise ConfigError(f"dpo.rpo_alpha must not be negative, got {s.rpo_alpha}")
     if s.f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"dpo.f_divergence_type {s.f_divergence_type!r} is not one of {F_DIVERGENCES}")
+        raise ConfigError(f"dpo.f_divergence_type {s.f_divergence_type!r} is not one of {F_DIVERGENCES}")
     if not 0.0 <= s.ld_alpha <= 1.0:
-        raise ValueError(f"dpo.ld_alpha must lie in [0, 1] (1 = off), got {s.ld_alpha}")
+        raise ConfigError(f"dpo.ld_alpha must lie in [0, 1] (1 = off), got {s.ld_alpha}")
     if s.discopop_tau <= 0:
-        raise ValueError(f"dpo.discopop_tau must be positive, got {s.discopop_tau}")
+        raise ConfigError(f"dpo.discopop_tau must be positive, got {s.discopop_tau}")
 
 
 def _check_combinations(s: DPOSettings) -> None:
@@ -171,20 +173,20 @@ def _check_combinations(s: DPOSettings) -> None:
     parameter no chosen loss reads is an error rather than silently ignored)."""
     names = set(s.loss_type)
     if s.label_smoothing and not names & set(SMOOTHED_LOSSES):
-        raise ValueError(f"dpo.label_smoothing applies only to {SMOOTHED_LOSSES}, not {s.loss_type}")
+        raise ConfigError(f"dpo.label_smoothing applies only to {SMOOTHED_LOSSES}, not {s.loss_type}")
     if "exo_pair" in names and not s.label_smoothing:
-        raise ValueError("dpo.label_smoothing must be positive with exo_pair (EXO's epsilon; the paper uses 1e-3)")
+        raise ConfigError("dpo.label_smoothing must be positive with exo_pair (EXO's epsilon; the paper uses 1e-3)")
     if s.f_divergence_type != "reverse_kl" and not names <= set(F_DIVERGENCE_LOSSES):
-        raise ValueError(f"dpo.f_divergence_type {s.f_divergence_type!r} applies only to {F_DIVERGENCE_LOSSES}, "
+        raise ConfigError(f"dpo.f_divergence_type {s.f_divergence_type!r} applies only to {F_DIVERGENCE_LOSSES}, "
                          f"not {tuple(sorted(names - set(F_DIVERGENCE_LOSSES)))}")
     if s.f_alpha_divergence_coef != 0.5 and s.f_divergence_type != "alpha_divergence":
-        raise ValueError(f"dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
+        raise ConfigError(f"dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
                          f"not {s.f_divergence_type!r}")
     if s.use_weighting and names & {*SORTED_LOSSES, "sft"}:
-        raise ValueError(f"dpo.use_weighting does not apply to {(*SORTED_LOSSES, 'sft')}: aot and aot_unpaired sort, so no "
+        raise ConfigError(f"dpo.use_weighting does not apply to {(*SORTED_LOSSES, 'sft')}: aot and aot_unpaired sort, so no "
                          f"weight belongs to a pair, and TRL 1.16 fails on sft with it")
     if s.discopop_tau != 0.05 and "discopop" not in names:
-        raise ValueError(f"dpo.discopop_tau applies only to loss_type 'discopop', not {s.loss_type}")
+        raise ConfigError(f"dpo.discopop_tau applies only to loss_type 'discopop', not {s.loss_type}")
 
 
 @jax.tree_util.register_dataclass

@@ -24,6 +24,8 @@ import dataclasses
 
 import numpy as np
 
+from sdpo_jax.errors import ConfigError
+
 PARTITIONS = ("datasets", "random", "easy_to_hard")
 DIFFICULTIES = ("source_accuracy", "pair_logratio", "dpo_probe")
 
@@ -45,7 +47,8 @@ def chunk_sizes(total: int, num_stages: int, fractions=()) -> list[int]:
     bounds = np.round(np.cumsum(weights) / weights.sum() * total).astype(int)
     sizes = np.diff(np.concatenate([[0], bounds])).tolist()
     if min(sizes) < 1:
-        raise ValueError(f"{total} pairs cannot fill {num_stages} stages with fractions {tuple(fractions) or 'equal'}")
+        raise ConfigError(f"sdpo.num_stages: {total} pairs cannot fill {num_stages} stages with fractions "
+                          f"{tuple(fractions) or 'equal'}")
     return sizes
 
 

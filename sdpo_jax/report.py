@@ -17,7 +17,6 @@ report says so. Plots are drawn on matplotlib's Agg canvas directly (no pyplot, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import textwrap
 from pathlib import Path
 
@@ -25,6 +24,9 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from sdpo_jax.errors import ConfigError
+from sdpo_jax.run_log import read_json, read_json_lines
 
 DPI = 120
 PLOT_NAMES = {"train": "train_curves.png", "eval": "eval_accuracy.png", "gamma": "ref_logratio.png", "reward": "reward.png"}
@@ -52,19 +54,11 @@ class RunData:
         return [t for t in range(1, self.num_stages + 1) if t not in finished]
 
 
-def _read_json(path: Path, default):
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
-
-
 def read_metrics(path: Path) -> list[dict]:
     """Rows of metrics.jsonl; a later row for the same (split, when, stage, step) replaces an earlier one."""
-    if not path.exists():
-        return []
     rows = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[(row["split"], row.get("when"), row["stage"], row["step"])] = row
+    for row in read_json_lines(path):
+        rows[(row["split"], row.get("when"), row["stage"], row["step"])] = row
     return list(rows.values())
 
 
@@ -100,9 +94,9 @@ def load_run(output_dir: str | Path) -> RunData:
     out = Path(output_dir)
     if not (out / "config.json").exists():
         raise FileNotFoundError(f"{out}: no config.json; is this an sdpo-train output_dir?")
-    stages = sorted(_read_json(out / "stage_report.json", {"stages": []})["stages"], key=lambda e: e["stage"])
+    stages = sorted(read_json(out / "stage_report.json", {"stages": []})["stages"], key=lambda e: e["stage"])
     rows = read_metrics(out / "metrics.jsonl")
-    return RunData(out, _read_json(out / "config.json", {}), stages, _read_json(out / "partition.json", {}),
+    return RunData(out, read_json(out / "config.json", {}), stages, read_json(out / "partition.json", {}),
                    train_rows_by_stage(rows), model_evals(stages, rows))
 
 
@@ -321,7 +315,7 @@ def _loss_description(dpo: dict) -> str:
 
     try:
         settings, defaults = DPOSettings(**dpo), DPOSettings()
-    except (TypeError, ValueError):  # a config of another version: shown as written
+    except (TypeError, ConfigError):  # a config of another version: shown as written
         return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in dpo.items())
     text = f"{'+'.join(settings.loss_type)}, beta {settings.beta:g}"
     for field in dataclasses.fields(DPOSettings):

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from sdpo_jax.checkpoint.hf_import import CheckpointError
 from sdpo_jax.data.validation import token_range_problem
 from sdpo_jax.models.loading import load_tokenizer
 from sdpo_jax.models.reward import LlamaForSequenceClassification, load_reward_model
@@ -75,7 +76,7 @@ class RewardModelScorer:
         for i, row in enumerate(ids):
             problem = token_range_problem(row, self.module.config.vocab_size) if row else "it has no tokens"
             if problem:
-                raise ValueError(f"reward model {self.folder}: text {i}: {problem}; the tokenizer does not fit the model")
+                raise CheckpointError(f"reward model {self.folder}: text {i}: {problem}; the tokenizer does not fit the model")
         truncated = sum(len(row) > self.max_length for row in ids)
         if truncated:
             logger.warning("reward model: %d of %d texts were longer than max_length=%d tokens and lost their first "

@@ -26,6 +26,7 @@ from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_metrics, choice_step
 from sdpo_jax.config_check import StageSettings
 from sdpo_jax.data.batching import PairBatcher
+from sdpo_jax.errors import ConfigError
 from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
 from sdpo_jax.generation import generate
 from sdpo_jax.host_exchange import any_process
@@ -184,9 +185,9 @@ class RunContext:
         vocab = self.model.config.vocab_size
         for i, ids in enumerate(prompts):
             if max(ids, default=-1) >= vocab:
-                raise ValueError(f"{field}[{i}]: token id {max(ids)} is outside the model's vocabulary of {vocab}")
+                raise ConfigError(f"{field}[{i}]: token id {max(ids)} is outside the model's vocabulary of {vocab}")
             if not ids:
-                raise ValueError(f"{field}[{i}]: the prompt tokenizes to nothing")
+                raise ConfigError(f"{field}[{i}]: the prompt tokenizes to nothing")
         return prompts
 
     def choices(self, params) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sdpo_jax.errors import SdpoError
 from sdpo_jax.progress import say
 
 
@@ -66,9 +67,7 @@ class RunLog:
         self.trackers = []
 
     def read_metrics(self) -> list[dict]:
-        if not self.metrics_path.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()]
+        return read_json_lines(self.metrics_path)
 
     def rewind_metrics(self, stage: int, step: int) -> None:
         """Keep only the rows a run restored at (stage, step) had written: those before it, and at a
@@ -83,9 +82,7 @@ class RunLog:
         self.metrics_path.write_text("".join(kept), encoding="utf-8")
 
     def read_report(self) -> list[dict]:
-        if self.report_path.exists():
-            return json.loads(self.report_path.read_text(encoding="utf-8"))["stages"]
-        return []
+        return read_json(self.report_path, {"stages": []})["stages"]
 
     def write_report(self, stages: list[dict]) -> None:
         if self.is_main:
@@ -96,6 +93,35 @@ class RunLog:
     def write_json(self, name: str, value: Any) -> None:
         if self.is_main:
             (self.dir / name).write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON value of a run's file, ``default`` when there is none; one that does not parse is a
+    one-line `SdpoError` naming the file, line and column."""
+    if not path.exists():
+        return default
+    return _parse(path, path.read_text(encoding="utf-8"))
+
+
+def read_json_lines(path: Path) -> list:
+    """The values of a run's JSON-lines file (blank lines skipped), [] when there is none. A last line
+    without its newline is a row still being written, or cut short by a kill: it is left out. Any
+    other line that does not parse is a one-line `SdpoError` naming the file and line."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    if lines and not text.endswith("\n"):
+        lines.pop()
+    return [_parse(path, line, number) for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _parse(path: Path, text: str, line: int | None = None) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = f"line {line if line is not None else err.lineno}, column {err.colno}"
+        raise SdpoError(f"{path}: {where}: not valid JSON ({err.msg}); the run's file was damaged or edited") from None
 
 
 class _ConsoleHandler(logging.Handler):

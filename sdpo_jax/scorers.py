@@ -23,6 +23,7 @@ import importlib.util
 import math
 import os
 import re
+import traceback
 from typing import Any, Callable, Sequence
 
 from sdpo_jax.errors import SdpoError
@@ -80,11 +81,37 @@ def load_scorer(spec: str, mesh: Any = None) -> Scorer:
 
         function = RewardModelScorer(spec[len(REWARD_MODEL_PREFIX):], mesh=mesh)
     else:
-        module, name = spec.split(":")
-        function = getattr(importlib.import_module(module), name, None)
-        if not callable(function):
-            raise ScorerError(f"generate.scorer: {module} has no function {name!r}")
+        function = _user_function(spec)
     return _checked(spec, function)
+
+
+def _user_function(spec: str) -> Scorer:
+    """The function a 'package.module:function' spec names; whatever the user's code raises, on import or
+    when called, is a one-line ScorerError naming the exception and the file and line it came from."""
+    module, name = spec.split(":")
+    try:
+        loaded = importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 (the user's module, not ours)
+        raise ScorerError(f"generate.scorer: importing {module} failed: {_raised(err)}") from None
+    function = getattr(loaded, name, None)
+    if not callable(function):
+        raise ScorerError(f"generate.scorer: {module} has no function {name!r}")
+
+    def score(prompts: Sequence[str], completions: Sequence[str], references: Sequence[str | None]) -> list[float]:
+        try:
+            return function(prompts, completions, references)
+        except Exception as err:  # noqa: BLE001 (the user's function, not ours)
+            raise ScorerError(f"generate.scorer {spec} raised {_raised(err)}") from None
+
+    return score
+
+
+def _raised(err: BaseException) -> str:
+    """'ValueError: its first line (file.py line 12)': an exception and the last frame it passed through."""
+    text = str(err).strip()
+    what = f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+    frames = traceback.extract_tb(err.__traceback__)
+    return what + (f" ({frames[-1].filename} line {frames[-1].lineno})" if frames else "")
 
 
 def _checked(spec: str, function: Scorer) -> Scorer:

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdpo_jax.errors import SdpoError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
@@ -36,7 +38,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(SdpoError, ValueError):
     """A mesh or sharding that cannot be laid on the available devices."""
 
 

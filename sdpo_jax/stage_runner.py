@@ -146,7 +146,7 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
     if restored is not None:
         start_step, state, meta, moved_reference = restored
         if meta["chunk"] != chunk_key and not config.checkpoint.force_resume:
-            raise ValueError(f"stage {stage}: the training data or its reference differ from the checkpoint's "
+            raise SdpoError(f"stage {stage}: the training data or its reference differ from the checkpoint's "
                              f"(tokenized pairs of the chunk or the reference model changed); use another output_dir")
         batcher.restore(meta["data"])
         for name in ("eval_before", "generations_before", "choices_before", "reward_before"):

@@ -39,6 +39,7 @@ from sdpo_jax.choice_eval import encode_choices, load_choice_questions
 from sdpo_jax.config_check import CheckedConfig, check_config, flat_fields, resume_neutral
 from sdpo_jax.data.batching import resolve_buckets
 from sdpo_jax.data.load import load_datasets, source_lines
+from sdpo_jax.errors import ConfigError
 from sdpo_jax.host_exchange import on_main_process
 from sdpo_jax.models.loading import load_model, load_tokenizer
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
@@ -48,7 +49,7 @@ from sdpo_jax.reference import attach_reference
 from sdpo_jax.report import write_report
 from sdpo_jax.run_context import RunContext, folder_identity
 from sdpo_jax.run_lock import RunFolderLock
-from sdpo_jax.run_log import RunLog
+from sdpo_jax.run_log import RunLog, read_json
 from sdpo_jax.scorers import load_reward_prompts
 from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.sharding import build_mesh, check_process_rows
@@ -70,7 +71,7 @@ def check_resume_config(stored: dict, current: dict, force: bool) -> None:
     differences = [f"{k}: {a.get(k, defaults.get(k))!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
                    if a.get(k, defaults.get(k)) != b.get(k) and not resume_neutral(k)]
     if differences and not force:
-        raise ValueError(
+        raise ConfigError(
             "the config differs from the run already in output_dir ("
             + "; ".join(differences)
             + "); use another output_dir, or --config.checkpoint.force_resume=True"
@@ -100,7 +101,7 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
     out = Path(config.output_dir)
     resolved = config.to_dict()
     if (out / "config.json").exists():
-        check_resume_config(json.loads((out / "config.json").read_text()), resolved, config.checkpoint.force_resume)
+        check_resume_config(read_json(out / "config.json"), resolved, config.checkpoint.force_resume)
     log.write_json("config.json", resolved)
 
     mesh = build_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, dcn_data=config.mesh.dcn_data)

@@ -12,6 +12,8 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
+from sdpo_jax.errors import ConfigError
+
 _ROW_KEYS = ("split", "when", "stage", "step")
 
 
@@ -66,7 +68,7 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise ValueError("log.wandb=True needs the wandb package (pip install wandb)") from None
+            raise ConfigError("log.wandb=True needs the wandb package (pip install wandb)") from None
         self._run = wandb.init(project=project, name=name, config=config, dir=str(folder), resume="allow")
 
     def write(self, row: dict[str, Any], global_step: int) -> None:

@@ -31,7 +31,7 @@ from sdpo_jax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from sdpo_jax.models.attention import PaddedCausalMask, grouped_query_attention  # noqa: E402
 from sdpo_jax.models.llama import init_params, logical_axes  # noqa: E402
 from sdpo_jax.models.splash import interpret_mode, shard_specs  # noqa: E402
-from sdpo_jax.sharded_steps import state_shardings  # noqa: E402
+from sdpo_jax.placement import state_shardings  # noqa: E402
 from sdpo_jax.sharding import MeshError, batch_sharding, build_mesh, logical_to_shardings  # noqa: E402
 
 CASES = {

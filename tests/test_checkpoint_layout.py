@@ -5,6 +5,7 @@ import optax
 import pytest
 
 from sdpo_jax.checkpointing import RunCheckpoints
+from sdpo_jax.errors import SdpoError
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.train_step import TrainState
 
@@ -19,7 +20,7 @@ def test_checkpoint_of_another_train_state_layout_is_a_one_line_error(tmp_path):
     now = TrainState.create(PARAMS, make_optimizer(OptimizerSettings()))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), now)
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(SdpoError) as refused:
         checkpoints.restore_latest(1, abstract)
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"stage 1: the checkpoint of step 2 in {tmp_path}")

@@ -9,6 +9,7 @@ from data_fixtures import config, tokenizer, triple, write_jsonl  # noqa: F401 (
 from sdpo_jax.data import (PairBatcher, TokenizedPairs, default_buckets, load_pairs,
                            resolve_buckets, split_eval)
 from sdpo_jax.data.truncation import truncate
+from sdpo_jax.errors import ConfigError, SdpoError
 
 BUCKETS = (16, 32, 64)
 
@@ -67,7 +68,7 @@ def test_default_buckets():
     assert default_buckets(1024) == (128, 256, 512, 1024)
     assert default_buckets(1000) == (128, 256, 512, 1000)
     assert resolve_buckets((64, 32), 64) == (32, 64)
-    with pytest.raises(ValueError, match="reach max_length"):
+    with pytest.raises(ConfigError, match="data.length_buckets .* reach max_length"):
         resolve_buckets((32,), 64)
 
 
@@ -135,9 +136,9 @@ def test_restore_mid_epoch_yields_the_same_batches(pairs):
 
 def test_restore_refuses_other_data(pairs):
     state = PairBatcher(pairs, 8, 7, BUCKETS).state()
-    with pytest.raises(ValueError, match="num_pairs"):
+    with pytest.raises(SdpoError, match="num_pairs"):  # (a checkpoint of a run resumed with force_resume)
         PairBatcher(pairs.subset(np.arange(50)), 8, 7, BUCKETS).restore(state)
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(SdpoError, match="seed"):
         PairBatcher(pairs, 8, 8, BUCKETS).restore(state)
 
 

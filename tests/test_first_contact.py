@@ -89,9 +89,12 @@ def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(capsys, t
     with pytest.raises(SystemExit), user_errors("sdpo-x"):
         raise PermissionError(13, "Permission denied", "/data/pairs.jsonl")
     assert capsys.readouterr().err == "sdpo-x: error: [Errno 13] Permission denied: '/data/pairs.jsonl'\n"
-    with pytest.raises(KeyError), user_errors("sdpo-x"):
+    with pytest.raises(SystemExit) as info, user_errors("sdpo-x"):
         raise KeyError("a bug")
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    assert info.value.code == 70 and err.startswith("Traceback (most recent call last):")
+    assert err.splitlines()[-1] == ("sdpo-x: internal error: this is a bug in sdpo_jax, please report it with the "
+                                    "traceback above (KeyError: 'a bug')")
 
 
 def test_a_local_source_that_is_not_a_readable_file_is_a_config_error(tmp_path):
@@ -174,6 +177,7 @@ def test_resume_compares_what_changes_the_result():
     """A moved run folder (output_dir) or a new field the stored config predates (at its default) does not block
     a resume; a changed seed does."""
     from configs.default import get_config
+    from sdpo_jax.errors import ConfigError
     from sdpo_jax.stages import check_resume_config
 
     stored, current = get_config().to_dict(), get_config().to_dict()
@@ -181,10 +185,10 @@ def test_resume_compares_what_changes_the_result():
     del stored["checkpoint"]["keep_stages"], stored["dpo"]["ld_alpha"]
     check_resume_config(stored, current, force=False)
     current["train"]["seed"] = 5
-    with pytest.raises(ValueError, match=r"the config differs .*\(train.seed: 0 -> 5\)"):
+    with pytest.raises(ConfigError, match=r"the config differs .*\(train.seed: 0 -> 5\)"):
         check_resume_config(stored, current, force=False)
     current["train"]["seed"], current["dpo"]["ld_alpha"] = 0, 0.5
-    with pytest.raises(ValueError, match=r"dpo.ld_alpha: 1.0 -> 0.5"):
+    with pytest.raises(ConfigError, match=r"dpo.ld_alpha: 1.0 -> 0.5"):
         check_resume_config(stored, current, force=False)
 
 

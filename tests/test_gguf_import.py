@@ -188,7 +188,9 @@ def test_unconvertible_files_raise_one_line_errors(tmp_path, error_cases, case):
 @pytest.mark.parametrize("case", ["missing", "not_gguf", "architecture", "tensor_type"])
 def test_cli_reports_user_errors_in_one_line(tmp_path, error_cases, capsys, case):
     path, reason = error_cases[case]
-    assert convert_cli.main(["--from", str(path), "--out", str(tmp_path / "hf")]) == 2
+    with pytest.raises(SystemExit) as exited:
+        convert_cli.main(["--from", str(path), "--out", str(tmp_path / "hf")])
+    assert exited.value.code == 2
     captured = capsys.readouterr()
     assert captured.err.startswith("sdpo-convert: error: ") and reason in captured.err
     assert captured.err.count("\n") == 1 and "Traceback" not in captured.err

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from sdpo_jax.errors import ConfigError
 from sdpo_jax.losses import DPOSettings, PairLogps, batch_loss_sum, per_pair_loss, per_pair_metrics
 
 
@@ -126,10 +127,10 @@ def test_config_section_builds_settings_by_name():
     ("discopop_tau", dict(discopop_tau=0.1)),
 ])
 def test_bad_settings_are_refused_naming_the_field(field, bad):
-    with pytest.raises(ValueError, match=f"^dpo\\.{field}"):
+    with pytest.raises(ConfigError, match=f"^dpo\\.{field}"):
         DPOSettings(**bad)
 
 
 def test_f_divergence_message_names_the_losses():
-    with pytest.raises(ValueError, match="dpo.f_divergence_type 'js_divergence' applies only to .*'sigmoid'.*not \\('bco_pair',\\)"):
+    with pytest.raises(ConfigError, match="dpo.f_divergence_type 'js_divergence' applies only to .*'sigmoid'.*not \\('bco_pair',\\)"):
         DPOSettings(loss_type="sigmoid,bco_pair", f_divergence_type="js_divergence")

@@ -103,7 +103,7 @@ def test_long_texts_lose_their_first_tokens_and_are_counted(tmp_path, caplog):
 
 def test_token_ids_outside_the_vocabulary_are_an_error(tmp_path):
     scorer = RewardModelScorer(make_reward_checkpoint("llama2", tmp_path, vocab_size=160))
-    with pytest.raises(ValueError, match=r"text 0: token id \d+ is outside the vocabulary \(size 160\); the tokenizer "
+    with pytest.raises(CheckpointError, match=r"text 0: token id \d+ is outside the vocabulary \(size 160\); the tokenizer "
                        r"does not fit the model$"):
         scorer(["What is the capital of France?"], ["Paris."], [None])
 

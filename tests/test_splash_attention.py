@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sdpo_jax.errors import ConfigError
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.attention import (
     PaddedCausalMask,
@@ -104,7 +105,7 @@ def test_model_logits_with_splash_equal_xla():
 def test_splash_refuses_what_it_cannot_compute():
     q, k, v = _qkv(16, 2, 2, head_dim=8, batch=1)
     valid = jnp.ones((1, 16), jnp.int32)
-    with pytest.raises(ValueError, match="TPU kernel"):  # not on TPU, not interpreting
+    with pytest.raises(ConfigError, match="model.attention: splash attention is a TPU kernel"):  # not on TPU, not interpreting
         grouped_query_attention(q, k, v, PaddedCausalMask(valid), "splash")
     dense = causal_attention_mask(valid, jnp.arange(16)[None])
     with interpret_mode(), pytest.raises(ValueError, match="dense mask"):

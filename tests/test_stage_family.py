@@ -46,6 +46,20 @@ def test_a_user_function_scorer_is_imported_and_its_results_checked(tmp_path, mo
         load_scorer("my_scorers:missing")
 
 
+def test_what_a_user_scorer_raises_is_told_with_its_file_and_line_not_as_our_bug(tmp_path, monkeypatch):
+    (tmp_path / "raising_scorers.py").write_text("def score(prompts, completions, references):\n"
+                                                 "    raise ValueError('no reference\\nsecond line')\n")
+    (tmp_path / "unimportable_scorers.py").write_text("x = 1\nimport no_such_dependency_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ScorerError) as raised:
+        load_scorer("raising_scorers:score")(["p"], ["a"], [None])
+    assert str(raised.value) == (f"generate.scorer raising_scorers:score raised ValueError: no reference "
+                                 f"({tmp_path / 'raising_scorers.py'} line 2)")
+    with pytest.raises(ScorerError, match=r"^generate.scorer: importing unimportable_scorers failed: ModuleNotFoundError: "
+                                          r"No module named 'no_such_dependency_xyz' \(.*unimportable_scorers.py line 2\)$"):
+        load_scorer("unimportable_scorers:score")
+
+
 @pytest.mark.parametrize("spec, problem", [
     ("exact", "is not 'exact_match', 'package.module:function' or 'reward_model:HF_DIR'"),
     ("no_such_module_xyz:score", "module 'no_such_module_xyz' is not importable"),

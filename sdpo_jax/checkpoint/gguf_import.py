@@ -37,6 +37,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
 from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES, LazyTensor, write_safetensors
+from sdpo_jax.errors import SdpoError
 
 QType = gguf.GGMLQuantizationType
 
@@ -53,7 +54,7 @@ _CONTROL_TOKEN, _USER_DEFINED_TOKEN = int(gguf.TokenType.CONTROL), int(gguf.Toke
 _HASH_CHUNK = 1 << 22
 
 
-class GGUFImportError(ValueError):
+class GGUFImportError(SdpoError, ValueError):
     """A GGUF file that cannot be converted; the message is one line naming the file and the reason."""
 
 

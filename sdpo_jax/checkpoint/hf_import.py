@@ -31,6 +31,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from sdpo_jax.checkpoint.param_mapping import TensorSpec, get_leaf, hf_names, set_leaf, tensor_specs
+from sdpo_jax.errors import SdpoError
 from sdpo_jax.models.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -39,7 +40,7 @@ _NON_PARAMETER = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _READ_ELEMENTS = 1 << 22  # the most one get_slice copies out of a file before it lands in its block (16 MiB in float32)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SdpoError, ValueError):
     """A checkpoint folder whose files do not match what its config.json describes."""
 
 

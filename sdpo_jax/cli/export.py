@@ -12,7 +12,6 @@ whose parameters are not finite, is refused in one line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,23 +26,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_model_path(config_path: Path) -> str:
+    """The ``model.path`` of a run's config.json; a missing, damaged or foreign file is one line naming it."""
+    from sdpo_jax.errors import SdpoError
+    from sdpo_jax.run_log import read_json
+
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: not a sdpo-train output_dir (no config.json)")
+    config = read_json(config_path)
+    model = config.get("model") if isinstance(config, dict) else None
+    path = model.get("path") if isinstance(model, dict) else None
+    if not isinstance(path, str):
+        raise SdpoError(f"{config_path}: has no model.path (not the config.json of a sdpo-train run)")
+    return path
+
+
 def export(run_dir: str, out: str, stage: int | None = None, dtype: str = "float32") -> Path:
     import jax
-    import ml_collections
 
     from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
     from sdpo_jax.checkpointing import RunCheckpoints
     from sdpo_jax.divergence import first_non_finite
-    from sdpo_jax.errors import TrainingDiverged
+    from sdpo_jax.errors import ConfigError, TrainingDiverged
     from sdpo_jax.models import LlamaForCausalLM, ModelConfig
     from sdpo_jax.models.llama import init_params
     from sdpo_jax.models.loading import resolve_model_folder
 
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: not a sdpo-train output_dir (no config.json)")
-    model_section = ml_collections.ConfigDict(json.loads(config_path.read_text())["model"])
-    folder = resolve_model_folder(model_section.path)
+    folder = resolve_model_folder(run_model_path(Path(run_dir) / "config.json"))
     config = ModelConfig.from_pretrained(folder)
     checkpoints = RunCheckpoints(run_dir)
     finished = checkpoints.finished_stages()
@@ -51,7 +60,7 @@ def export(run_dir: str, out: str, stage: int | None = None, dtype: str = "float
         raise FileNotFoundError(f"{run_dir}: no finished stage to export")
     stage = finished[-1] if stage is None else stage
     if stage not in finished:
-        raise ValueError(f"{run_dir}: stage {stage} is not finished; finished stages: {finished}")
+        raise ConfigError(f"--stage {stage}: the stage is not finished in {run_dir}; finished stages: {finished}")
     abstract = jax.eval_shape(lambda: init_params(LlamaForCausalLM(config), jax.random.key(0)))
     params, _ = checkpoints.load_stage(stage, abstract)
     checkpoints.close()

@@ -18,7 +18,8 @@ N, G and the platform default to the config's `hardware` section (the real-model
 The fit is judged on the estimate, or with --compile on the larger of the estimate and XLA's
 figure plus the models the stage driver keeps on the devices.
 Exit status: 0 fits; 1 does not fit (one line on stderr: how much over, and the largest item);
-2 the config cannot run on that mesh at all (one line naming the field).
+2 the config cannot run on that mesh at all (one line naming the field); 70 a bug in sdpo_jax (its
+traceback, then a line saying so).
 """
 from __future__ import annotations
 

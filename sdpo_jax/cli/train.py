@@ -34,7 +34,8 @@ written; a bad value is one line naming the field, exit status 2.
 Run the same command again after a crash, SIGKILL or SIGTERM (which saves and exits 143): it
 resumes where the run stopped and ends with the same parameters. Outputs in output_dir:
 config.json, metrics.jsonl, partition.json, stage_report.json, report.md, plots/, tensorboard/,
-checkpoints/ (Orbax). Exit status: 0 done, 2 bad input or environment, 143 preempted.
+checkpoints/ (Orbax). Exit status: 0 done, 2 bad input or environment, 143 preempted, 70 a bug in
+sdpo_jax (its traceback, then a line saying so: please report it).
 """
 
 

@@ -41,6 +41,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from sdpo_jax.data.pairs import TokenizedPairs
+from sdpo_jax.errors import ConfigError, SdpoError
 from sdpo_jax.prefix_sharing import pack_pairs
 
 
@@ -59,8 +60,8 @@ def resolve_buckets(length_buckets: Sequence[int], max_length: int) -> tuple[int
     """`data.length_buckets` (empty: `default_buckets`), checked to reach `max_length`."""
     buckets = tuple(sorted(set(int(b) for b in length_buckets))) or default_buckets(max_length)
     if buckets[0] <= 0 or buckets[-1] < max_length:
-        raise ValueError(f"data.length_buckets {buckets} must be positive and reach "
-                         f"max_length {max_length}")
+        raise ConfigError(f"data.length_buckets {buckets} must be positive and reach "
+                          f"max_length {max_length}")
     return buckets
 
 
@@ -216,9 +217,9 @@ class PairBatcher:
         mine = self.state()
         for key in ("seed", "batch_size", "num_pairs", "data_id"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"cannot restore the data iterator: {key} was {state.get(key)!r}, "
-                                 f"now {mine[key]!r}")
+                raise SdpoError(f"cannot restore the data iterator: {key} was {state.get(key)!r}, "
+                                f"now {mine[key]!r}")
         if not 0 <= state["position"] < self.steps_per_epoch:
-            raise ValueError(f"cannot restore the data iterator: position {state['position']} "
-                             f"outside an epoch of {self.steps_per_epoch} steps")
+            raise SdpoError(f"cannot restore the data iterator: position {state['position']} "
+                            f"outside an epoch of {self.steps_per_epoch} steps")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

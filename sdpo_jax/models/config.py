@@ -21,6 +21,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from sdpo_jax.errors import SdpoError
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # each sequence classifier -> the causal LM whose decoder it shares
 SEQUENCE_CLASSIFIERS = {
@@ -32,7 +34,7 @@ _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Q
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(SdpoError, ValueError):
     """A checkpoint whose architecture or settings this project cannot represent exactly."""
 
 
@@ -111,10 +113,10 @@ class ModelConfig:
         decoder = SEQUENCE_CLASSIFIERS.get(architecture, architecture)
         if hf.get("hidden_act", "silu") != "silu":
             raise UnsupportedModelError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        heads = _required(hf, "num_attention_heads", source)
-        hidden = _required(hf, "hidden_size", source)
+        heads = _size(hf, "num_attention_heads", source)
+        hidden = _size(hf, "hidden_size", source)
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-        rope_theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_theta = _number(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)), float, "rope_theta", source)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
@@ -123,17 +125,17 @@ class ModelConfig:
         rope.pop("type", None)
         rope["rope_type"] = rope_type
         return cls(
-            vocab_size=_required(hf, "vocab_size", source),
+            vocab_size=_size(hf, "vocab_size", source),
             hidden_size=hidden,
-            intermediate_size=_required(hf, "intermediate_size", source),
-            num_hidden_layers=_required(hf, "num_hidden_layers", source),
+            intermediate_size=_size(hf, "intermediate_size", source),
+            num_hidden_layers=_size(hf, "num_hidden_layers", source),
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hidden // heads,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            num_key_value_heads=_size(hf, "num_key_value_heads", source, default=heads),
+            head_dim=_size(hf, "head_dim", source, default=hidden // heads),
+            rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), float, "rms_norm_eps", source),
             rope_theta=rope_theta,
             rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            max_position_embeddings=_number(hf.get("max_position_embeddings", 4096), int, "max_position_embeddings", source),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=decoder == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             o_bias=decoder != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
@@ -143,7 +145,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
-            num_labels=_num_labels(hf) if decoder != architecture else None,
+            num_labels=_num_labels(hf, source) if decoder != architecture else None,
         )
 
     @classmethod
@@ -163,6 +165,8 @@ class ModelConfig:
                 hf = json.load(f)
             except json.JSONDecodeError as err:
                 raise UnsupportedModelError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(hf, dict):
+            raise UnsupportedModelError(f"{path}: expected a JSON object, got {type(hf).__name__}")
         return cls.from_hf_dict(hf, source=os.fspath(path), architectures=architectures)
 
     def to_hf_dict(self, dtype: str = "float32") -> dict[str, Any]:
@@ -211,15 +215,29 @@ def _architecture_from_model_type(model_type: str | None, source: str) -> str:
     )
 
 
-def _num_labels(hf: Mapping[str, Any]) -> int:
+def _num_labels(hf: Mapping[str, Any], source: str) -> int:
     """A classifier's label count as transformers reads it: id2label's length, else num_labels, else 2."""
-    return len(hf["id2label"]) if hf.get("id2label") else int(hf.get("num_labels", 2))
+    return len(hf["id2label"]) if hf.get("id2label") else _number(hf.get("num_labels", 2), int, "num_labels", source)
 
 
-def _required(hf: Mapping[str, Any], field: str, source: str) -> Any:
-    if field not in hf:
-        raise UnsupportedModelError(f"{source}: field {field!r} is missing")
-    return hf[field]
+def _size(hf: Mapping[str, Any], field: str, source: str, default: int | None = None) -> int:
+    """A size of the model: a positive integer; ``default`` when the field is absent or null (else it is required)."""
+    value = hf.get(field)
+    if value is None:
+        if default is None:
+            raise UnsupportedModelError(f"{source}: field {field!r} is missing")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UnsupportedModelError(f"{source}: field {field!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(value: Any, kind: type, field: str, source: str) -> Any:
+    """``kind(value)`` (int or float) of a config.json field; a value that is no such number names the field."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UnsupportedModelError(f"{source}: field {field!r} must be {kind.__name__}, got {value!r}") from None
 
 
 def _sliding_window(hf: Mapping[str, Any], architecture: str, source: str) -> int | None:
@@ -231,4 +249,4 @@ def _sliding_window(hf: Mapping[str, Any], architecture: str, source: str) -> in
     if architecture == "LlamaForCausalLM":
         return None
     window = hf.get("sliding_window")
-    return int(window) if window else None
+    return _number(window, int, "sliding_window", source) if window else None

@@ -50,7 +50,7 @@ refused before any step, with the parameter named.
 
 Off TPU the kernel only runs through the Pallas interpreter, which ``interpret_mode()`` switches
 on (for tests on CPU: slow, exact semantics, says nothing about TPU speed). Asking for splash on
-another backend outside ``interpret_mode()`` is a ``ValueError``.
+another backend outside ``interpret_mode()`` is a ``ConfigError`` naming model.attention.
 """
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import Mesh, PartitionSpec
 
 from sdpo_jax.sharding import BATCH_AXES, DEFAULT_RULES
+
+from sdpo_jax.errors import ConfigError
 
 LANES = kernel_lib.NUM_LANES
 BLOCK_SIZES = (512, 256, 128)
@@ -95,9 +97,9 @@ def _refuse_unless_runnable() -> bool:
     """Whether kernels run interpreted; a ``ValueError`` off TPU outside ``interpret_mode()``."""
     interpret = _INTERPRET.get()
     if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(
-            f"splash attention is a TPU kernel and the backend is {jax.default_backend()!r}; use "
-            "attention_implementation='xla' (or 'auto'), or sdpo_jax.models.splash.interpret_mode() to test it"
+        raise ConfigError(
+            f"model.attention: splash attention is a TPU kernel and the backend is {jax.default_backend()!r}; use "
+            "'xla' (or 'auto'), or sdpo_jax.models.splash.interpret_mode() to test it"
         )
     return interpret
 
