@@ -127,11 +127,12 @@ def test_a_config_json_value_of_the_wrong_kind_names_the_field(changes, message)
 
 def test_a_metrics_row_cut_short_by_a_kill_is_left_out(tmp_path):
     """The row being appended when the run was killed (no newline yet) is not an error; the rows before it stay."""
+    from sdpo_jax.errors import SdpoError
     from sdpo_jax.run_log import read_json_lines
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"stage": 1, "step": 1}\n{"stage": 1, "step": 2}\n{"stage": 1, "st')
     assert read_json_lines(path) == [{"stage": 1, "step": 1}, {"stage": 1, "step": 2}]
     path.write_text('{"stage": 1, "step": 1}\n{"stage": 1, "st\n{"stage": 1, "step": 3}\n')
-    with pytest.raises(Exception, match="metrics.jsonl: line 2, column"):
+    with pytest.raises(SdpoError, match="metrics.jsonl: line 2, column"):
         read_json_lines(path)
