@@ -1,4 +1,5 @@
 """Installs sdpo_jax: stepwise DPO (sDPO) for JAX/Flax on TPU, GPU and CPU."""
+
 from setuptools import find_packages, setup
 
 RUNTIME = [
@@ -31,7 +32,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["sdpo_jax", "sdpo_jax.*", "configs"]),
-    package_data={"sdpo_jax.data": ["samples/*/*"], "sdpo_jax.models": ["assets/*/*"], "configs": ["model_shapes/*/config.json"]},
+    package_data={
+        "sdpo_jax.data": ["samples/*/*"],
+        "sdpo_jax.models": ["assets/*/*"],
+        "configs": ["model_shapes/*/config.json"],
+    },
     include_package_data=True,
     install_requires=RUNTIME,
     extras_require={"test": TEST, "bench": BENCH},

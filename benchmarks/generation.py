@@ -20,6 +20,7 @@ alike). The rate is new tokens per second: batch x max_new_tokens over the call'
 the medians and per-round ratio (ours / transformers), the load average before and after; --json
 prints one JSON line instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,20 @@ from pathlib import Path
 
 import numpy as np
 
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--prompt-lengths", default="8,24,40,64", help="comma-separated; prompt i has length i mod this list")
+    p.add_argument(
+        "--prompt-lengths", default="8,24,40,64", help="comma-separated; prompt i has length i mod this list"
+    )
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--rounds", type=int, default=3)
@@ -65,10 +71,20 @@ def save_random_checkpoint(a: argparse.Namespace, folder: Path) -> Path:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.mlp, num_hidden_layers=a.layers,
-        num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, tie_word_embeddings=True, rope_theta=a.rope_theta,
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.mlp,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        tie_word_embeddings=True,
+        rope_theta=a.rope_theta,
         max_position_embeddings=max(int(n) for n in a.prompt_lengths.split(",")) + a.max_new_tokens,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=None, pad_token_id=0)
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     torch.manual_seed(a.seed)
     transformers.LlamaForCausalLM(config).float().save_pretrained(folder)
     return folder
@@ -86,18 +102,29 @@ def transformers_sampler(a: argparse.Namespace, folder: Path, prompts: list[list
     import torch
     import transformers
 
-    model = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     width = max(len(p) for p in prompts)
     ids = torch.zeros((len(prompts), width), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for r, p in enumerate(prompts):
-        ids[r, width - len(p):] = torch.tensor(p)
-        mask[r, width - len(p):] = 1
+        ids[r, width - len(p) :] = torch.tensor(p)
+        mask[r, width - len(p) :] = 1
 
     def sample() -> None:
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=a.max_new_tokens, do_sample=True,
-                                 temperature=a.temperature, top_p=a.top_p, top_k=0, use_cache=True, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=a.max_new_tokens,
+                do_sample=True,
+                temperature=a.temperature,
+                top_p=a.top_p,
+                top_k=0,
+                use_cache=True,
+                pad_token_id=0,
+            )
         assert out.shape == (len(prompts), width + a.max_new_tokens), out.shape
 
     return sample
@@ -115,8 +142,17 @@ def ours_sampler(a: argparse.Namespace, folder: Path, prompts: list[list[int]]):
     model = LlamaForCausalLM(config, dtype=jnp.dtype(a.dtype))
 
     def sample() -> None:
-        out = generate(model, params, prompts, a.max_new_tokens, eos_token_id=None, temperature=a.temperature,
-                       top_p=a.top_p, seed=a.seed, batch_size=len(prompts))
+        out = generate(
+            model,
+            params,
+            prompts,
+            a.max_new_tokens,
+            eos_token_id=None,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=a.seed,
+            batch_size=len(prompts),
+        )
         assert all(len(row) == a.max_new_tokens for row in out)
 
     return sample
@@ -142,8 +178,11 @@ def first_call(sample) -> dict:
     jax.monitoring.register_event_duration_secs_listener(listen)
     wall, _ = timed(sample)
     jax.monitoring.unregister_event_duration_listener(listen)
-    return {"first_call_s": wall, "compile_s": sum(durations.values()),
-            **{event.rsplit("/", 1)[1]: seconds for event, seconds in durations.items()}}
+    return {
+        "first_call_s": wall,
+        "compile_s": sum(durations.values()),
+        **{event.rsplit("/", 1)[1]: seconds for event, seconds in durations.items()},
+    }
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -168,14 +207,28 @@ def run(a: argparse.Namespace) -> dict:
             rates[name].append(tokens / wall)
             cpu[name].append(cpu_s / tokens)
     ratios = [o / t for o, t in zip(rates["ours"], rates["transformers"])]
-    return {"bench": "generation", "batch": a.batch, "max_new_tokens": a.max_new_tokens, "prompt_lengths": a.prompt_lengths,
-            "temperature": a.temperature, "top_p": a.top_p, "dtype": a.dtype, "rounds": a.rounds,
-            "transformers_tokens_per_s": statistics.median(rates["transformers"]),
-            "ours_tokens_per_s": statistics.median(rates["ours"]), "ratio_median": statistics.median(ratios),
-            "ratio_rounds": ratios, "transformers_rounds": rates["transformers"], "ours_rounds": rates["ours"],
-            "cpu_s_per_token": {name: statistics.median(v) for name, v in cpu.items()},
-            **compile_info, "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    return {
+        "bench": "generation",
+        "batch": a.batch,
+        "max_new_tokens": a.max_new_tokens,
+        "prompt_lengths": a.prompt_lengths,
+        "temperature": a.temperature,
+        "top_p": a.top_p,
+        "dtype": a.dtype,
+        "rounds": a.rounds,
+        "transformers_tokens_per_s": statistics.median(rates["transformers"]),
+        "ours_tokens_per_s": statistics.median(rates["ours"]),
+        "ratio_median": statistics.median(ratios),
+        "ratio_rounds": ratios,
+        "transformers_rounds": rates["transformers"],
+        "ours_rounds": rates["ours"],
+        "cpu_s_per_token": {name: statistics.median(v) for name, v in cpu.items()},
+        **compile_info,
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
 
 
 def main(argv=None) -> None:
@@ -184,10 +237,12 @@ def main(argv=None) -> None:
     if a.json:
         print(json.dumps(result))
         return
-    print(f"transformers {result['transformers_tokens_per_s']:.1f} new tokens/s, ours {result['ours_tokens_per_s']:.1f} "
-          f"({a.dtype}): {result['ratio_median']:.2f}x (rounds {', '.join(f'{r:.2f}' for r in result['ratio_rounds'])}); "
-          f"our compile {result['compile_s']:.1f} s (first call {result['first_call_s']:.1f} s); "
-          f"load {result['loadavg_before'][0]:.1f} -> {result['loadavg_after'][0]:.1f}")
+    print(
+        f"transformers {result['transformers_tokens_per_s']:.1f} new tokens/s, ours {result['ours_tokens_per_s']:.1f} "
+        f"({a.dtype}): {result['ratio_median']:.2f}x (rounds {', '.join(f'{r:.2f}' for r in result['ratio_rounds'])}); "
+        f"our compile {result['compile_s']:.1f} s (first call {result['first_call_s']:.1f} s); "
+        f"load {result['loadavg_before'][0]:.1f} -> {result['loadavg_after'][0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ and prints one JSON line with the max |logit| difference between attention_imple
 and 'xla' in bfloat16, each against a float32 XLA forward, plus the median time of a jitted
 forward+backward for both paths. Run on a GPU: python benchmarks/gpu_attention_check.py
 """
+
 import argparse
 import json
 import time
@@ -36,14 +37,25 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     args = parser.parse_args()
-    config = ModelConfig(vocab_size=32000, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, head_dim=args.hidden // args.heads)
+    config = ModelConfig(
+        vocab_size=32000,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+    )
     params = init_params(LlamaForCausalLM(config), jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, config.vocab_size)
-    mask = (jnp.arange(args.seq)[None] < jnp.array([args.seq, args.seq * 3 // 4] * (args.batch // 2))[:, None]).astype(jnp.int32)
-    reference = jax.jit(lambda p: LlamaForCausalLM(config, dtype=jnp.float32, attention_implementation="xla").apply(
-        {"params": p}, ids, attention_mask=mask))(params)
+    mask = (jnp.arange(args.seq)[None] < jnp.array([args.seq, args.seq * 3 // 4] * (args.batch // 2))[:, None]).astype(
+        jnp.int32
+    )
+    reference = jax.jit(
+        lambda p: LlamaForCausalLM(config, dtype=jnp.float32, attention_implementation="xla").apply(
+            {"params": p}, ids, attention_mask=mask
+        )
+    )(params)
     real = np.asarray(mask).astype(bool)
     report = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__, "shape": vars(args)}
     logits_by_impl = {}
@@ -52,7 +64,13 @@ def main():
         forward = jax.jit(lambda p: model.apply({"params": p}, ids, attention_mask=mask))
         logits = logits_by_impl[impl] = forward(params)
         report[f"{impl}_bf16_vs_fp32_max_abs"] = float(jnp.abs(logits - reference)[real].max())
-        grad = jax.jit(jax.grad(lambda p: jnp.mean(model.apply({"params": p}, ids, attention_mask=mask, return_hidden=True).astype(jnp.float32) ** 2)))
+        grad = jax.jit(
+            jax.grad(
+                lambda p: jnp.mean(
+                    model.apply({"params": p}, ids, attention_mask=mask, return_hidden=True).astype(jnp.float32) ** 2
+                )
+            )
+        )
         report[f"{impl}_fwd_bwd_s"] = median_seconds(grad, params)
     report["cudnn_vs_xla_bf16_max_abs"] = float(jnp.abs(logits_by_impl["cudnn"] - logits_by_impl["xla"])[real].max())
     report["fp32_logit_max_abs"] = float(jnp.abs(reference).max())

@@ -13,6 +13,7 @@ process's, all threads: steps never overlap, so it belongs to the step) per step
 ``--host-allocator retain`` in --common applies to the whole process, so to every tree. A module
 missing from a tree (one added later) is imported from the installed sdpo_jax instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,6 +34,7 @@ def _import_tree(tree: Path):
     sys.path[:0] = [str(tree), str(HERE)]
     try:
         import throughput
+
         import sdpo_jax
     finally:
         del sys.path[:2]
@@ -65,8 +67,18 @@ def main(argv=None):
 
             retain_host_allocations()
         step, state, ref, batches, _ = throughput.build(args)
-        built.append({"label": label, "step": step, "state": state, "ref": ref, "batch": batches[0], "pairs": args.batch,
-                      "wall": [], "cpu": []})
+        built.append(
+            {
+                "label": label,
+                "step": step,
+                "state": state,
+                "ref": ref,
+                "batch": batches[0],
+                "pairs": args.batch,
+                "wall": [],
+                "cpu": [],
+            }
+        )
 
     import jax
 
@@ -84,15 +96,23 @@ def main(argv=None):
     for r in range(a.rounds):
         for entry in built if r % 2 == 0 else reversed(built):
             one_step(entry, record=True)
-    summary = {e["label"]: {"step_s_median": statistics.median(e["wall"]), "cpu_s_per_step_median": statistics.median(e["cpu"]),
-                            "pairs_per_s": e["pairs"] / statistics.median(e["wall"]),
-                            "cpu_s_per_pair": statistics.median(e["cpu"]) / e["pairs"]} for e in built}
+    summary = {
+        e["label"]: {
+            "step_s_median": statistics.median(e["wall"]),
+            "cpu_s_per_step_median": statistics.median(e["cpu"]),
+            "pairs_per_s": e["pairs"] / statistics.median(e["wall"]),
+            "cpu_s_per_pair": statistics.median(e["cpu"]) / e["pairs"],
+        }
+        for e in built
+    }
     if a.json:
         print(json.dumps(summary))
     else:
         for label, s in summary.items():
-            print(f"{label:20s} {s['pairs_per_s']:8.2f} pairs/s  step {s['step_s_median'] * 1e3:7.1f} ms  "
-                  f"CPU {s['cpu_s_per_step_median'] * 1e3:7.1f} ms/step  {s['cpu_s_per_pair']:.4f} CPU s/pair")
+            print(
+                f"{label:20s} {s['pairs_per_s']:8.2f} pairs/s  step {s['step_s_median'] * 1e3:7.1f} ms  "
+                f"CPU {s['cpu_s_per_step_median'] * 1e3:7.1f} ms/step  {s['cpu_s_per_pair']:.4f} CPU s/pair"
+            )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Each LABEL=FLAGS setting runs throughput.py (or --script) in a fresh process onc
 settings in turn, so that load from other users spreads over all of them; the median pairs/s,
 MFU and peak of each setting over the rounds is printed (one JSON line with --json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ def run_once(script: str, flags: list[str], env_flags: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("settings", nargs="+", help="LABEL=[SCRIPT.py] FLAGS for throughput.py or SCRIPT.py (FLAGS may be empty)")
+    p.add_argument(
+        "settings", nargs="+", help="LABEL=[SCRIPT.py] FLAGS for throughput.py or SCRIPT.py (FLAGS may be empty)"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--common", default="", help="flags added to every setting")
     p.add_argument("--xla-flags", default="", help="XLA_FLAGS for settings whose label ends in '+xla'")
@@ -52,17 +55,24 @@ def main(argv=None):
     for _ in range(a.rounds):
         for label, script, flags in settings:
             runs[label].append(run_once(script, flags, a.xla_flags if label.endswith("+xla") else ""))
-    summary = {label: {"pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
-                       "mfu": statistics.median(r["mfu"] for r in rs),
-                       "peak_flops": statistics.median(r["peak_flops"] for r in rs),
-                       "cpu_s_per_pair": statistics.median(r["cpu_s_per_step_median"] / r["shape"]["batch"] for r in rs),
-                       "all_pairs_per_s": [round(r["pairs_per_s"], 2) for r in rs]} for label, rs in runs.items()}
+    summary = {
+        label: {
+            "pairs_per_s": statistics.median(r["pairs_per_s"] for r in rs),
+            "mfu": statistics.median(r["mfu"] for r in rs),
+            "peak_flops": statistics.median(r["peak_flops"] for r in rs),
+            "cpu_s_per_pair": statistics.median(r["cpu_s_per_step_median"] / r["shape"]["batch"] for r in rs),
+            "all_pairs_per_s": [round(r["pairs_per_s"], 2) for r in rs],
+        }
+        for label, rs in runs.items()
+    }
     if a.json:
         print(json.dumps(summary))
     else:
         for label, s in summary.items():
-            print(f"{label:24s} {s['pairs_per_s']:8.2f} pairs/s  {s['cpu_s_per_pair']:7.4f} CPU s/pair  MFU {s['mfu']:6.1%}  "
-                  f"peak {s['peak_flops'] / 1e9:6.0f} GFLOP/s  runs {s['all_pairs_per_s']}")
+            print(
+                f"{label:24s} {s['pairs_per_s']:8.2f} pairs/s  {s['cpu_s_per_pair']:7.4f} CPU s/pair  MFU {s['mfu']:6.1%}  "
+                f"peak {s['peak_flops'] / 1e9:6.0f} GFLOP/s  runs {s['all_pairs_per_s']}"
+            )
 
 
 if __name__ == "__main__":

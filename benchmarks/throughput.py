@@ -30,6 +30,7 @@ step's freed temporary buffer instead of mapping it afresh every step; docs/perf
 cpu_s_per_step_median is the process's CPU time (all threads) per step: on a machine shared with
 other work it varies far less than wall time, so it is the better number for A/B comparisons.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,8 @@ from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.llama import init_params
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
-from sdpo_jax.prefix_sharing import pack_pairs
 from sdpo_jax.placement import place, state_shardings
+from sdpo_jax.prefix_sharing import pack_pairs
 from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, jit_train_step
 
@@ -61,31 +62,60 @@ def parse_args(argv=None):
     """The shape flags, and the trainer's settings with sdpo-train's defaults (configs/default.py)."""
     trainer = default_config()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (("hidden", 256), ("layers", 4), ("heads", 8), ("kv-heads", 4), ("vocab", 8192),
-                          ("prompt-len", 64), ("completion-len", 64), ("batch", 8), ("steps", 10)):
+    for name, default in (
+        ("hidden", 256),
+        ("layers", 4),
+        ("heads", 8),
+        ("kv-heads", 4),
+        ("vocab", 8192),
+        ("prompt-len", 64),
+        ("completion-len", 64),
+        ("batch", 8),
+        ("steps", 10),
+    ):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--intermediate", type=int, default=0, help="MLP width (default: 8/3 * hidden rounded to 64)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", choices=tuple(DTYPES), default=trainer.model.dtype)
-    p.add_argument("--reference", choices=("in-step", "precomputed"),
-                   default="precomputed" if trainer.train.precompute_reference else "in-step",
-                   help="the reference forward inside every step, or its log-probs precomputed (train.precompute_reference)")
+    p.add_argument(
+        "--reference",
+        choices=("in-step", "precomputed"),
+        default="precomputed" if trainer.train.precompute_reference else "in-step",
+        help="the reference forward inside every step, or its log-probs precomputed (train.precompute_reference)",
+    )
     p.add_argument("--logprob-chunk", type=int, default=trainer.model.logprob_chunk)
     p.add_argument("--remat", choices=("none", "full", "dots"), default=trainer.model.remat)
     p.add_argument("--attention", default=trainer.model.attention)
-    p.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=trainer.data.prefix_sharing,
-                   help="one packed row per pair (prompt + chosen + rejected); --no-prefix-sharing: chosen and rejected rows")
-    p.add_argument("--pad-to", type=int, default=0, help="pad every row to this many tokens (the cost of a coarse length bucket)")
-    p.add_argument("--host-allocator", choices=("retain", "default"), default="default",
-                   help="retain: call sdpo_jax.host_memory.retain_host_allocations() first; default: glibc malloc as configured")
+    p.add_argument(
+        "--prefix-sharing",
+        action=argparse.BooleanOptionalAction,
+        default=trainer.data.prefix_sharing,
+        help="one packed row per pair (prompt + chosen + rejected); --no-prefix-sharing: chosen and rejected rows",
+    )
+    p.add_argument(
+        "--pad-to", type=int, default=0, help="pad every row to this many tokens (the cost of a coarse length bucket)"
+    )
+    p.add_argument(
+        "--host-allocator",
+        choices=("retain", "default"),
+        default="default",
+        help="retain: call sdpo_jax.host_memory.retain_host_allocations() first; default: glibc malloc as configured",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
 
 
 def model_config(a) -> ModelConfig:
     intermediate = a.intermediate or int(round(8 * a.hidden / 3 / 64)) * 64
-    return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=intermediate, num_hidden_layers=a.layers,
-                       num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, head_dim=a.hidden // a.heads)
+    return ModelConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        head_dim=a.hidden // a.heads,
+    )
 
 
 def row_length(a) -> int:
@@ -107,7 +137,9 @@ def flops_per_pair(c: ModelConfig, a, reference_in_step: bool) -> float:
     rows, head = head_positions(a)
     tokens = row_length(a)
     d, hd, f = c.hidden_size, c.head_dim, c.intermediate_size
-    linear = 2 * (d * c.num_attention_heads * hd + 2 * d * c.num_key_value_heads * hd + c.num_attention_heads * hd * d + 3 * d * f)
+    linear = 2 * (
+        d * c.num_attention_heads * hd + 2 * d * c.num_key_value_heads * hd + c.num_attention_heads * hd * d + 3 * d * f
+    )
     attention = 2 * 2 * tokens * c.num_attention_heads * hd
     forward = tokens * c.num_hidden_layers * (linear + attention) + head * 2 * d * c.vocab_size
     return rows * forward * (3 + (1 if reference_in_step else 0))
@@ -160,8 +192,15 @@ def build(a):
     shardings, _ = state_shardings(model, optimizer, mesh)
     params = init_params(model, jax.random.key(0))
     in_step = a.reference == "in-step"
-    step = jit_train_step(model, DPOSettings(beta=0.1), optimizer, mesh, shardings, with_reference_params=in_step,
-                          chunk_size=a.logprob_chunk)
+    step = jit_train_step(
+        model,
+        DPOSettings(beta=0.1),
+        optimizer,
+        mesh,
+        shardings,
+        with_reference_params=in_step,
+        chunk_size=a.logprob_chunk,
+    )
     ref = place(params, shardings.params) if in_step else None
     state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, params), optimizer), shardings)
     rng = np.random.default_rng(0)
@@ -196,12 +235,21 @@ def run(a) -> dict:
     memory_name, memory = peak_memory_bytes()
     pairs_per_s = a.batch / step_s
     return {
-        "framework": "sdpo_jax", "device": jax.devices()[0].device_kind, "num_devices": len(jax.devices()),
-        "dtype": a.dtype, "shape": {k: v for k, v in vars(a).items() if k != "json"}, "num_params": config.num_params,
-        "pairs_per_s": pairs_per_s, "step_s_median": step_s, "compile_s": compile_s,
+        "framework": "sdpo_jax",
+        "device": jax.devices()[0].device_kind,
+        "num_devices": len(jax.devices()),
+        "dtype": a.dtype,
+        "shape": {k: v for k, v in vars(a).items() if k != "json"},
+        "num_params": config.num_params,
+        "pairs_per_s": pairs_per_s,
+        "step_s_median": step_s,
+        "compile_s": compile_s,
         "cpu_s_per_step_median": statistics.median(cpu_times),
-        "model_flops_per_pair": flops, "peak_flops": peak, "mfu": flops * pairs_per_s / peak,
-        memory_name: memory, "final_loss": float(metrics["loss"]),
+        "model_flops_per_pair": flops,
+        "peak_flops": peak,
+        "mfu": flops * pairs_per_s / peak,
+        memory_name: memory,
+        "final_loss": float(metrics["loss"]),
     }
 
 

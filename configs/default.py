@@ -6,6 +6,7 @@ the paper's D1, and Anthropic hh-rlhf helpful), ordered by the paper's easy-to-h
 SFT model's preference accuracy per source); 10% of the pairs held out for evaluation.
 Every field can be overridden: `sdpo-train --config.train.batch_size=16`.
 """
+
 import ml_collections
 
 from sdpo_jax.data.config import get_data_config
@@ -42,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.sdpo.reference = "previous"  # stage t's reference: previous = M(t-1) (the paper) | initial = M0 in every stage
     c.sdpo.ref_sync_steps = 0  # TR-DPO soft update every N optimizer steps within a stage (0 = off)
     c.sdpo.ref_mixup_alpha = 0.6  # the update: reference <- alpha * policy + (1 - alpha) * reference
-    c.sdpo.stage_data = "offline"  # offline: the chunk's pairs | generated: pairs of M(t-1)'s samples on the chunk's prompts
+    c.sdpo.stage_data = (
+        "offline"  # offline: the chunk's pairs | generated: pairs of M(t-1)'s samples on the chunk's prompts
+    )
     c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7", "2:sdpo.stage_data=generated")
 
     # On-policy stage data (sdpo.stage_data = generated) and the scorer of eval.reward_prompts
@@ -98,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval.choices_limit = 100  # first N questions (0 = all)
     c.eval.choices_chat_template = False  # lm-eval-harness style plain "Question: ...\nAnswer:" prompts
     c.eval.choices_batch_size = 16  # questions per forward (a multiple of mesh data * fsdp)
-    c.eval.reward_prompts = ""  # held-out prompts (jsonl: prompt, optional reference) scored by generate.scorer; '' = off
+    c.eval.reward_prompts = (
+        ""  # held-out prompts (jsonl: prompt, optional reference) scored by generate.scorer; '' = off
+    )
 
     c.log = ml_collections.ConfigDict()
     c.log.progress = "auto"  # progress bars: auto (when stderr is a terminal) | always | never
@@ -112,7 +117,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2  # mid-stage checkpoints kept per stage (all removed once the stage's snapshot is saved)
-    c.checkpoint.keep_stages = 0  # stage snapshots kept: the last N (0 = all); the next stage's reference is always kept
+    c.checkpoint.keep_stages = (
+        0  # stage snapshots kept: the last N (0 = all); the next stage's reference is always kept
+    )
     c.checkpoint.async_save = True
     c.checkpoint.force_resume = False  # resume although the config differs from the stored one
     return c

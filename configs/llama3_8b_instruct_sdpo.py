@@ -11,6 +11,7 @@ layer large (525M weights: 2.1 GB float32, gathered over FSDP for the log-probs)
 are smaller on the 32 GiB v4 chips: 4 of 32 pairs on v4-32 (4 sequences per chip), 2 of 64 on
 8 GPUs (16 sequences per GPU); remat full, bfloat16 compute, precomputed reference log-probs.
 """
+
 from configs import default, sdpo_recipe
 
 # target: (mesh data, fsdp, tensor, grad_accum)

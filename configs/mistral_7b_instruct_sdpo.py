@@ -11,6 +11,7 @@ Data, stage order and DPO values: configs/sdpo_recipe.py. Memory: on 16 GiB v5e 
 sharded 64 ways (FSDP 64: 1.8 GB of float32 state per chip), one micro-batch of 128 pairs =
 4 sequences per chip (2 micro-batches of 64 pairs on 8 GPUs); remat full, bfloat16 compute, precomputed reference log-probs.
 """
+
 from configs import default, sdpo_recipe
 
 # target: (mesh data, fsdp, tensor, grad_accum)

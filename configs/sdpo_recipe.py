@@ -28,6 +28,7 @@ name as `launch/tpu.sh --type` spells it (or 8xh100 for one 8-GPU node), its JAX
 the memory sdpo-plan budgets per device (HBM less ~5% runtime reserve on TPU; 90% of an 80 GB
 H100, the XLA_PYTHON_CLIENT_MEM_FRACTION that launch/gpu.sh sets).
 """
+
 from __future__ import annotations
 
 import os
@@ -89,6 +90,13 @@ def apply_target(c: ml_collections.ConfigDict, target: str, settings: dict) -> m
     c.train.grad_accum = grad_accum
     replicas = data * fsdp  # the multiple-choice check's batches split over these devices too
     c.eval.choices_batch_size = replicas * max(1, 16 // replicas)
-    c.hardware = ml_collections.ConfigDict({"name": target, "platform": platform, "devices": devices,
-                                            "device_memory_gib": memory, "description": description})
+    c.hardware = ml_collections.ConfigDict(
+        {
+            "name": target,
+            "platform": platform,
+            "devices": devices,
+            "device_memory_gib": memory,
+            "description": description,
+        }
+    )
     return c

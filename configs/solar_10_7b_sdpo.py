@@ -16,6 +16,7 @@ every decoder layer rematerialised (remat full) so that only each layer's input 
 backward pass; reference log-probs precomputed once per stage (no reference forward in the step);
 on 8 GPUs the 128-pair batch is 4 micro-batches of 32 pairs.
 """
+
 from configs import default, sdpo_recipe
 
 # target: (mesh data, fsdp, tensor, grad_accum)

@@ -9,6 +9,7 @@ easy-to-hard partition, reference precompute, checkpoints, eval, generation and 
 run as in a real job. Use it to check an install, a launch script or a code change; its metrics
 mean nothing.
 """
+
 import ml_collections
 
 from configs.default import get_config as default_config

@@ -9,6 +9,7 @@ settings) and each model M0, M_1..M_T, per band of list lengths n:
     wrong_len = mean([|a| != n])
     reward    = mean r(a, sorted(d)),  and the same over answers of the right length only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,15 @@ def length_rows(model, params, problems) -> list[dict]:
     for low, high in BANDS:
         band = (n >= low) & (n <= high)
         right = band & (size == n)
-        rows.append({"band": f"n={low}-{high}", "bias": float(np.mean(size[band] - n[band])),
-                     "wrong_len": float(np.mean(size[band] != n[band])), "reward": float(r[band].mean()),
-                     "reward_right_len": float(r[right].mean()) if right.any() else float("nan")})
+        rows.append(
+            {
+                "band": f"n={low}-{high}",
+                "bias": float(np.mean(size[band] - n[band])),
+                "wrong_len": float(np.mean(size[band] != n[band])),
+                "reward": float(r[band].mean()),
+                "reward_right_len": float(r[right].mean()) if right.any() else float("nan"),
+            }
+        )
     return rows
 
 
@@ -50,16 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     if not (folder / "m0" / "config.json").is_file():
         raise SystemExit(f"{folder}: not a seed folder of experiments.stepwise (no m0/config.json)")
     seed = int(folder.name.rsplit("_", 1)[-1])
-    model, m0, _ = load_model(ml_collections.ConfigDict({"path": str(folder / "m0"), "dtype": "float32",
-                                                         "attention": "auto", "remat": "none"}))
+    model, m0, _ = load_model(
+        ml_collections.ConfigDict(
+            {"path": str(folder / "m0"), "dtype": "float32", "attention": "auto", "remat": "none"}
+        )
+    )
     heldout = seed_problems(seed, ExperimentSettings())[2]
-    models = [("M0", m0)] + [(f"{name} M{t}", p) for name in args.variants
-                             for t, p in enumerate(stage_params(model, folder / "runs" / name), 1)]
+    models = [("M0", m0)] + [
+        (f"{name} M{t}", p)
+        for name in args.variants
+        for t, p in enumerate(stage_params(model, folder / "runs" / name), 1)
+    ]
     print("| model | band | length bias | wrong length | reward | reward, right length |\n|---|---|---|---|---|---|")
     for label, params in models:
         for row in length_rows(model, params, heldout):
-            print(f"| {label} | {row['band']} | {row['bias']:+.2f} | {row['wrong_len']:.2f} | {row['reward']:.3f} | "
-                  f"{row['reward_right_len']:.3f} |")
+            print(
+                f"| {label} | {row['band']} | {row['bias']:+.2f} | {row['wrong_len']:.2f} | {row['reward']:.3f} | "
+                f"{row['reward_right_len']:.3f} |"
+            )
     return 0
 
 

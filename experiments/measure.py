@@ -5,6 +5,7 @@
 also broken down by list length. Stage snapshots M_t of a driver run are read back with
 `sdpo_jax.checkpointing.RunCheckpoints` (as sdpo-export does).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

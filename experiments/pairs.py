@@ -17,6 +17,7 @@ Stage files for easy-to-hard by the TRUE difficulty: pairs sorted by list length
 seeded random order) and cut into T chunks of the sizes `sdpo_jax.partition.chunk_sizes` gives,
 one file per stage, easiest first (the driver's 'datasets' partition reads them in order).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,9 @@ class Pair:
 CHOSEN = ("gold", "best")
 
 
-def sample_pairs(model, params, problems: list[Problem], samples: int, temperature: float, seed: int,
-                 chosen: str = "gold") -> list[Pair]:
+def sample_pairs(
+    model, params, problems: list[Problem], samples: int, temperature: float, seed: int, chosen: str = "gold"
+) -> list[Pair]:
     """The pairs of the module docstring, from ``samples`` M0 completions per problem."""
     if chosen not in CHOSEN:
         raise ValueError(f"chosen must be one of {CHOSEN}, got {chosen!r}")
@@ -55,7 +57,7 @@ def sample_pairs(model, params, problems: list[Problem], samples: int, temperatu
     completions = generate(model, params, prompts, max_new, EOS_ID, temperature=temperature, seed=seed, batch_size=512)
     pairs = []
     for i, problem in enumerate(problems):
-        group = completions[i * samples:(i + 1) * samples]
+        group = completions[i * samples : (i + 1) * samples]
         rewards = [reward(problem, c) for c in group]
         worst = int(np.argmin(rewards))
         if chosen == "gold":

@@ -4,6 +4,7 @@ Every experiment run records ``provenance()`` beside its numbers, so that a publ
 traced to a commit and rerun there; ``same_platform`` says whether two records were made on the
 same kind of device with the same numerical packages (where a rerun should agree bit for bit).
 """
+
 from __future__ import annotations
 
 import importlib.metadata

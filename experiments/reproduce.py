@@ -7,6 +7,7 @@ versions, see ``experiments.provenance``) a deterministic rerun agrees exactly, 
 difference is reported; elsewhere the differences are reported with their size, and it is the
 reader's call whether they are within what another platform's arithmetic explains.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -9,6 +9,7 @@ experiment keeps it short on purpose, so that M0 is imperfect and DPO has room t
 The result is written as a Hugging Face folder (config.json, model.safetensors, tokenizer), the
 form the stage driver loads.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,10 +40,17 @@ class SFTSettings:
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
-            vocab_size=len(VOCAB), hidden_size=self.hidden_size, intermediate_size=4 * self.hidden_size,
-            num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads, num_key_value_heads=self.num_heads,
-            head_dim=self.hidden_size // self.num_heads, max_position_embeddings=64,
-            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            vocab_size=len(VOCAB),
+            hidden_size=self.hidden_size,
+            intermediate_size=4 * self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_heads,
+            head_dim=self.hidden_size // self.num_heads,
+            max_position_embeddings=64,
+            bos_token_id=BOS_ID,
+            eos_token_id=EOS_ID,
+            pad_token_id=PAD_ID,
         )
 
     @property
@@ -60,7 +68,7 @@ def sft_batch(problems: list[Problem], seq_len: int) -> tuple[np.ndarray, np.nda
         prompt, target = problem.prompt_ids, problem.answer_ids
         ids[row, : len(prompt) + len(target)] = prompt + target
         attention[row, : len(prompt) + len(target)] = 1
-        answer[row, len(prompt): len(prompt) + len(target)] = True
+        answer[row, len(prompt) : len(prompt) + len(target)] = True
     return ids, attention, answer
 
 
@@ -69,8 +77,14 @@ def train_sft(settings: SFTSettings, seed: int) -> tuple[LlamaForCausalLM, dict,
     config = settings.model_config()
     model = LlamaForCausalLM(config)
     params = init_params(model, jax.random.key(seed))
-    optimizer = make_optimizer(OptimizerSettings(learning_rate=settings.learning_rate, total_steps=settings.steps,
-                                                 warmup_steps=settings.steps // 10, schedule="cosine"))
+    optimizer = make_optimizer(
+        OptimizerSettings(
+            learning_rate=settings.learning_rate,
+            total_steps=settings.steps,
+            warmup_steps=settings.steps // 10,
+            schedule="cosine",
+        )
+    )
     opt_state = optimizer.init(params)
 
     def loss_fn(p, ids, attention, answer):

@@ -10,6 +10,7 @@ Ground-truth reward of an answer a (the generated digits, EOS excluded) for targ
 the fraction of positions that hold the right item, with a wrong length counted against it;
 r = 1 exactly when a == s. Any non-digit token in a counts as a wrong item.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,6 +82,8 @@ def build_tokenizer(folder: str | Path):
 
     core = Tokenizer(models.WordLevel(vocab=TOKEN_ID, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK
+    )
     tokenizer.save_pretrained(str(folder))
     return tokenizer

@@ -16,6 +16,7 @@ the committed results that docs/experiments.md quotes (refused unless every seed
 from a clean tree); ``--check`` reruns seed 0 with the committed settings and variants and exits 1
 when any number differs from the committed one, naming each and by how much.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,28 +45,36 @@ from sdpo_jax.stages import train
 class ExperimentSettings:
     sft: SFTSettings = SFTSettings()
     dpo: DPOSettings = DPOSettings()
-    train_prompts: int = 1500      # prompts sampled for training pairs
-    eval_pair_prompts: int = 300   # prompts sampled for held-out pairs
-    heldout_prompts: int = 550     # prompts whose greedy answers are scored
-    samples: int = 4               # M0 completions per prompt (the worst is rejected)
+    train_prompts: int = 1500  # prompts sampled for training pairs
+    eval_pair_prompts: int = 300  # prompts sampled for held-out pairs
+    heldout_prompts: int = 550  # prompts whose greedy answers are scored
+    samples: int = 4  # M0 completions per prompt (the worst is rejected)
     temperature: float = 1.0
-    chosen: str = "gold"          # experiments.pairs: 'gold' or 'best'
+    chosen: str = "gold"  # experiments.pairs: 'gold' or 'best'
 
 
 #: The committed results behind docs/experiments.md.
 PUBLISHED = Path(__file__).resolve().parent / "results" / "stepwise.json"
 
-QUICK = ExperimentSettings(sft=SFTSettings(steps=30, batch_size=32, hidden_size=32, lengths=(2, 5)),
-                           dpo=DPOSettings(batch_size=16, max_length=16), train_prompts=96, eval_pair_prompts=32,
-                           heldout_prompts=48, samples=2)
+QUICK = ExperimentSettings(
+    sft=SFTSettings(steps=30, batch_size=32, hidden_size=32, lengths=(2, 5)),
+    dpo=DPOSettings(batch_size=16, max_length=16),
+    train_prompts=96,
+    eval_pair_prompts=32,
+    heldout_prompts=48,
+    samples=2,
+)
 
 
 def seed_problems(seed: int, settings: ExperimentSettings):
     """(training-pair, held-out-pair, greedy-scored) prompts of a seed, always drawn in this order."""
     rng = np.random.default_rng([seed, 2])
     lengths = settings.sft.lengths
-    return (sample_problems(rng, settings.train_prompts, lengths), sample_problems(rng, settings.eval_pair_prompts, lengths),
-            sample_problems(rng, settings.heldout_prompts, lengths))
+    return (
+        sample_problems(rng, settings.train_prompts, lengths),
+        sample_problems(rng, settings.eval_pair_prompts, lengths),
+        sample_problems(rng, settings.heldout_prompts, lengths),
+    )
 
 
 def run_seed(seed: int, out: Path, settings: ExperimentSettings, variants, log=print) -> dict:
@@ -76,38 +85,76 @@ def run_seed(seed: int, out: Path, settings: ExperimentSettings, variants, log=p
     folder = save_model_folder(params, model.config, out / "m0")
     train_problems, eval_problems, heldout = seed_problems(seed, settings)
     pairs = sample_pairs(model, params, train_problems, settings.samples, settings.temperature, seed, settings.chosen)
-    eval_pairs = sample_pairs(model, params, eval_problems, settings.samples, settings.temperature, seed + 1000,
-                              settings.chosen)
+    eval_pairs = sample_pairs(
+        model, params, eval_problems, settings.samples, settings.temperature, seed + 1000, settings.chosen
+    )
     data = out / "data"
     all_file = write_jsonl(data / "train_all.jsonl", pairs)
     eval_file = write_jsonl(data / "eval.jsonl", eval_pairs)
-    stage_files = {t: [write_jsonl(data / f"train_true_T{t}_stage{k + 1}.jsonl", chunk)
-                       for k, chunk in enumerate(split_by_difficulty(pairs, t, seed))]
-                   for t in sorted({v.stages for v in variants if v.partition == "true"})}
+    stage_files = {
+        t: [
+            write_jsonl(data / f"train_true_T{t}_stage{k + 1}.jsonl", chunk)
+            for k, chunk in enumerate(split_by_difficulty(pairs, t, seed))
+        ]
+        for t in sorted({v.stages for v in variants if v.partition == "true"})
+    }
     m0 = greedy_quality(model, params, heldout)
-    log(f"seed {seed}: M0 after {settings.sft.steps} SFT steps (loss {losses[-1]:.3f}): reward {m0['reward']:.3f}, "
+    log(
+        f"seed {seed}: M0 after {settings.sft.steps} SFT steps (loss {losses[-1]:.3f}): reward {m0['reward']:.3f}, "
         f"exact {m0['exact']:.3f}; {len(pairs)} train pairs, {len(eval_pairs)} eval pairs "
-        f"({time.perf_counter() - started:.0f} s)")
-    result = {"seed": seed, "provenance": provenance(), "settings": settings_record(settings), "m0": {**m0, "sft_final_loss": losses[-1]}, "pairs": describe(pairs),
-              "eval_pairs": describe(eval_pairs), "variants": {}}
+        f"({time.perf_counter() - started:.0f} s)"
+    )
+    result = {
+        "seed": seed,
+        "provenance": provenance(),
+        "settings": settings_record(settings),
+        "m0": {**m0, "sft_final_loss": losses[-1]},
+        "pairs": describe(pairs),
+        "eval_pairs": describe(eval_pairs),
+        "variants": {},
+    }
     for variant in variants:
         t0 = time.perf_counter()
         run_dir = out / "runs" / variant.name
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: the driver would otherwise resume
-        config = variant_config(variant, model_folder=str(folder), all_pairs=all_file, stage_files=stage_files,
-                                eval_pairs=eval_file, num_pairs=len(pairs), output_dir=str(run_dir),
-                                cache_dir=str(out / "cache"), seed=seed, dpo=settings.dpo, samples=settings.samples,
-                                temperature=settings.temperature, max_new_tokens=settings.sft.lengths[1] + 2)
+        config = variant_config(
+            variant,
+            model_folder=str(folder),
+            all_pairs=all_file,
+            stage_files=stage_files,
+            eval_pairs=eval_file,
+            num_pairs=len(pairs),
+            output_dir=str(run_dir),
+            cache_dir=str(out / "cache"),
+            seed=seed,
+            dpo=settings.dpo,
+            samples=settings.samples,
+            temperature=settings.temperature,
+            max_new_tokens=settings.sft.lengths[1] + 2,
+        )
         report = train(config)
         stages = []
         for entry, stage_p in zip(report, stage_params(model, run_dir)):
             quality = greedy_quality(model, stage_p, heldout)
-            stages.append({"stage": entry["stage"], "num_pairs": entry["num_pairs"], "steps": entry["steps"],
-                           "gamma": entry["ref_logratio_mean"], "eval_accuracy": entry["eval_after"]["rewards/accuracies"],
-                           "eval_margin": entry["eval_after"]["rewards/margins"], **quality})
+            stages.append(
+                {
+                    "stage": entry["stage"],
+                    "num_pairs": entry["num_pairs"],
+                    "steps": entry["steps"],
+                    "gamma": entry["ref_logratio_mean"],
+                    "eval_accuracy": entry["eval_after"]["rewards/accuracies"],
+                    "eval_margin": entry["eval_after"]["rewards/margins"],
+                    **quality,
+                }
+            )
         result["variants"][variant.name] = {"stages": stages, "seconds": time.perf_counter() - t0}
-        log(f"seed {seed} {variant.name}: reward " + " -> ".join(f"{s['reward']:.3f}" for s in stages)
-            + ", gamma " + " -> ".join(f"{s['gamma']:.2f}" for s in stages) + f" ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"seed {seed} {variant.name}: reward "
+            + " -> ".join(f"{s['reward']:.3f}" for s in stages)
+            + ", gamma "
+            + " -> ".join(f"{s['gamma']:.2f}" for s in stages)
+            + f" ({time.perf_counter() - t0:.0f} s)"
+        )
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
@@ -131,10 +178,14 @@ def publish(results: list[dict], summary: dict, names: list[str], path: Path) ->
     """Write the committed results: every seed (with its provenance) and the summary over them."""
     head = provenance()
     made = [r.get("provenance", {}) for r in results]
-    stale = [r["seed"] for r, p in zip(results, made) if p.get("commit") != head["commit"] or p.get("dirty") is not False]
+    stale = [
+        r["seed"] for r, p in zip(results, made) if p.get("commit") != head["commit"] or p.get("dirty") is not False
+    ]
     if head["commit"] is None or stale:
-        raise SystemExit(f"--publish: seeds {stale} were not made at HEAD ({head['commit']}) from a clean tree; "
-                         "rerun them (delete their results.json) after committing")
+        raise SystemExit(
+            f"--publish: seeds {stale} were not made at HEAD ({head['commit']}) from a clean tree; "
+            "rerun them (delete their results.json) after committing"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"variants": names, "seeds": results, "summary": summary}, indent=1) + "\n")
     print(f"published {path}")
@@ -150,13 +201,17 @@ def check(out: Path, published: Path) -> int:
     same = same_platform(seed0["provenance"], now["provenance"])
     made = seed0["provenance"]
     print(f"committed: commit {made['commit']}, {made['device_kind']} x{made['device_count']}, {made['packages']}")
-    print(f"now:       commit {now['provenance']['commit']}, {now['provenance']['device_kind']} "
-          f"x{now['provenance']['device_count']}, {now['provenance']['packages']}")
+    print(
+        f"now:       commit {now['provenance']['commit']}, {now['provenance']['device_kind']} "
+        f"x{now['provenance']['device_count']}, {now['provenance']['packages']}"
+    )
     if not found:
         print(f"check passed: every number of seed 0 ({len(variants)} variants) equals the committed one")
         return 0
-    print(f"check FAILED: {len(found)} numbers differ" + ("" if same else
-          " (another platform or package versions: some difference is expected, judge the sizes)"))
+    print(
+        f"check FAILED: {len(found)} numbers differ"
+        + ("" if same else " (another platform or package versions: some difference is expected, judge the sizes)")
+    )
     for difference in found:
         print("  " + difference.describe())
     return 1
@@ -179,16 +234,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/experiments/stepwise")
     parser.add_argument("--plot", default="docs/img/stepwise.png")
     parser.add_argument("--variants", nargs="+", default=list(VARIANT_NAMES), choices=VARIANT_NAMES)
-    parser.add_argument("--chosen", default="gold", choices=("gold", "best"),
-                        help="chosen answer of a pair: the correct one (default) or M0's best sample")
-    parser.add_argument("--learning-rate", type=float, help=f"DPO peak learning rate per stage (default {DPOSettings.learning_rate})")
+    parser.add_argument(
+        "--chosen",
+        default="gold",
+        choices=("gold", "best"),
+        help="chosen answer of a pair: the correct one (default) or M0's best sample",
+    )
+    parser.add_argument(
+        "--learning-rate", type=float, help=f"DPO peak learning rate per stage (default {DPOSettings.learning_rate})"
+    )
     parser.add_argument("--beta", type=float, help=f"DPO beta (default {DPOSettings.beta})")
-    parser.add_argument("--epochs", type=float, help=f"passes over all pairs, split over the stages (default {DPOSettings.epochs})")
+    parser.add_argument(
+        "--epochs", type=float, help=f"passes over all pairs, split over the stages (default {DPOSettings.epochs})"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run, not a result)")
     parser.add_argument("--publish", action="store_true", help=f"also write the committed results ({PUBLISHED.name})")
-    parser.add_argument("--check", action="store_true",
-                        help="rerun seed 0 as the committed results were made; exit 1 if any number differs")
-    parser.add_argument("--results", type=Path, default=PUBLISHED, help="the committed results file (--publish, --check)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="rerun seed 0 as the committed results were made; exit 1 if any number differs",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=PUBLISHED, help="the committed results file (--publish, --check)"
+    )
     args = parser.parse_args(argv)
     if min(args.seeds) < 0:
         parser.error("--seeds must be >= 0")
@@ -197,15 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         return check(out, args.results)
     base = QUICK if args.quick else ExperimentSettings()
-    overrides = {k: v for k, v in (("learning_rate", args.learning_rate), ("beta", args.beta), ("epochs", args.epochs))
-                 if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("learning_rate", args.learning_rate), ("beta", args.beta), ("epochs", args.epochs))
+        if v is not None
+    }
     settings = dataclasses.replace(base, chosen=args.chosen, dpo=dataclasses.replace(base.dpo, **overrides))
     variants = [v for v in VARIANTS if v.name in args.variants]
     started = time.perf_counter()
     results, names = [], [v.name for v in variants]
     for seed in args.seeds:
         path = out / f"seed_{seed}" / "results.json"
-        results.append(load_seed(path, settings, names) if path.is_file() else run_seed(seed, path.parent, settings, variants))
+        results.append(
+            load_seed(path, settings, names) if path.is_file() else run_seed(seed, path.parent, settings, variants)
+        )
     summary = summarize(results, names)
     summary["settings"] = settings_record(settings)
     summary["wall_seconds_this_invocation"] = time.perf_counter() - started

@@ -4,6 +4,7 @@ For a quantity q measured once per seed s = 1..S: mean = sum_s q_s / S and std =
 standard deviation (ddof = 1; 0 for one seed). "vs M0" is the per-seed difference q_s - q_s(M0)
 averaged the same way (paired: every variant of a seed starts from that seed's M0).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,11 @@ from matplotlib.figure import Figure
 
 def mean_std(values) -> dict:
     values = np.asarray(values, np.float64)
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "values": values.tolist()}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "values": values.tolist(),
+    }
 
 
 def summarize(results: list[dict], names: list[str]) -> dict:
@@ -24,12 +28,18 @@ def summarize(results: list[dict], names: list[str]) -> dict:
     and per stage reward and gamma; each as mean/std over seeds."""
     m0 = [r["m0"]["reward"] for r in results]
     bands = length_bands(results)
-    summary = {"seeds": [r["seed"] for r in results], "m0": {"reward": mean_std(m0),
-                                                             "exact": mean_std([r["m0"]["exact"] for r in results]),
-                                                             "reward_by_band": {band: mean_std([_band_reward(r["m0"], n)
-                                                                                                for r in results])
-                                                                                for band, n in bands.items()}},
-               "pairs": mean_std([r["pairs"]["num_pairs"] for r in results]), "variants": {}}
+    summary = {
+        "seeds": [r["seed"] for r in results],
+        "m0": {
+            "reward": mean_std(m0),
+            "exact": mean_std([r["m0"]["exact"] for r in results]),
+            "reward_by_band": {
+                band: mean_std([_band_reward(r["m0"], n) for r in results]) for band, n in bands.items()
+            },
+        },
+        "pairs": mean_std([r["pairs"]["num_pairs"] for r in results]),
+        "variants": {},
+    }
     for name in names:
         runs = [r["variants"][name]["stages"] for r in results]
         final = [stages[-1] for stages in runs]
@@ -39,11 +49,14 @@ def summarize(results: list[dict], names: list[str]) -> dict:
             "exact": mean_std([f["exact"] for f in final]),
             "eval_accuracy": mean_std([f["eval_accuracy"] for f in final]),
             "stage_reward": [mean_std([stages[t]["reward"] for stages in runs]) for t in range(len(runs[0]))],
-            "stage_gain": [mean_std([stages[t]["reward"] - base for stages, base in zip(runs, m0)])
-                           for t in range(len(runs[0]))],
+            "stage_gain": [
+                mean_std([stages[t]["reward"] - base for stages, base in zip(runs, m0)]) for t in range(len(runs[0]))
+            ],
             "gamma": [mean_std([stages[t]["gamma"] for stages in runs]) for t in range(len(runs[0]))],
             "seconds": mean_std([r["variants"][name]["seconds"] for r in results]),
-            "reward_by_band": {band: mean_std([_band_reward(f, lengths) for f in final]) for band, lengths in bands.items()},
+            "reward_by_band": {
+                band: mean_std([_band_reward(f, lengths) for f in final]) for band, lengths in bands.items()
+            },
         }
     return summary
 
@@ -67,19 +80,29 @@ def _pm(stat: dict, digits: int = 3) -> str:
 def markdown_table(summary: dict) -> str:
     """One row per variant (M0 first); gamma and reward listed stage by stage."""
     seeds = ", ".join(str(s) for s in summary["seeds"])
-    lines = [f"Seeds {seeds} (mean ± sample std over seeds); M0 reward {_pm(summary['m0']['reward'])}, "
-             f"exact {_pm(summary['m0']['exact'])}; {_pm(summary['pairs'], 0)} training pairs.", "",
-             "| variant | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | gamma per stage |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Seeds {seeds} (mean ± sample std over seeds); M0 reward {_pm(summary['m0']['reward'])}, "
+        f"exact {_pm(summary['m0']['exact'])}; {_pm(summary['pairs'], 0)} training pairs.",
+        "",
+        "| variant | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | gamma per stage |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, v in summary["variants"].items():
         per_stage = " → ".join(f"{s['mean']:.3f}" for s in v["stage_reward"])
         gammas = " → ".join(_pm(g, 2) for g in v["gamma"])
-        lines.append(f"| {name} | {_pm(v['reward'])} | {_pm(v['gain'])} | {_pm(v['exact'])} | "
-                     f"{_pm(v['eval_accuracy'])} | {per_stage} | {gammas} |")
+        lines.append(
+            f"| {name} | {_pm(v['reward'])} | {_pm(v['gain'])} | {_pm(v['exact'])} | "
+            f"{_pm(v['eval_accuracy'])} | {per_stage} | {gammas} |"
+        )
     bands = list(summary["m0"]["reward_by_band"])
-    lines += ["", "Final reward by list length (mean over the band's lengths; mean ± std over seeds):", "",
-              "| model | " + " | ".join(bands) + " |", "|---|" + "---|" * len(bands),
-              "| M0 (SFT) | " + " | ".join(_pm(summary["m0"]["reward_by_band"][b]) for b in bands) + " |"]
+    lines += [
+        "",
+        "Final reward by list length (mean over the band's lengths; mean ± std over seeds):",
+        "",
+        "| model | " + " | ".join(bands) + " |",
+        "|---|" + "---|" * len(bands),
+        "| M0 (SFT) | " + " | ".join(_pm(summary["m0"]["reward_by_band"][b]) for b in bands) + " |",
+    ]
     for name, v in summary["variants"].items():
         lines.append(f"| {name} | " + " | ".join(_pm(v["reward_by_band"][b]) for b in bands) + " |")
     return "\n".join(lines) + "\n"
@@ -109,7 +132,9 @@ def plot(summary: dict, path: Path) -> None:
             middle.scatter([1], gain[1:], marker="*", s=120, color=_color(name), label=name, zorder=3)
             continue
         middle.plot(stages, gain, marker="o", color=_color(name), ls=_style(name), label=name)
-        right.plot(stages[1:], [g["mean"] for g in v["gamma"]], marker="o", color=_color(name), ls=_style(name), label=name)
+        right.plot(
+            stages[1:], [g["mean"] for g in v["gamma"]], marker="o", color=_color(name), ls=_style(name), label=name
+        )
     middle.axhline(0.0, color="0.3", lw=1)
     middle.set_xlabel("stage t (0 = M0)")
     middle.set_ylabel("reward(M_t) - reward(M0)")
@@ -128,9 +153,13 @@ def plot(summary: dict, path: Path) -> None:
 
 def _color(name: str) -> str:
     family = name.split("-")[0]
-    return {"dpo": "tab:gray", "random": "tab:blue", "true": "tab:green", "model": "tab:orange",
-            "onpolicy": "tab:purple"}[family] \
-        if "init-sft" not in name else "tab:red"
+    return (
+        {"dpo": "tab:gray", "random": "tab:blue", "true": "tab:green", "model": "tab:orange", "onpolicy": "tab:purple"}[
+            family
+        ]
+        if "init-sft" not in name
+        else "tab:red"
+    )
 
 
 def _style(name: str) -> str:

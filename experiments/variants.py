@@ -17,6 +17,7 @@ steps (``epochs`` passes over all pairs, split over the T stages):
     onpolicy-gold-T  onpolicy-T, but chosen is the correct answer (generate.chosen='gold'), as in the
                      offline pairs: only the rejected answers (M(t-1)'s worst) are on-policy
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,10 @@ from configs.default import get_config
 class Variant:
     name: str
     stages: int
-    partition: str          # 'random' | 'true' | 'model'
+    partition: str  # 'random' | 'true' | 'model'
     policy_init: str = "previous"
     stage_data: str = "offline"  # 'offline' | 'generated'
-    chosen: str = "best"         # a generated pair's chosen answer: 'best' sample | 'gold' (the correct one)
+    chosen: str = "best"  # a generated pair's chosen answer: 'best' sample | 'gold' (the correct one)
 
 
 VARIANTS = (
@@ -65,9 +66,22 @@ class DPOSettings:
     max_length: int = 32
 
 
-def variant_config(variant: Variant, *, model_folder: str, all_pairs: str, stage_files: dict[int, list[str]],
-                   eval_pairs: str, num_pairs: int, output_dir: str, cache_dir: str, seed: int,
-                   dpo: DPOSettings, samples: int, temperature: float, max_new_tokens: int) -> ml_collections.ConfigDict:
+def variant_config(
+    variant: Variant,
+    *,
+    model_folder: str,
+    all_pairs: str,
+    stage_files: dict[int, list[str]],
+    eval_pairs: str,
+    num_pairs: int,
+    output_dir: str,
+    cache_dir: str,
+    seed: int,
+    dpo: DPOSettings,
+    samples: int,
+    temperature: float,
+    max_new_tokens: int,
+) -> ml_collections.ConfigDict:
     """The driver config of ``variant``; ``stage_files[T]`` are the true-difficulty files, easiest first; a
     generated stage samples ``samples`` completions per prompt at ``temperature`` (as M0's pairs were)."""
     c = get_config()

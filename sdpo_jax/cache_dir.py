@@ -4,6 +4,7 @@
 PyPI), ``hf_from_gguf/`` (GGUF files converted to Hugging Face folders), ``random/`` (the tiny
 random model) and ``data/`` (tokenized sources, unless ``data.cache_dir`` names another folder).
 """
+
 from __future__ import annotations
 
 import os

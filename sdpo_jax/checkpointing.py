@@ -17,13 +17,15 @@ and every restore compares it with the restored arrays'. Resume falls back from 
 altered mid-stage checkpoint to the previous one (else to the stage's start) with a warning; an
 altered stage snapshot is a one-line `CorruptCheckpoint` naming its folder.
 """
+
 from __future__ import annotations
 
 import errno
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +91,14 @@ def _verify(tree: Any, expected: list[int] | None, what: str) -> None:
 
 
 class RunCheckpoints:
-    def __init__(self, output_dir: str | Path, keep: int = 2, async_save: bool = True, keep_stages: int = 0,
-                 warn: Callable[[str], None] = print):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        keep: int = 2,
+        async_save: bool = True,
+        keep_stages: int = 0,
+        warn: Callable[[str], None] = print,
+    ):
         # Orbax wants absolute paths; a bucket path (gs://...) is absolute already.
         root = str(output_dir) if "://" in str(output_dir) else str(Path(output_dir).absolute())
         self.root = epath.Path(root) / "checkpoints"
@@ -128,14 +136,20 @@ class RunCheckpoints:
             folder = folder.parent
         free = shutil.disk_usage(folder).free
         if any_process(free < needed):
-            raise OSError(errno.ENOSPC, f"no space left for {what}: it needs ~{needed / 2**20:.0f} MiB, "
-                                        f"{free / 2**20:.0f} MiB are free on {folder}")
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left for {what}: it needs ~{needed / 2**20:.0f} MiB, "
+                f"{free / 2**20:.0f} MiB are free on {folder}",
+            )
 
     def save_step(self, stage: int, step: int, state: Any, meta: dict, reference: Any = None) -> None:
         """A mid-stage checkpoint: the train state, the JSON ``meta`` and (a moving reference) ``reference``."""
         self.wait()  # (an earlier save's data is on disk before the free space is counted)
         self._ensure_space((state, reference), f"the checkpoint of stage {stage} step {step}")
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave({**meta, "checksums": tree_checksums((state, reference))})}
+        items = {
+            "state": ocp.args.StandardSave(state),
+            "meta": ocp.args.JsonSave({**meta, "checksums": tree_checksums((state, reference))}),
+        }
         if reference is not None:
             items["reference"] = ocp.args.StandardSave(reference)
         self._manager(stage, "steps").save(step, args=ocp.args.Composite(**items))
@@ -145,8 +159,9 @@ class RunCheckpoints:
             return None
         return self._manager(stage, "steps").latest_step()
 
-    def restore_latest(self, stage: int, abstract_state: Any, abstract_reference: Any = None
-                       ) -> tuple[int, Any, dict, Any] | None:
+    def restore_latest(
+        self, stage: int, abstract_state: Any, abstract_reference: Any = None
+    ) -> tuple[int, Any, dict, Any] | None:
         """(step, TrainState, meta, moving reference or None) of the newest intact mid-stage checkpoint of
         ``stage``, or None; ``abstract_reference`` when the stage's reference moves (it is saved with the state).
 
@@ -166,14 +181,20 @@ class RunCheckpoints:
                 return (step, *restored)
             self._drop_manager(stage, "steps")
             target = self.root / f"stage_{stage}" / "corrupt" / str(step)
-            on_main_process(lambda: _move(self.root / f"stage_{stage}" / "steps" / str(step), target),
-                            f"set aside the damaged checkpoint {target.parent.parent / 'steps' / str(step)}")
+            on_main_process(
+                lambda: _move(self.root / f"stage_{stage}" / "steps" / str(step), target),
+                f"set aside the damaged checkpoint {target.parent.parent / 'steps' / str(step)}",
+            )
             older = self.latest_step(stage)
-            self.warn(f"warning: {problems[0]}; moved it to {target.parent}, resuming from "
-                      + (f"step {older}" if older is not None else f"the start of stage {stage}"))
+            self.warn(
+                f"warning: {problems[0]}; moved it to {target.parent}, resuming from "
+                + (f"step {older}" if older is not None else f"the start of stage {stage}")
+            )
         return None
 
-    def restore_step(self, stage: int, step: int, abstract_state: Any, abstract_reference: Any = None) -> tuple[Any, dict, Any]:
+    def restore_step(
+        self, stage: int, step: int, abstract_state: Any, abstract_reference: Any = None
+    ) -> tuple[Any, dict, Any]:
         """(TrainState, meta, moving reference or None) of one mid-stage checkpoint, checked against its checksums."""
         folder = self.root / f"stage_{stage}" / "steps" / str(step)
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
@@ -184,13 +205,16 @@ class RunCheckpoints:
         except Exception as err:  # noqa: BLE001 (tensorstore and JSON decoding raise many types for damaged files)
             if "tree structures do not match" in str(err):
                 where = " ".join(str(err).splitlines()[1:3]).strip()
-                raise SdpoError(f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
-                                f"train state of another layout ({where}; written by another sdpo_jax version or other "
-                                f"optimizer settings): use another output_dir, or delete that folder to restart the stage") from None
+                raise SdpoError(
+                    f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
+                    f"train state of another layout ({where}; written by another sdpo_jax version or other "
+                    f"optimizer settings): use another output_dir, or delete that folder to restart the stage"
+                ) from None
             if _machine_problem(err):
                 raise
-            raise _UnreadableCheckpoint(f"the checkpoint {folder} cannot be read ({type(err).__name__}: "
-                                        f"{_first_line(err)})") from None
+            raise _UnreadableCheckpoint(
+                f"the checkpoint {folder} cannot be read ({type(err).__name__}: {_first_line(err)})"
+            ) from None
         meta = dict(restored.meta)
         reference = restored.reference if abstract_reference is not None else None
         _verify((restored.state, reference), meta.pop("checksums", None), f"the checkpoint {folder}")
@@ -209,7 +233,9 @@ class RunCheckpoints:
         pruned = [s for s in self._snapshot_stages() if self.keep_stages and s <= stage - self.keep_stages]
         for old in pruned:
             self._drop_manager(old, "final")
-        on_main_process(lambda: self._remove_after_stage(stage, pruned), f"remove the checkpoints stage {stage} no longer needs")
+        on_main_process(
+            lambda: self._remove_after_stage(stage, pruned), f"remove the checkpoints stage {stage} no longer needs"
+        )
 
     def _remove_after_stage(self, stage: int, pruned: list[int]) -> None:
         """Stage ``stage``'s mid-stage checkpoints, and the snapshots of ``pruned`` stages (keep_stages: the
@@ -241,12 +267,19 @@ class RunCheckpoints:
         this host's first device (e.g. exporting a run trained on another mesh or machine)."""
         local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract_params = jax.tree_util.tree_map(
-            lambda a: a if getattr(a, "sharding", None) is not None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
-            abstract_params)
+            lambda a: (
+                a
+                if getattr(a, "sharding", None) is not None
+                else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local)
+            ),
+            abstract_params,
+        )
         folder = self.root / f"stage_{stage}" / "final"
         if stage in self.pruned_stages():
-            raise FileNotFoundError(f"{folder}: the snapshot of stage {stage} was removed (checkpoint.keep_stages kept only "
-                                    f"the last stages' snapshots)")
+            raise FileNotFoundError(
+                f"{folder}: the snapshot of stage {stage} was removed (checkpoint.keep_stages kept only "
+                f"the last stages' snapshots)"
+            )
         manager = self._manager(stage, "final")
         if manager.latest_step() is None:
             raise FileNotFoundError(f"{self.root}: stage {stage} has no finished snapshot")
@@ -256,8 +289,9 @@ class RunCheckpoints:
         except Exception as err:  # noqa: BLE001 (damaged files raise many types)
             if _machine_problem(err):
                 raise
-            raise CorruptCheckpoint(f"the snapshot of stage {stage} in {folder} cannot be read ({type(err).__name__}: "
-                                    f"{_first_line(err)})") from None
+            raise CorruptCheckpoint(
+                f"the snapshot of stage {stage} in {folder} cannot be read ({type(err).__name__}: {_first_line(err)})"
+            ) from None
         meta = dict(restored.meta)
         _verify(restored.params, meta.pop("checksums", None), f"the snapshot of stage {stage} in {folder}")
         return restored.params, meta
@@ -281,8 +315,10 @@ def _machine_problem(err: BaseException) -> bool:
     from sdpo_jax.cli.errors import environment_problem
 
     text = str(err)
-    return environment_problem(err) is not None or any(code in text for code in (
-        "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Permission denied"))
+    return environment_problem(err) is not None or any(
+        code in text
+        for code in ("RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "Permission denied")
+    )
 
 
 def _bytes_written_here(x: Any) -> int:

@@ -21,6 +21,7 @@ What is checked:
 The loss and optimizer settings of each stage (after its overrides) are built here once, as
 `StageSettings`; the stage driver and `sdpo-plan` take them from the `CheckedConfig`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,7 +29,8 @@ import dataclasses
 import difflib
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 
@@ -37,13 +39,13 @@ from sdpo_jax.data.sources import local_source_problem
 from sdpo_jax.errors import ConfigError
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS
-from sdpo_jax.models.loading import COMPUTE_DTYPES, model_path_problem
 from sdpo_jax.models.llama import REMAT_POLICIES
+from sdpo_jax.models.loading import COMPUTE_DTYPES, model_path_problem
 from sdpo_jax.optim import SCHEDULES, OptimizerSettings
 from sdpo_jax.partition import DIFFICULTIES, PARTITIONS
 from sdpo_jax.scorers import spec_problem
-from sdpo_jax.stage_data import GenerateSettings
 from sdpo_jax.sharding import MeshError, global_mesh_shape
+from sdpo_jax.stage_data import GenerateSettings
 
 POLICY_INITS = ("previous", "sft")
 REFERENCES = ("previous", "initial")
@@ -51,25 +53,48 @@ STAGE_DATA = ("offline", "generated")
 CHOSEN_RULES = ("best", "gold")
 PROGRESS_MODES = ("auto", "always", "never")
 # Fields a stage may set for itself with sdpo.stage_overrides (besides the dpo.* fields but RUN_WIDE_DPO).
-STAGE_FIELDS = ("train.learning_rate", "train.steps_per_stage", "train.lr_schedule", "train.warmup_ratio",
-                "train.weight_decay", "train.max_grad_norm", "sdpo.reference", "sdpo.ref_sync_steps",
-                "sdpo.ref_mixup_alpha", "sdpo.stage_data", "generate.scorer", "generate.samples_per_prompt",
-                "generate.temperature", "generate.top_p", "generate.max_new_tokens", "generate.chosen",
-                "generate.min_margin", "generate.batch_size")
+STAGE_FIELDS = (
+    "train.learning_rate",
+    "train.steps_per_stage",
+    "train.lr_schedule",
+    "train.warmup_ratio",
+    "train.weight_decay",
+    "train.max_grad_norm",
+    "sdpo.reference",
+    "sdpo.ref_sync_steps",
+    "sdpo.ref_mixup_alpha",
+    "sdpo.stage_data",
+    "generate.scorer",
+    "generate.samples_per_prompt",
+    "generate.temperature",
+    "generate.top_p",
+    "generate.max_new_tokens",
+    "generate.chosen",
+    "generate.min_margin",
+    "generate.batch_size",
+)
 # dpo fields that must be the same in every stage: LD-DPO's weighting is part of every reference log-prob,
 # and the held-out set's are computed once per run.
 RUN_WIDE_DPO = ("dpo.ld_alpha",)
 # Sections a config may add beside the default's fields: the real-model recipes' target machine
 # (read by sdpo-plan and the launchers) and the architecture of a model not downloaded yet.
-OPTIONAL_FIELDS = {"model.shape_config": str, "hardware.name": str, "hardware.platform": str, "hardware.devices": int,
-                   "hardware.device_memory_gib": float, "hardware.description": str}
+OPTIONAL_FIELDS = {
+    "model.shape_config": str,
+    "hardware.name": str,
+    "hardware.platform": str,
+    "hardware.devices": int,
+    "hardware.device_memory_gib": float,
+    "hardware.description": str,
+}
 
 
 # ---- value rules: each takes the value and returns a problem (str) or None --------------------------------
 
+
 def _type_name(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "string", tuple: "tuple", list: "list"}.get(type(value),
-                                                                                                          type(value).__name__)
+    return {bool: "bool", int: "int", float: "float", str: "string", tuple: "tuple", list: "list"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _integer(low: int | None = None, high: int | None = None, minus_one: bool = False) -> Callable:
@@ -83,10 +108,13 @@ def _integer(low: int | None = None, high: int | None = None, minus_one: bool = 
         if high is not None and value > high:
             return f"must be <= {high}, got {value}"
         return None
+
     return rule
 
 
-def _number(low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False) -> Callable:
+def _number(
+    low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False
+) -> Callable:
     def rule(value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"expected a number, got {_type_name(value)} {value!r}"
@@ -97,6 +125,7 @@ def _number(low: float | None = None, high: float | None = None, low_open: bool 
         if high is not None and (value > high or (high_open and value == high)):
             return f"must be {'<' if high_open else '<='} {high:g}, got {value:g}"
         return None
+
     return rule
 
 
@@ -104,8 +133,11 @@ def _choice(*allowed: str) -> Callable:
     def rule(value):
         if value not in allowed:
             close = difflib.get_close_matches(str(value), allowed, n=1)
-            return f"expected one of {', '.join(allowed)}, got {value!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+            return f"expected one of {', '.join(allowed)}, got {value!r}" + (
+                f" (did you mean {close[0]!r}?)" if close else ""
+            )
         return None
+
     return rule
 
 
@@ -120,6 +152,7 @@ def _text(allow_empty: bool = False) -> Callable:
         if not allow_empty and not value.strip():
             return "must not be empty"
         return None
+
     return rule
 
 
@@ -134,11 +167,13 @@ def _sequence(item: Callable, allow_empty: bool = True) -> Callable:
             if problem:
                 return f"item {i}: {problem}"
         return None
+
     return rule
 
 
 def _sources(allow_empty: bool) -> Callable:
     """A tuple of source strings (or one string, commas separating several)."""
+
     def rule(value):
         from sdpo_jax.data.load import source_list
 
@@ -149,6 +184,7 @@ def _sources(allow_empty: bool) -> Callable:
         if not source_list(value) and not allow_empty:
             return "no sources given"
         return None
+
     return rule
 
 
@@ -173,8 +209,10 @@ def _output_dir(value):
     if problem:
         return problem
     if "://" in value:
-        return (f"{value!r}: the run's files are written with local file I/O; mount the bucket (e.g. gcsfuse, as "
-                f"launch/tpu.sh does for gs:// output dirs) and pass the mounted path")
+        return (
+            f"{value!r}: the run's files are written with local file I/O; mount the bucket (e.g. gcsfuse, as "
+            f"launch/tpu.sh does for gs:// output dirs) and pass the mounted path"
+        )
     if os.path.exists(value) and not os.path.isdir(value):
         return f"{value!r} exists and is not a folder"
     return None
@@ -191,7 +229,9 @@ FIELD_RULES: dict[str, Callable] = {
     "data.eval": _sources(allow_empty=True),
     "data.split": _text(),
     "data.format": _choice(*FORMATS),
-    "data.columns": lambda v: None if isinstance(v, (str, dict, ml_collections.ConfigDict)) else f"expected 'src=dst,...', got {v!r}",
+    "data.columns": lambda v: (
+        None if isinstance(v, (str, dict, ml_collections.ConfigDict)) else f"expected 'src=dst,...', got {v!r}"
+    ),
     "data.extra_fields": _choice("error", "ignore"),
     "data.assistant_marker": _text(),
     "data.limit": _integer(0),
@@ -273,6 +313,7 @@ FILE_RULES: dict[str, Callable] = {
 
 # ---- what the check returns ------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StageSettings:
     """Stage ``stage``'s loss and optimizer settings, its overrides applied."""
@@ -302,9 +343,14 @@ class StageSettings:
 
     def optimizer(self, total_steps: int) -> OptimizerSettings:
         """The stage's AdamW and schedule over ``total_steps`` steps."""
-        return OptimizerSettings(learning_rate=self.learning_rate, total_steps=total_steps,
-                                 warmup_steps=int(round(self.warmup_ratio * total_steps)), schedule=self.lr_schedule,
-                                 weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm)
+        return OptimizerSettings(
+            learning_rate=self.learning_rate,
+            total_steps=total_steps,
+            warmup_steps=int(round(self.warmup_ratio * total_steps)),
+            schedule=self.lr_schedule,
+            weight_decay=self.weight_decay,
+            max_grad_norm=self.max_grad_norm,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,16 +431,20 @@ def _check_lengths(config) -> None:
 
     data = config.data
     if data.max_prompt_length >= data.max_length:
-        raise ConfigError(f"data.max_prompt_length: {data.max_prompt_length} leaves no room for a completion within "
-                          f"data.max_length {data.max_length}")
+        raise ConfigError(
+            f"data.max_prompt_length: {data.max_prompt_length} leaves no room for a completion within "
+            f"data.max_length {data.max_length}"
+        )
     resolve_buckets(data.length_buckets, data.max_length)
 
 
 def _check_attention(config) -> None:
     """Prefix sharing packs a pair into one row under a dense mask, which TPU splash attention cannot take."""
     if config.data.prefix_sharing and config.model.attention == "splash":
-        raise ConfigError("data.prefix_sharing: a packed pair needs a dense attention mask, which model.attention=splash "
-                          "cannot take; use model.attention=auto, xla or cudnn")
+        raise ConfigError(
+            "data.prefix_sharing: a packed pair needs a dense attention mask, which model.attention=splash "
+            "cannot take; use model.attention=auto, xla or cudnn"
+        )
 
 
 def parse_stage_override(item: str, num_stages: int) -> tuple[int, str, str]:
@@ -411,8 +461,10 @@ def parse_stage_override(item: str, num_stages: int) -> tuple[int, str, str]:
     if field not in STAGE_FIELDS and (field not in _dpo_fields() or field in RUN_WIDE_DPO):
         if field not in FIELD_RULES and field not in _dpo_fields():
             raise ConfigError(f"{where}: " + unknown_field_message(field))
-        raise ConfigError(f"{where}: {field} cannot vary per stage; allowed: dpo.* but {', '.join(RUN_WIDE_DPO)}, and "
-                          f"{', '.join(STAGE_FIELDS)}")
+        raise ConfigError(
+            f"{where}: {field} cannot vary per stage; allowed: dpo.* but {', '.join(RUN_WIDE_DPO)}, and "
+            f"{', '.join(STAGE_FIELDS)}"
+        )
     return stage, field, text.strip()
 
 
@@ -425,12 +477,16 @@ def override_value(current: Any, text: str) -> Any:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text
-    return float(value) if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool) else value
+    return (
+        float(value) if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool) else value
+    )
 
 
 def stage_fields(config, stage: int) -> dict[str, Any]:
     """The fields a stage may set for itself (dpo.*, STAGE_FIELDS): the config's, with that stage's overrides applied."""
-    fields = {name: value for name, value in flat_fields(config).items() if name.startswith("dpo.") or name in STAGE_FIELDS}
+    fields = {
+        name: value for name, value in flat_fields(config).items() if name.startswith("dpo.") or name in STAGE_FIELDS
+    }
     for item in config.sdpo.stage_overrides:
         target, field, text = parse_stage_override(item, config.sdpo.num_stages)
         if target == stage:
@@ -467,7 +523,9 @@ def _stage_settings(config, stage: int, local_files: bool) -> StageSettings:
         dpo = DPOSettings(**{name.split(".", 1)[1]: value for name, value in fields.items() if name.startswith("dpo.")})
     except ConfigError as err:
         raise ConfigError(f"{where}{err}") from None
-    generate = GenerateSettings(**{name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS if name.startswith("generate.")})
+    generate = GenerateSettings(
+        **{name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS if name.startswith("generate.")}
+    )
     others = {name.split(".", 1)[1]: fields[name] for name in STAGE_FIELDS if not name.startswith("generate.")}
     settings = StageSettings(stage=stage, dpo=dpo, generate=generate, **others)
     _check_generated_stage(settings, where, local_files)
@@ -480,14 +538,18 @@ def _check_generated_stage(settings: StageSettings, where: str, local_files: boo
     if settings.stage_data != "generated":
         return
     if not g.scorer:
-        raise ConfigError(f"{where}generate.scorer: sdpo.stage_data=generated needs a scorer (exact_match, "
-                          f"package.module:function or reward_model:HF_DIR)")
+        raise ConfigError(
+            f"{where}generate.scorer: sdpo.stage_data=generated needs a scorer (exact_match, "
+            f"package.module:function or reward_model:HF_DIR)"
+        )
     problem = spec_problem(g.scorer) if local_files else None
     if problem:
         raise ConfigError(f"{where}generate.scorer: {problem}")
     if g.chosen == "best" and g.samples_per_prompt < 2:
-        raise ConfigError(f"{where}generate.samples_per_prompt: chosen=best pairs the best and the worst of at least "
-                          f"2 samples, got {g.samples_per_prompt}")
+        raise ConfigError(
+            f"{where}generate.samples_per_prompt: chosen=best pairs the best and the worst of at least "
+            f"2 samples, got {g.samples_per_prompt}"
+        )
 
 
 def _check_stage_data(config) -> None:
@@ -495,19 +557,25 @@ def _check_stage_data(config) -> None:
     from sdpo_jax.data.load import source_list
 
     sources, stages, sdpo = source_list(config.data.train), config.sdpo.num_stages, config.sdpo
-    per_source = sdpo.partition == "datasets" or (sdpo.partition == "easy_to_hard" and sdpo.difficulty == "source_accuracy")
+    per_source = sdpo.partition == "datasets" or (
+        sdpo.partition == "easy_to_hard" and sdpo.difficulty == "source_accuracy"
+    )
     if per_source and len(sources) != stages:
         rule = "datasets" if sdpo.partition == "datasets" else "easy_to_hard with difficulty source_accuracy"
-        raise ConfigError(f"sdpo.num_stages: {stages} stages, but sdpo.partition={rule} puts one source per stage and "
-                          f"data.train has {len(sources)} source(s)")
+        raise ConfigError(
+            f"sdpo.num_stages: {stages} stages, but sdpo.partition={rule} puts one source per stage and "
+            f"data.train has {len(sources)} source(s)"
+        )
     if sdpo.stage_fractions and len(sdpo.stage_fractions) != stages:
         raise ConfigError(f"sdpo.stage_fractions: {len(sdpo.stage_fractions)} fractions for {stages} stages")
     if config.data.limit and not per_source:
         held_out = config.data.eval_fraction if not config.data.eval else 0.0
         available = int(config.data.limit * len(sources) * (1 - held_out))
         if available < stages:
-            raise ConfigError(f"sdpo.num_stages: {stages} stages but data.limit={config.data.limit} leaves at most "
-                              f"{available} training pairs")
+            raise ConfigError(
+                f"sdpo.num_stages: {stages} stages but data.limit={config.data.limit} leaves at most "
+                f"{available} training pairs"
+            )
 
 
 def _check_mesh(config, device_count: int) -> tuple[int, int, int]:
@@ -521,11 +589,15 @@ def _check_mesh(config, device_count: int) -> tuple[int, int, int]:
     if batch % accum:
         raise ConfigError(f"train.grad_accum: train.batch_size {batch} does not split into {accum} micro-batches")
     if (batch // accum) % replicas:
-        raise ConfigError(f"train.batch_size: {batch} pairs / grad_accum {accum} = {batch // accum} per micro-batch, not a "
-                          f"multiple of the {replicas} devices the batch splits over (dcn_data x data x fsdp)")
+        raise ConfigError(
+            f"train.batch_size: {batch} pairs / grad_accum {accum} = {batch // accum} per micro-batch, not a "
+            f"multiple of the {replicas} devices the batch splits over (dcn_data x data x fsdp)"
+        )
     if config.eval.choices and config.eval.choices_batch_size % replicas:
-        raise ConfigError(f"eval.choices_batch_size: {config.eval.choices_batch_size} questions do not split over the "
-                          f"{replicas} devices (dcn_data x data x fsdp)")
+        raise ConfigError(
+            f"eval.choices_batch_size: {config.eval.choices_batch_size} questions do not split over the "
+            f"{replicas} devices (dcn_data x data x fsdp)"
+        )
     return shape
 
 
@@ -541,8 +613,18 @@ def resume_neutral(name: str) -> bool:
 
 # Fields that do not change what a run computes: where it lives, how often it saves and logs, how
 # it is laid out on devices (snapshots restore onto any mesh), exact memory knobs.
-RESUME_NEUTRAL = frozenset({
-    "output_dir", "data.cache_dir", "data.num_proc", "checkpoint.force_resume", "checkpoint.every_steps",
-    "checkpoint.keep", "checkpoint.keep_stages", "checkpoint.async_save", "train.log_every", "model.remat",
-    "model.logprob_chunk",
-})
+RESUME_NEUTRAL = frozenset(
+    {
+        "output_dir",
+        "data.cache_dir",
+        "data.num_proc",
+        "checkpoint.force_resume",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "checkpoint.keep_stages",
+        "checkpoint.async_save",
+        "train.log_every",
+        "model.remat",
+        "model.logprob_chunk",
+    }
+)

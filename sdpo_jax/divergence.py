@@ -7,10 +7,12 @@ before). `LossWatch.check` reads that record where the loop syncs anyway, at log
 every checkpoint and at the end, so nothing non-finite is ever saved; `observe` looks at a logged
 row. A stage that diverged is never saved: `TrainingDiverged` leaves the last good checkpoint behind.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -61,12 +63,16 @@ class LossWatch:
             self.first_loss = loss
         elif not self.warned and loss - self.first_loss > RISE_FACTOR * max(abs(self.first_loss), RISE_FLOOR):
             self.warned = True
-            self.warn(f"warning: stage {self.stage} step {step}: loss {loss:.4g} is far above its first value "
-                      f"{self.first_loss:.4g}; training may be diverging ({self.advice})")
+            self.warn(
+                f"warning: stage {self.stage} step {step}: loss {loss:.4g} is far above its first value "
+                f"{self.first_loss:.4g}; training may be diverging ({self.advice})"
+            )
 
     def _diverged(self, step: int, loss: float, norm: float) -> None:
-        raise TrainingDiverged(f"stage {self.stage} step {step}: the loss is {loss} and the gradient norm {norm}: "
-                               f"training diverged ({self.advice}); the stage was not saved as finished")
+        raise TrainingDiverged(
+            f"stage {self.stage} step {step}: the loss is {loss} and the gradient norm {norm}: "
+            f"training diverged ({self.advice}); the stage was not saved as finished"
+        )
 
 
 @jax.jit

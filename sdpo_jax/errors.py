@@ -13,6 +13,7 @@ with a type of their own: ConfigError (here), DataError (sdpo_jax.data.errors), 
 (sdpo_jax.checkpoint.gguf_import), MeshError (sdpo_jax.sharding), ScorerError (sdpo_jax.scorers),
 PyPIWeightsError (sdpo_jax.checkpoint.pypi_weights).
 """
+
 from __future__ import annotations
 
 

@@ -6,10 +6,12 @@ metrics computed once, with the whole set as one batch (``pair_set_metrics``): e
 same whatever the batch boundaries and padding, and the batch losses (aot's sort, sft's token mean)
 cover the set.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,14 +37,23 @@ def make_eval_step(model: LlamaForCausalLM, settings: DPOSettings, chunk_size: i
     return eval_step
 
 
-def jit_eval_step(model: LlamaForCausalLM, settings: DPOSettings, mesh: jax.sharding.Mesh, param_shardings: Any,
-                  with_reference_params: bool, chunk_size: int = 128) -> Callable:
+def jit_eval_step(
+    model: LlamaForCausalLM,
+    settings: DPOSettings,
+    mesh: jax.sharding.Mesh,
+    param_shardings: Any,
+    with_reference_params: bool,
+    chunk_size: int = 128,
+) -> Callable:
     """``make_eval_step``'s step jitted for ``mesh``: params (and ``ref_params`` when
     ``with_reference_params``, else None) laid out as ``param_shardings``, the batch split over the
     mesh's batch axes, the values replicated. Build once, reuse."""
     ref_sharding = param_shardings if with_reference_params else None
-    return jax.jit(make_eval_step(model, settings, chunk_size),
-                   in_shardings=(param_shardings, ref_sharding, batch_sharding(mesh)), out_shardings=replicated(mesh))
+    return jax.jit(
+        make_eval_step(model, settings, chunk_size),
+        in_shardings=(param_shardings, ref_sharding, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
 
 
 def pair_set_metrics(per_pair: dict[str, Any], settings: DPOSettings) -> dict[str, jnp.ndarray]:
@@ -51,13 +62,19 @@ def pair_set_metrics(per_pair: dict[str, Any], settings: DPOSettings) -> dict[st
     all their chosen tokens), whatever the batches they were scored in."""
     logps = PairLogps(**{name: jnp.asarray(value) for name, value in per_pair.items()})
     valid = jnp.ones_like(logps.policy_chosen)
-    loss = batch_loss_sum(logps, valid, settings, jnp.maximum(jnp.sum(valid), 1.0),
-                          jnp.maximum(jnp.sum(logps.chosen_tokens), 1.0))
+    loss = batch_loss_sum(
+        logps, valid, settings, jnp.maximum(jnp.sum(valid), 1.0), jnp.maximum(jnp.sum(logps.chosen_tokens), 1.0)
+    )
     return metric_means(metric_sums(logps, valid, settings, loss))
 
 
 def evaluate_pairs(
-    step, params: Any, ref_params: Any, batches: Iterable[dict[str, np.ndarray]], settings: DPOSettings, mesh: jax.sharding.Mesh
+    step,
+    params: Any,
+    ref_params: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    settings: DPOSettings,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
     """TRL-named means over all valid pairs of ``batches`` plus ``num_pairs``, scored by ``step`` (from
     ``jit_eval_step``); each process passes its own rows of every global batch, and every process gets

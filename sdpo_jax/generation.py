@@ -23,10 +23,12 @@ seed, settings, model and parameters) gets the same tokens, whichever mesh the r
 (up to float rounding of the logits where the layout changes the order of a sum). A row stops
 after ``eos_token_id``; the loop stops when every row has.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,8 +41,13 @@ from sdpo_jax.sharding import BATCH_AXES
 _SAMPLING_BLOCK = 128  # tokens per block of the two-level inverse CDF
 
 
-def cache_attention_mask(key_valid: jnp.ndarray, key_positions: jnp.ndarray, first_slot: jnp.ndarray, query_len: int,
-                         sliding_window: int | None) -> jnp.ndarray:
+def cache_attention_mask(
+    key_valid: jnp.ndarray,
+    key_positions: jnp.ndarray,
+    first_slot: jnp.ndarray,
+    query_len: int,
+    sliding_window: int | None,
+) -> jnp.ndarray:
     """Boolean [B, 1, S, T] for queries in slots first_slot..first_slot+S-1 over T cache slots."""
     query_slots = first_slot + jnp.arange(query_len)
     key_slots = jnp.arange(key_valid.shape[1])
@@ -104,7 +111,9 @@ def inverse_cdf(weights: jnp.ndarray, uniform: jnp.ndarray) -> jnp.ndarray:
     block = jnp.minimum(jnp.sum(block_end <= target[:, None], axis=-1), _last_positive(block_mass))
     inside = jnp.take_along_axis(blocked, block[:, None, None], axis=1)[:, 0]
     before = jnp.take_along_axis(block_end - block_mass, block[:, None], axis=1)
-    token = jnp.minimum(jnp.sum(before + jnp.cumsum(inside, axis=-1) <= target[:, None], axis=-1), _last_positive(inside))
+    token = jnp.minimum(
+        jnp.sum(before + jnp.cumsum(inside, axis=-1) <= target[:, None], axis=-1), _last_positive(inside)
+    )
     return (block * _SAMPLING_BLOCK + token).astype(jnp.int32)
 
 
@@ -123,9 +132,18 @@ def next_tokens(logits: jnp.ndarray, key: jax.Array, temperature: float, top_p: 
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id", "temperature", "top_p", "rows"))
-def _decode(model: LlamaForCausalLM, params: Any, prompt: jnp.ndarray, prompt_valid: jnp.ndarray, key: jax.Array,
-            max_new_tokens: int, eos_token_id: int | None, temperature: float, top_p: float,
-            rows: NamedSharding | None) -> jnp.ndarray:
+def _decode(
+    model: LlamaForCausalLM,
+    params: Any,
+    prompt: jnp.ndarray,
+    prompt_valid: jnp.ndarray,
+    key: jax.Array,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    temperature: float,
+    top_p: float,
+    rows: NamedSharding | None,
+) -> jnp.ndarray:
     """New tokens [B, max_new_tokens] (after a row's EOS: EOS repeated) for left-padded prompts;
     new token n is drawn with fold_in(key, n); ``rows`` (or None) splits the batch over a mesh."""
     batch, prompt_len = prompt.shape
@@ -177,8 +195,15 @@ def _decode(model: LlamaForCausalLM, params: Any, prompt: jnp.ndarray, prompt_va
     return out if rows is None else jax.lax.with_sharding_constraint(out, NamedSharding(rows.mesh, PartitionSpec()))
 
 
-def _check(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-           top_p: float, batch_size: int, mesh: Mesh | None) -> None:
+def _check(
+    model: LlamaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    batch_size: int,
+    mesh: Mesh | None,
+) -> None:
     """One-line ValueErrors for arguments `generate` cannot decode."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -191,8 +216,10 @@ def _check(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], max_new_to
     if mesh is not None:
         devices = int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
         if batch_size % devices:
-            raise ValueError(f"generate: batch_size {batch_size} does not split over the mesh's {devices} batch devices "
-                             f"({' x '.join(BATCH_AXES)}); use a multiple of {devices}")
+            raise ValueError(
+                f"generate: batch_size {batch_size} does not split over the mesh's {devices} batch devices "
+                f"({' x '.join(BATCH_AXES)}); use a multiple of {devices}"
+            )
     vocab = model.config.vocab_size
     for i, p in enumerate(prompts):
         if min(p) < 0 or max(p) >= vocab:
@@ -206,14 +233,24 @@ def _left_padded(group: list[list[int]], batch_size: int, pad_multiple: int) -> 
     tokens = np.zeros((batch_size, width), np.int32)
     valid = np.zeros((batch_size, width), bool)
     for r, p in enumerate(group + [group[0]] * (batch_size - len(group))):
-        tokens[r, width - len(p):] = p
-        valid[r, width - len(p):] = True
+        tokens[r, width - len(p) :] = p
+        valid[r, width - len(p) :] = True
     return tokens, valid
 
 
-def generate(model: LlamaForCausalLM, params: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             eos_token_id: int | None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             batch_size: int = 32, pad_multiple: int = 16, mesh: Mesh | None = None) -> list[list[int]]:
+def generate(
+    model: LlamaForCausalLM,
+    params: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    pad_multiple: int = 16,
+    mesh: Mesh | None = None,
+) -> list[list[int]]:
     """The new tokens of each prompt (up to and including EOS), greedy when ``temperature`` is 0,
     else sampled at that temperature from the ``top_p`` nucleus (1.0: the whole vocabulary).
 
@@ -229,14 +266,26 @@ def generate(model: LlamaForCausalLM, params: Any, prompts: Sequence[Sequence[in
     decoder = model.clone(attention_implementation="xla", activation_sharding=rows)
     results: list[list[int]] = []
     for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
-        group = [list(p) for p in prompts[start:start + batch_size]]
+        group = [list(p) for p in prompts[start : start + batch_size]]
         tokens, valid = (jax.device_put(a, rows) for a in _left_padded(group, batch_size, pad_multiple))
         key = jax.random.fold_in(jax.random.key(seed), batch_index)
-        out = np.asarray(_decode(decoder, params, tokens, valid, key, max_new_tokens, eos_token_id, float(temperature),
-                                 float(top_p), rows))
-        for row in out[:len(group)]:
+        out = np.asarray(
+            _decode(
+                decoder,
+                params,
+                tokens,
+                valid,
+                key,
+                max_new_tokens,
+                eos_token_id,
+                float(temperature),
+                float(top_p),
+                rows,
+            )
+        )
+        for row in out[: len(group)]:
             row = row.tolist()
             if eos_token_id is not None and eos_token_id in row:
-                row = row[:row.index(eos_token_id) + 1]
+                row = row[: row.index(eos_token_id) + 1]
             results.append(row)
     return results

@@ -5,11 +5,13 @@ them found (counts, the lengths of every pair, the first bad record). These help
 values from every process, in process order, through JAX's collectives
 (`multihost_utils.process_allgather`). With one process they return the local value alone.
 """
+
 from __future__ import annotations
 
 import io
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,7 @@ def allgather_bytes(blob: bytes) -> list[bytes]:
         return [blob]
     sizes = np.asarray(multihost_utils.process_allgather(np.asarray([len(blob)], np.int32))).reshape(-1)
     padded = np.zeros(int(sizes.max()) or 1, np.uint8)
-    padded[:len(blob)] = np.frombuffer(blob, np.uint8)
+    padded[: len(blob)] = np.frombuffer(blob, np.uint8)
     gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [gathered[p, :size].tobytes() for p, size in enumerate(sizes)]
 

@@ -15,6 +15,7 @@ mark), and all threads share one arena (more lock contention for small allocatio
 and large). Call it before the first JAX computation: the arena limit applies to threads that have
 not allocated yet, and JAX starts its CPU worker threads with the backend.
 """
+
 from __future__ import annotations
 
 import ctypes

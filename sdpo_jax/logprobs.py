@@ -26,6 +26,7 @@ log sum_v p_v^2 of each predicted distribution (no gradient; WPO's weights), com
 chunks from the same logits; ``ld_token_weights`` gives LD-DPO's weight of each completion token.
 Neither costs anything when unused.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -46,7 +47,11 @@ class TokenLogps(NamedTuple):
 
 
 def token_logps(
-    hidden: jnp.ndarray, output_embedding: jnp.ndarray, targets: jnp.ndarray, chunk_size: int, needed: jnp.ndarray | None = None
+    hidden: jnp.ndarray,
+    output_embedding: jnp.ndarray,
+    targets: jnp.ndarray,
+    chunk_size: int,
+    needed: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
     """log softmax(hidden @ output_embedding)[targets], float32 [rows, seq], chunked over seq.
 
@@ -99,7 +104,11 @@ def _chunked_head(hidden, output_embedding, targets, chunk_size, needed, with_su
 
 
 def completion_token_logps(
-    hidden: jnp.ndarray, output_embedding: jnp.ndarray, input_ids: jnp.ndarray, loss_mask: jnp.ndarray, chunk_size: int,
+    hidden: jnp.ndarray,
+    output_embedding: jnp.ndarray,
+    input_ids: jnp.ndarray,
+    loss_mask: jnp.ndarray,
+    chunk_size: int,
     with_sum_sq: bool = False,
 ) -> TokenLogps:
     """Per-token completion log-probs [rows, seq-1] of right-shifted rows (position i predicts i+1).
@@ -123,8 +132,13 @@ def sequence_logps(
 
 
 def gathered_token_logps(
-    hidden: jnp.ndarray, output_embedding: jnp.ndarray, index: jnp.ndarray, labels: jnp.ndarray, label_mask: jnp.ndarray,
-    chunk_size: int, with_sum_sq: bool = False,
+    hidden: jnp.ndarray,
+    output_embedding: jnp.ndarray,
+    index: jnp.ndarray,
+    labels: jnp.ndarray,
+    label_mask: jnp.ndarray,
+    chunk_size: int,
+    with_sum_sq: bool = False,
 ) -> TokenLogps:
     """label_mask[r, k] * log softmax(hidden[r, index[r, k]] W)[labels[r, k]], float32 [rows, K].
 
@@ -134,7 +148,9 @@ def gathered_token_logps(
     picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
     logps, sum_sq = _chunked_head(picked, output_embedding, labels, chunk_size, label_mask, with_sum_sq)
     mask = label_mask.astype(jnp.float32)
-    return TokenLogps(jnp.where(label_mask, logps, 0.0), mask, None if sum_sq is None else jnp.where(label_mask, sum_sq, 0.0))
+    return TokenLogps(
+        jnp.where(label_mask, logps, 0.0), mask, None if sum_sq is None else jnp.where(label_mask, sum_sq, 0.0)
+    )
 
 
 def ld_token_weights(mask: jnp.ndarray, shared_length: jnp.ndarray, alpha: float) -> jnp.ndarray:

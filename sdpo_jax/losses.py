@@ -44,19 +44,36 @@ Metrics (TRL's names, means over pairs): rewards/chosen = beta u_w, rewards/reje
 rewards/accuracies = [u_w > u_l], rewards/margins = beta (u_w - u_l), logps/chosen = log pi(y_w|x),
 logps/rejected = log pi(y_l|x) (LD-weighted with ld_alpha, as TRL's), plus loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from sdpo_jax.errors import ConfigError
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
-              "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only these are built on s_w - s_l, where f-DPO's log Z(x) cancels (TRL refuses the others).
 F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
@@ -177,14 +194,20 @@ def _check_combinations(s: DPOSettings) -> None:
     if "exo_pair" in names and not s.label_smoothing:
         raise ConfigError("dpo.label_smoothing must be positive with exo_pair (EXO's epsilon; the paper uses 1e-3)")
     if s.f_divergence_type != "reverse_kl" and not names <= set(F_DIVERGENCE_LOSSES):
-        raise ConfigError(f"dpo.f_divergence_type {s.f_divergence_type!r} applies only to {F_DIVERGENCE_LOSSES}, "
-                         f"not {tuple(sorted(names - set(F_DIVERGENCE_LOSSES)))}")
+        raise ConfigError(
+            f"dpo.f_divergence_type {s.f_divergence_type!r} applies only to {F_DIVERGENCE_LOSSES}, "
+            f"not {tuple(sorted(names - set(F_DIVERGENCE_LOSSES)))}"
+        )
     if s.f_alpha_divergence_coef != 0.5 and s.f_divergence_type != "alpha_divergence":
-        raise ConfigError(f"dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
-                         f"not {s.f_divergence_type!r}")
+        raise ConfigError(
+            f"dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
+            f"not {s.f_divergence_type!r}"
+        )
     if s.use_weighting and names & {*SORTED_LOSSES, "sft"}:
-        raise ConfigError(f"dpo.use_weighting does not apply to {(*SORTED_LOSSES, 'sft')}: aot and aot_unpaired sort, so no "
-                         f"weight belongs to a pair, and TRL 1.16 fails on sft with it")
+        raise ConfigError(
+            f"dpo.use_weighting does not apply to {(*SORTED_LOSSES, 'sft')}: aot and aot_unpaired sort, so no "
+            f"weight belongs to a pair, and TRL 1.16 fails on sft with it"
+        )
     if s.discopop_tau != 0.05 and "discopop" not in names:
         raise ConfigError(f"dpo.discopop_tau applies only to loss_type 'discopop', not {s.loss_type}")
 
@@ -243,8 +266,14 @@ def f_divergence_score(log_ratio: jnp.ndarray, settings: DPOSettings) -> jnp.nda
 
 def _pair_terms(logps: PairLogps, settings: DPOSettings) -> _Pair:
     chosen, rejected = _log_ratios(logps, settings)
-    return _Pair(chosen, rejected, f_divergence_score(chosen, settings), f_divergence_score(rejected, settings),
-                 jnp.maximum(logps.chosen_tokens, 1.0), jnp.maximum(logps.rejected_tokens, 1.0))
+    return _Pair(
+        chosen,
+        rejected,
+        f_divergence_score(chosen, settings),
+        f_divergence_score(rejected, settings),
+        jnp.maximum(logps.chosen_tokens, 1.0),
+        jnp.maximum(logps.rejected_tokens, 1.0),
+    )
 
 
 def _smoothed_logistic(t: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -275,8 +304,9 @@ def _ipo(p: _Pair, s: DPOSettings) -> jnp.ndarray:
 def _exo_pair(p: _Pair, s: DPOSettings) -> jnp.ndarray:
     """KL(Bernoulli(sig(z)) || Bernoulli(1 - eps))."""
     z, eps = _z(p, s), s.label_smoothing
-    return (jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps))
-            + jax.nn.sigmoid(-z) * (jax.nn.log_sigmoid(-z) - math.log(eps)))
+    return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+        jax.nn.log_sigmoid(-z) - math.log(eps)
+    )
 
 
 def _nca_pair(p: _Pair, s: DPOSettings) -> jnp.ndarray:
@@ -309,8 +339,9 @@ def _discopop(p: _Pair, s: DPOSettings) -> jnp.ndarray:
     """sig(-z/tau) (-log sig(z)) + sig(z/tau) e^-z, the second term as exp(log sig(z/tau) - z) so that
     it stays finite for very negative z."""
     z = _z(p, s)
-    return (jax.nn.sigmoid(-z / s.discopop_tau) * -jax.nn.log_sigmoid(z)
-            + jnp.exp(jax.nn.log_sigmoid(z / s.discopop_tau) - z))
+    return jax.nn.sigmoid(-z / s.discopop_tau) * -jax.nn.log_sigmoid(z) + jnp.exp(
+        jax.nn.log_sigmoid(z / s.discopop_tau) - z
+    )
 
 
 def _sigmoid_norm(p: _Pair, s: DPOSettings) -> jnp.ndarray:
@@ -318,9 +349,18 @@ def _sigmoid_norm(p: _Pair, s: DPOSettings) -> jnp.ndarray:
 
 
 _PAIR_LOSSES: dict[str, Callable[[_Pair, DPOSettings], jnp.ndarray]] = {
-    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "exo_pair": _exo_pair, "nca_pair": _nca_pair, "robust": _robust,
-    "bco_pair": _bco_pair, "sppo_hard": _sppo_hard, "apo_zero": _apo_zero, "apo_down": _apo_down,
-    "discopop": _discopop, "sigmoid_norm": _sigmoid_norm,
+    "sigmoid": _sigmoid,
+    "hinge": _hinge,
+    "ipo": _ipo,
+    "exo_pair": _exo_pair,
+    "nca_pair": _nca_pair,
+    "robust": _robust,
+    "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard,
+    "apo_zero": _apo_zero,
+    "apo_down": _apo_down,
+    "discopop": _discopop,
+    "sigmoid_norm": _sigmoid_norm,
 }
 
 
@@ -396,7 +436,9 @@ def _chosen_nll_weight(settings: DPOSettings) -> float:
     return settings.rpo_alpha + sum(w for name, w in zip(settings.loss_type, settings.loss_weights) if name == "sft")
 
 
-def metric_sums(logps: PairLogps, weights: jnp.ndarray, settings: DPOSettings, loss: jnp.ndarray) -> dict[str, jnp.ndarray]:
+def metric_sums(
+    logps: PairLogps, weights: jnp.ndarray, settings: DPOSettings, loss: jnp.ndarray
+) -> dict[str, jnp.ndarray]:
     """Per-pair metrics summed over the pairs with ``weights`` [pairs] (1 real, 0 padding), their count
     ``num_pairs``, and ``loss``: this batch's share of the loss (``batch_loss_sum``), without gradient."""
     sums = {name: jnp.sum(weights * value) for name, value in per_pair_metrics(logps, settings).items()}

@@ -33,6 +33,7 @@ model.logprob_chunk, b the compute dtype's bytes):
         n/t (b + 4) for n weights when fsdp > 1, n/t b (the compute-dtype copy) otherwise.
 XLA's own figure for the compiled step (``compiled_memory``) is the check on this estimate.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,13 +102,19 @@ class Workload:
     fsdp: int
 
     @classmethod
-    def from_config(cls, config: Any, mesh_shape: dict, platform: str) -> "Workload":
+    def from_config(cls, config: Any, mesh_shape: dict, platform: str) -> Workload:
         replicas = mesh_shape["data"] * mesh_shape["fsdp"]
         pairs = config.train.batch_size // config.train.grad_accum
-        return cls(rows=max(1, 2 * pairs // replicas), seq_len=longest_batch(config),
-                   compute_bytes=COMPUTE_BYTES[config.model.dtype], remat=config.model.remat,
-                   attention=attention_path(config.model.attention, platform, config.model.dtype),
-                   logprob_chunk=config.model.logprob_chunk, tensor=mesh_shape["tensor"], fsdp=mesh_shape["fsdp"])
+        return cls(
+            rows=max(1, 2 * pairs // replicas),
+            seq_len=longest_batch(config),
+            compute_bytes=COMPUTE_BYTES[config.model.dtype],
+            remat=config.model.remat,
+            attention=attention_path(config.model.attention, platform, config.model.dtype),
+            logprob_chunk=config.model.logprob_chunk,
+            tensor=mesh_shape["tensor"],
+            fsdp=mesh_shape["fsdp"],
+        )
 
 
 def activation_items(m: ModelConfig, w: Workload) -> list[tuple[str, int, str]]:
@@ -119,9 +126,11 @@ def activation_items(m: ModelConfig, w: Workload) -> list[tuple[str, int, str]]:
     fused = w.attention in ("cudnn", "splash")
     attention = R * (H // t) * S * 4 if fused else R * (H // t) * S * S * (4 + b)
     every = R * S * (b * (4 * d + (2 * q + 2 * k + f) // t) + 4 * (2 * d + 2 * f // t)) + attention
-    saved = {"full": R * S * d * b,
-             "dots": R * S * (d * b + 4 * ((q + 2 * k) // t + 2 * f // t + 2 * d)),
-             "none": every}[w.remat]
+    saved = {
+        "full": R * S * d * b,
+        "dots": R * S * (d * b + 4 * ((q + 2 * k) // t + 2 * f // t + 2 * d)),
+        "none": every,
+    }[w.remat]
     layer_weights = d * (2 * q + 2 * k) + 3 * d * f
     gathered_bytes = (b + 4) if w.fsdp > 1 else b
     gathered = max(layer_weights, d * V) // t * gathered_bytes
@@ -130,7 +139,11 @@ def activation_items(m: ModelConfig, w: Workload) -> list[tuple[str, int, str]]:
         ("one layer recomputed + its backward", 2 * every, f"{w.attention} attention, {R} rows x {S} tokens"),
         ("chunked log-probs", 3 * R * c * (V // t) * 4, f"3 x {R} rows x {c} positions x {V // t} vocab x 4 B"),
         ("final hidden states + cotangent", R * S * d * (b + 4), f"{R} x {S} x {d} x {b + 4} B"),
-        ("gathered weights (one layer or the head)", gathered, f"{max(layer_weights, d * V) // t} weights x {gathered_bytes} B"),
+        (
+            "gathered weights (one layer or the head)",
+            gathered,
+            f"{max(layer_weights, d * V) // t} weights x {gathered_bytes} B",
+        ),
     ]
     if w.attention != "splash":
         items.append(("attention mask", R * S * S, f"{R} x {S} x {S} booleans"))
@@ -160,7 +173,9 @@ class MemoryBudget:
         lines += [f"{name:<{width}}{size / GIB:>11.2f}  {how}" for name, size, how in self.items]
         lines.append(f"{'total (estimate)':<{width}}{self.total / GIB:>11.2f}")
         if device_bytes:
-            lines.append(f"{'device memory':<{width}}{device_bytes / GIB:>11.2f}  {100 * self.total / device_bytes:.0f}% used")
+            lines.append(
+                f"{'device memory':<{width}}{device_bytes / GIB:>11.2f}  {100 * self.total / device_bytes:.0f}% used"
+            )
         return "\n".join(lines)
 
 
@@ -168,8 +183,9 @@ def _gib(size: int) -> str:
     return f"{size / GIB:.3f} GiB"
 
 
-def estimate(model: ModelConfig, config: Any, mesh_shape: dict, abstract_state: Any, state_shardings: Any,
-             platform: str) -> MemoryBudget:
+def estimate(
+    model: ModelConfig, config: Any, mesh_shape: dict, abstract_state: Any, state_shardings: Any, platform: str
+) -> MemoryBudget:
     """The per-device budget of the config's train step on a mesh of ``mesh_shape``."""
     params = shard_bytes(abstract_state.params, state_shardings.params)
     accumulating = config.train.grad_accum > 1

@@ -15,6 +15,7 @@ none summed within one operand or broadcast into the output), which holds for th
 projections ("bsd,dhk->bshk", "bsf,fd->bsd", ...), the attention products
 ("bktgd,bksd->bktgs", ...) and the output layer ("rcd,dv->rcv").
 """
+
 from __future__ import annotations
 
 import functools

@@ -11,6 +11,7 @@ The schedule's numbers (lr, floor, W, T) are not compiled into the train step: t
 whatever its step count or learning rate, runs the same compiled step; what is compiled in is
 `OptimizerSettings.compiled()` (the schedule's shape, Adam's b1/b2/eps, weight decay, clipping).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,9 @@ class OptimizerSettings:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.lr_schedule {self.schedule!r} is not one of {SCHEDULES}")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), total >= 1")
+            raise ValueError(
+                f"need 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps}), total >= 1"
+            )
 
     def compiled(self) -> tuple:
         """The settings a compiled train step depends on (the schedule's numbers are state)."""
@@ -49,8 +52,12 @@ class OptimizerSettings:
 
     def schedule_numbers(self) -> dict[str, float]:
         """The schedule's numbers, as `optax.inject_hyperparams` keeps them in the optimizer state."""
-        return {"peak": self.learning_rate, "floor": self.min_lr_ratio * self.learning_rate,
-                "warmup_steps": float(self.warmup_steps), "total_steps": float(self.total_steps)}
+        return {
+            "peak": self.learning_rate,
+            "floor": self.min_lr_ratio * self.learning_rate,
+            "warmup_steps": float(self.warmup_steps),
+            "total_steps": float(self.total_steps),
+        }
 
 
 def scheduled_lr(step, shape: str, peak, floor, warmup_steps, total_steps):
@@ -76,8 +83,9 @@ def make_optimizer(s: OptimizerSettings) -> optax.GradientTransformation:
     """Clipping then AdamW on the schedule of ``s``, whose numbers start as the optimizer state's."""
 
     def scheduled_adamw(peak, floor, warmup_steps, total_steps):
-        schedule = functools.partial(scheduled_lr, shape=s.schedule, peak=peak, floor=floor,
-                                     warmup_steps=warmup_steps, total_steps=total_steps)
+        schedule = functools.partial(
+            scheduled_lr, shape=s.schedule, peak=peak, floor=floor, warmup_steps=warmup_steps, total_steps=total_steps
+        )
         return optax.adamw(schedule, b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay, mask=weight_decay_mask)
 
     adamw = optax.inject_hyperparams(scheduled_adamw, hyperparam_dtype=jnp.float32)(**s.schedule_numbers())

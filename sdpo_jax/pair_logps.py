@@ -19,6 +19,7 @@ computed once. Both carry optionally ``valid`` [B] (0 for padding pairs) and, wh
 log-probs were precomputed (sdpo_jax.reference), ``ref_chosen_logps``/``ref_rejected_logps`` [B].
 The functions dispatch on the batch's keys.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,9 @@ from sdpo_jax.models.llama import LlamaForCausalLM, output_embedding
 from sdpo_jax.prefix_sharing import is_packed, packed_attention_mask
 
 
-def pair_logps(model: LlamaForCausalLM, params: Any, ref_params: Any, batch: dict, chunk_size: int,
-               settings: DPOSettings) -> PairLogps:
+def pair_logps(
+    model: LlamaForCausalLM, params: Any, ref_params: Any, batch: dict, chunk_size: int, settings: DPOSettings
+) -> PairLogps:
     """The loss's inputs for every pair of ``batch``: the policy's fields from ``params`` (module
     docstring), the reference's from ``ref_params`` (None: precomputed in the batch).
     ``chunk_size`` is the output layer's chunk (sdpo_jax.logprobs); ``settings`` supplies ld_alpha
@@ -43,14 +45,16 @@ def pair_logps(model: LlamaForCausalLM, params: Any, ref_params: Any, batch: dic
     return PairLogps(reference_chosen=ref_chosen, reference_rejected=ref_rejected, **stats)
 
 
-def reference_sequence_logps(model: LlamaForCausalLM, ref_params: Any, batch: dict, chunk_size: int,
-                             ld_alpha: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+def reference_sequence_logps(
+    model: LlamaForCausalLM, ref_params: Any, batch: dict, chunk_size: int, ld_alpha: float = 1.0
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """(log pi_ref(y_w|x), log pi_ref(y_l|x)) [B]: precomputed in the batch (with the same ``ld_alpha``)
     when ``ref_params`` is None, else one forward of the reference, without gradient."""
     if ref_params is None:
         return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    stats = policy_completion_stats(model, jax.lax.stop_gradient(ref_params), batch, chunk_size, ld_alpha,
-                                    with_weight=False)
+    stats = policy_completion_stats(
+        model, jax.lax.stop_gradient(ref_params), batch, chunk_size, ld_alpha, with_weight=False
+    )
     return stats["policy_chosen"], stats["policy_rejected"]
 
 
@@ -61,8 +65,9 @@ def completion_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_si
     return stats["policy_chosen"], stats["policy_rejected"], stats["chosen_tokens"], stats["rejected_tokens"]
 
 
-def policy_completion_stats(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, ld_alpha: float,
-                            with_weight: bool) -> dict[str, jnp.ndarray]:
+def policy_completion_stats(
+    model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, ld_alpha: float, with_weight: bool
+) -> dict[str, jnp.ndarray]:
     """The policy's fields of PairLogps [B] under ``params``: sequence log-probs (LD-weighted when
     ``ld_alpha`` != 1, then also ``policy_chosen_plain``), token counts and, ``with_weight``, WPO's
     ``log_weight`` (no gradient)."""
@@ -80,7 +85,9 @@ def policy_completion_stats(model: LlamaForCausalLM, params: Any, batch: dict, c
     if with_weight:
         # WPO: log w = sum over both sides of the mean over the side's tokens of log p_t - log sum_v p_v^2.
         aligned = _side_sums(jax.lax.stop_gradient(tokens.logps - tokens.sum_sq), packed)
-        stats["log_weight"] = aligned[0] / jnp.maximum(chosen_tokens, 1.0) + aligned[1] / jnp.maximum(rejected_tokens, 1.0)
+        stats["log_weight"] = aligned[0] / jnp.maximum(chosen_tokens, 1.0) + aligned[1] / jnp.maximum(
+            rejected_tokens, 1.0
+        )
     return stats
 
 
@@ -98,23 +105,40 @@ def _token_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: 
     return _plain_token_logps(model, params, batch, chunk_size, with_sum_sq)
 
 
-def _packed_token_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, with_sum_sq: bool) -> TokenLogps:
+def _packed_token_logps(
+    model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, with_sum_sq: bool
+) -> TokenLogps:
     """One forward of B prefix-shared rows; the output layer only at the 2K gathered positions."""
     mask = packed_attention_mask(batch["segment_ids"], batch["positions"], model.config.sliding_window)
-    hidden = model.apply({"params": params}, batch["input_ids"], positions=batch["positions"], mask=mask, return_hidden=True)
-    both = {name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=1)
-            for name in ("index", "labels", "label_mask")}
-    return gathered_token_logps(hidden, output_embedding(params, model.config), both["index"], both["labels"],
-                                both["label_mask"], chunk_size, with_sum_sq)
+    hidden = model.apply(
+        {"params": params}, batch["input_ids"], positions=batch["positions"], mask=mask, return_hidden=True
+    )
+    both = {
+        name: jnp.concatenate([batch[f"chosen_{name}"], batch[f"rejected_{name}"]], axis=1)
+        for name in ("index", "labels", "label_mask")
+    }
+    return gathered_token_logps(
+        hidden,
+        output_embedding(params, model.config),
+        both["index"],
+        both["labels"],
+        both["label_mask"],
+        chunk_size,
+        with_sum_sq,
+    )
 
 
-def _plain_token_logps(model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, with_sum_sq: bool) -> TokenLogps:
+def _plain_token_logps(
+    model: LlamaForCausalLM, params: Any, batch: dict, chunk_size: int, with_sum_sq: bool
+) -> TokenLogps:
     """One forward of 2B rows (chosen rows, then rejected rows)."""
     ids = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
     attention = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
     loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
     hidden = model.apply({"params": params}, ids, attention_mask=attention, return_hidden=True)
-    return completion_token_logps(hidden, output_embedding(params, model.config), ids, loss_mask, chunk_size, with_sum_sq)
+    return completion_token_logps(
+        hidden, output_embedding(params, model.config), ids, loss_mask, chunk_size, with_sum_sq
+    )
 
 
 def _side_sums(values: jnp.ndarray, packed: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -134,6 +158,7 @@ def _ld_weights(mask: jnp.ndarray, packed: bool, alpha: float) -> jnp.ndarray:
     shared = jnp.minimum(chosen_tokens, rejected_tokens)
     if packed:
         width = mask.shape[1] // 2
-        return jnp.concatenate([ld_token_weights(mask[:, :width], shared, alpha),
-                                ld_token_weights(mask[:, width:], shared, alpha)], axis=1)
+        return jnp.concatenate(
+            [ld_token_weights(mask[:, :width], shared, alpha), ld_token_weights(mask[:, width:], shared, alpha)], axis=1
+        )
     return ld_token_weights(mask, jnp.concatenate([shared, shared]), alpha)

@@ -18,6 +18,7 @@ Strategies (``sdpo.partition``):
         (pairs the model learns fastest are the easy ones); the caller passes m as ``gamma``.
 Every pair lands in exactly one chunk; chunks keep the pairs' original order.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,8 +48,10 @@ def chunk_sizes(total: int, num_stages: int, fractions=()) -> list[int]:
     bounds = np.round(np.cumsum(weights) / weights.sum() * total).astype(int)
     sizes = np.diff(np.concatenate([[0], bounds])).tolist()
     if min(sizes) < 1:
-        raise ConfigError(f"sdpo.num_stages: {total} pairs cannot fill {num_stages} stages with fractions "
-                          f"{tuple(fractions) or 'equal'}")
+        raise ConfigError(
+            f"sdpo.num_stages: {total} pairs cannot fill {num_stages} stages with fractions "
+            f"{tuple(fractions) or 'equal'}"
+        )
     return sizes
 
 

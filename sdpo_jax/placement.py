@@ -5,10 +5,12 @@ The train state's shardings come from the parameters' logical axes: the optimize
 follow the parameters they belong to, scalars are replicated. The jitted steps that consume them
 live with their pure forms (sdpo_jax.train_step, sdpo_jax.evaluation, sdpo_jax.reference).
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,10 +68,11 @@ def whole_batch_on_mesh(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, j
     return global_batch({name: value[mine] for name, value in batch.items()}, mesh)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rows_into_place(sharding: NamedSharding) -> Callable:
-    return jax.jit(lambda staged, rows: jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), staged),
-                   out_shardings=sharding)
+    return jax.jit(
+        lambda staged, rows: jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), staged), out_shardings=sharding
+    )
 
 
 def host_rows(array: jax.Array) -> np.ndarray:

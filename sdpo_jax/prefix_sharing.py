@@ -27,6 +27,7 @@ no logits at prompt or padding positions at all.
 Attention with a custom mask runs on the 'xla' (or 'cudnn') path; TPU splash attention takes
 only the default causal/padding mask, so 'auto' falls back to 'xla' for packed batches.
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp

@@ -4,10 +4,12 @@
 run's own periodic lines instead), 'always' or 'never'. Console lines written through `say`
 keep an active bar at the bottom of the terminal instead of breaking it.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm.auto import tqdm
 
@@ -21,7 +23,9 @@ def bars_enabled(mode: str, is_main: bool) -> bool:
     return is_main and (mode == "always" or (mode == "auto" and sys.stderr.isatty()))
 
 
-def progress(items: Iterable[T], total: int | None, description: str, enabled: bool, unit: str = "batch") -> Iterator[T]:
+def progress(
+    items: Iterable[T], total: int | None, description: str, enabled: bool, unit: str = "batch"
+) -> Iterator[T]:
     """``items`` unchanged, with a bar ``description: n/total [elapsed<eta, rate]`` when enabled."""
     if not enabled:
         yield from items

@@ -8,9 +8,11 @@ One forward pass of the frozen reference over every pair of the chunk gives
 log pi_ref(y_w|x) and log pi_ref(y_l|x) per pair; training batches then carry them
 (``ref_chosen_logps``/``ref_rejected_logps``) and the reference params can leave the device.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,12 +33,16 @@ def make_reference_step(model: LlamaForCausalLM, chunk_size: int = 128, ld_alpha
     return reference_step
 
 
-def jit_reference_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128,
-                       ld_alpha: float = 1.0) -> Callable:
+def jit_reference_step(
+    model: LlamaForCausalLM, mesh: jax.sharding.Mesh, param_shardings: Any, chunk_size: int = 128, ld_alpha: float = 1.0
+) -> Callable:
     """``make_reference_step``'s step jitted for ``mesh``: ``ref_params`` laid out as ``param_shardings``,
     the batch split over the mesh's batch axes, the log-probs replicated. Build once, reuse."""
-    return jax.jit(make_reference_step(model, chunk_size, ld_alpha), in_shardings=(param_shardings, batch_sharding(mesh)),
-                   out_shardings=replicated(mesh))
+    return jax.jit(
+        make_reference_step(model, chunk_size, ld_alpha),
+        in_shardings=(param_shardings, batch_sharding(mesh)),
+        out_shardings=replicated(mesh),
+    )
 
 
 def precompute_reference_logps(
@@ -58,7 +64,9 @@ def precompute_reference_logps(
         rejected[pair_index[rows]] = ref_rejected[rows]
     missing = np.flatnonzero(np.isnan(chosen) | np.isnan(rejected))
     if missing.size:
-        raise ValueError(f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover the chunk")
+        raise ValueError(
+            f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover the chunk"
+        )
     return chosen, rejected
 
 
@@ -66,8 +74,11 @@ def attach_reference(batch: dict[str, np.ndarray], chosen: np.ndarray, rejected:
     """The batch plus its pairs' precomputed reference log-probs (0 on padding rows)."""
     index = np.where(batch["valid"].astype(bool), batch["pair_index"], 0)
     valid = batch["valid"].astype(bool)
-    return {**batch, "ref_chosen_logps": np.where(valid, chosen[index], 0.0).astype(np.float32),
-            "ref_rejected_logps": np.where(valid, rejected[index], 0.0).astype(np.float32)}
+    return {
+        **batch,
+        "ref_chosen_logps": np.where(valid, chosen[index], 0.0).astype(np.float32),
+        "ref_rejected_logps": np.where(valid, rejected[index], 0.0).astype(np.float32),
+    }
 
 
 @jax.jit

@@ -14,6 +14,7 @@ partition.json; only config.json is required) and writes
 A plot without data (no logged steps, no held-out set, no finished stage) is skipped and the
 report says so. Plots are drawn on matplotlib's Agg canvas directly (no pyplot, no global backend).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,12 @@ from sdpo_jax.errors import ConfigError
 from sdpo_jax.run_log import read_json, read_json_lines
 
 DPI = 120
-PLOT_NAMES = {"train": "train_curves.png", "eval": "eval_accuracy.png", "gamma": "ref_logratio.png", "reward": "reward.png"}
+PLOT_NAMES = {
+    "train": "train_curves.png",
+    "eval": "eval_accuracy.png",
+    "gamma": "ref_logratio.png",
+    "reward": "reward.png",
+}
 _EXTENSIONS = (".gz", ".jsonl", ".json", ".parquet")
 
 
@@ -39,10 +45,10 @@ class RunData:
 
     output_dir: Path
     config: dict
-    stages: list[dict]                 # stage_report.json entries of finished stages
-    partition: dict                    # partition.json
+    stages: list[dict]  # stage_report.json entries of finished stages
+    partition: dict  # partition.json
     train_rows: dict[int, list[dict]]  # stage -> train rows sorted by step
-    evals: dict[int, dict]             # t -> held-out metrics of M_t (M_0 = SFT)
+    evals: dict[int, dict]  # t -> held-out metrics of M_t (M_0 = SFT)
 
     @property
     def num_stages(self) -> int:
@@ -96,8 +102,14 @@ def load_run(output_dir: str | Path) -> RunData:
         raise FileNotFoundError(f"{out}: no config.json; is this an sdpo-train output_dir?")
     stages = sorted(read_json(out / "stage_report.json", {"stages": []})["stages"], key=lambda e: e["stage"])
     rows = read_metrics(out / "metrics.jsonl")
-    return RunData(out, read_json(out / "config.json", {}), stages, read_json(out / "partition.json", {}),
-                   train_rows_by_stage(rows), model_evals(stages, rows))
+    return RunData(
+        out,
+        read_json(out / "config.json", {}),
+        stages,
+        read_json(out / "partition.json", {}),
+        train_rows_by_stage(rows),
+        model_evals(stages, rows),
+    )
 
 
 def short_source(name: str) -> str:
@@ -166,8 +178,15 @@ def plot_train_curves(run: RunData, path: Path) -> Path:
         for ax, key in ((loss_ax, "loss"), (margin_ax, "rewards/margins")):
             y = np.array([r[key] for r in rows])
             smooth = _smoothed(y)
-            ax.plot(x, y, color=color, lw=1, alpha=0.45 if smooth is not None else 1,
-                    marker="o" if len(x) <= 40 else None, ms=3)
+            ax.plot(
+                x,
+                y,
+                color=color,
+                lw=1,
+                alpha=0.45 if smooth is not None else 1,
+                marker="o" if len(x) <= 40 else None,
+                ms=3,
+            )
             if smooth is not None:
                 ax.plot(x, smooth, color=color, lw=2)
             if stage in unfinished:
@@ -176,10 +195,24 @@ def plot_train_curves(run: RunData, path: Path) -> Path:
                 ax.axvline(offset + 0.5, color="0.4", ls="--", lw=1)
         label = f"stage {stage}" + (" (in progress)" if stage in unfinished else "")
         width = max(12, int(110 * length / max(total, 1)))
-        text = "\n".join(textwrap.wrap(f"{label}: {source_label(sources.get(stage, []))}", width,
-                                        break_long_words=False, break_on_hyphens=False)[:3])
-        loss_ax.text(offset + length / 2, 1.02, text, transform=loss_ax.get_xaxis_transform(), ha="center",
-                     va="bottom", fontsize=8, color=color)
+        text = "\n".join(
+            textwrap.wrap(
+                f"{label}: {source_label(sources.get(stage, []))}",
+                width,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )[:3]
+        )
+        loss_ax.text(
+            offset + length / 2,
+            1.02,
+            text,
+            transform=loss_ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color=color,
+        )
         offset += length
     loss_ax.set_ylabel("DPO loss (batch)")
     margin_ax.set_ylabel("reward margin (batch)")
@@ -197,8 +230,15 @@ def plot_train_curves(run: RunData, path: Path) -> Path:
 def _annotate(ax, x, values, fmt: str) -> None:
     """Each value printed next to its point: above it, or below it when negative."""
     for xi, v in zip(x, values):
-        ax.annotate(format(v, fmt), (xi, v), textcoords="offset points", xytext=(0, -6 if v < 0 else 6), ha="center",
-                    va="top" if v < 0 else "bottom", fontsize=8)
+        ax.annotate(
+            format(v, fmt),
+            (xi, v),
+            textcoords="offset points",
+            xytext=(0, -6 if v < 0 else 6),
+            ha="center",
+            va="top" if v < 0 else "bottom",
+            fontsize=8,
+        )
 
 
 def plot_eval(run: RunData, path: Path) -> Path:
@@ -207,8 +247,11 @@ def plot_eval(run: RunData, path: Path) -> Path:
     x = np.arange(len(models))
     labels = [f"M{t}" + ("\n(SFT)" if t == 0 else "") for t in models]
     fig = Figure(figsize=(11, 3.9), layout="constrained")
-    panels = (("rewards/accuracies", "reward accuracy", ".2f"), ("rewards/margins", "reward margin", ".3f"),
-              ("loss", "DPO loss", ".3f"))
+    panels = (
+        ("rewards/accuracies", "reward accuracy", ".2f"),
+        ("rewards/margins", "reward margin", ".3f"),
+        ("loss", "DPO loss", ".3f"),
+    )
     for ax, (key, name, fmt) in zip(fig.subplots(1, 3), panels):
         values = [run.evals[t].get(key, np.nan) for t in models]
         ax.plot(x, values, marker="o", color="C0")
@@ -242,8 +285,15 @@ def plot_ref_logratio(run: RunData, path: Path) -> Path:
     ax.set_ylim(low - pad, high + pad)
     wrap = dict(width=28, break_long_words=False, break_on_hyphens=False)
     references = {e["stage"]: e.get("reference", {}).get("model", f"M{e['stage'] - 1}") for e in run.stages}
-    ax.set_xticks(x, [f"stage {t} (ref {references[t]})\n" + "\n".join(textwrap.wrap(source_label(sources.get(t, [])), **wrap)[:3])
-                      for t in stages], fontsize=8)
+    ax.set_xticks(
+        x,
+        [
+            f"stage {t} (ref {references[t]})\n"
+            + "\n".join(textwrap.wrap(source_label(sources.get(t, [])), **wrap)[:3])
+            for t in stages
+        ],
+        fontsize=8,
+    )
     ax.set_ylabel(r"$\gamma_t$ = mean log $\pi_{ref}(y_w|x)$ - log $\pi_{ref}(y_l|x)$")
     ax.set_title("Reference log-ratio per stage\n(stage t's chunk under its reference $M_{t-1}$)")
     ax.grid(axis="y", alpha=0.3)
@@ -277,11 +327,20 @@ def stage_data_lines(run: RunData) -> list[str]:
     for e in run.stages:
         ref = e.get("reference") or {}
         reference = ref.get("model", f"M{e['stage'] - 1}") + (
-            f", moving (every {ref['sync_steps']} steps, alpha {ref['mixup_alpha']:g})" if ref.get("moved") else ", frozen")
+            f", moving (every {ref['sync_steps']} steps, alpha {ref['mixup_alpha']:g})"
+            if ref.get("moved")
+            else ", frozen"
+        )
         g = e.get("generated")
-        data = (f"M{e['stage'] - 1}'s samples: {g['pairs']} pairs from {g['prompts']} prompts x {g['samples_per_prompt']} "
+        data = (
+            (
+                f"M{e['stage'] - 1}'s samples: {g['pairs']} pairs from {g['prompts']} prompts x {g['samples_per_prompt']} "
                 f"({g['prompts_without_pair']} without a pair), mean best {g['mean_best_score']:.3f} / worst "
-                f"{g['mean_worst_score']:.3f} by {g['scorer']} (chosen = {g['chosen']})") if g else "offline chunk"
+                f"{g['mean_worst_score']:.3f} by {g['scorer']} (chosen = {g['chosen']})"
+            )
+            if g
+            else "offline chunk"
+        )
         rows.append([str(e["stage"]), data, reference])
     return _table(["stage", "pairs", "reference"], rows) if rows else ["No stage has finished yet."]
 
@@ -291,8 +350,10 @@ def reward_lines(run: RunData) -> list[str]:
     rewards = per_model(run.stages, "reward")
     if not rewards:
         return ["No held-out reward prompts in this run (eval.reward_prompts is empty)."]
-    return _table(["model", "mean reward", "prompts"], [[f"M{t}", f"{v['mean']:.4f}", str(v["num_prompts"])]
-                                                         for t, v in rewards.items()])
+    return _table(
+        ["model", "mean reward", "prompts"],
+        [[f"M{t}", f"{v['mean']:.4f}", str(v["num_prompts"])] for t, v in rewards.items()],
+    )
 
 
 def _num(value, spec: str) -> str:
@@ -335,18 +396,24 @@ def config_lines(run: RunData) -> list[str]:
     partition = sdpo.get("partition", "?")
     difficulty = run.partition.get("difficulty") or (sdpo.get("difficulty") if partition == "easy_to_hard" else None)
     loss = _loss_description(dpo)
-    batch = f"{train.get('batch_size', '?')}" + (f" × {train['grad_accum']} accumulation" if train.get("grad_accum", 1) > 1 else "")
+    batch = f"{train.get('batch_size', '?')}" + (
+        f" × {train['grad_accum']} accumulation" if train.get("grad_accum", 1) > 1 else ""
+    )
     steps = train.get("steps_per_stage") or "one epoch of the stage's chunk"
     ran = ", ".join(str(e["steps"]) for e in run.stages)
-    held_out = (", ".join(short_source(s) for s in data.get("eval", [])) or
-                (f"{data['eval_fraction']:g} of the training pairs" if data.get("eval_fraction") else "none"))
+    held_out = ", ".join(short_source(s) for s in data.get("eval", [])) or (
+        f"{data['eval_fraction']:g} of the training pairs" if data.get("eval_fraction") else "none"
+    )
     rows = [
         ["model", f"`{c.get('model', {}).get('path', '?')}`"],
         ["stages (T)", f"{run.num_stages} ({len(run.stages)} finished)"],
         ["partition", partition + (f" (difficulty: {difficulty})" if difficulty else "")],
         ["DPO loss", loss],
-        ["learning rate", f"{train.get('learning_rate', '?')} ({train.get('lr_schedule', '?')} schedule, "
-                          f"warmup ratio {train.get('warmup_ratio', '?')})"],
+        [
+            "learning rate",
+            f"{train.get('learning_rate', '?')} ({train.get('lr_schedule', '?')} schedule, "
+            f"warmup ratio {train.get('warmup_ratio', '?')})",
+        ],
         ["batch size (pairs)", batch],
         ["steps per stage", f"{steps}" + (f" (ran: {ran})" if ran else "")],
         ["training data", ", ".join(short_source(s) for s in data.get("train", []))],
@@ -381,12 +448,20 @@ def stage_lines(run: RunData) -> list[str]:
         header += ["eval loss", "eval accuracy", "eval margin"]
     rows = []
     for e in run.stages:
-        row = [str(e["stage"]), str(e["steps"]), f"{e.get('learning_rate', '–')}", f"{e.get('dpo', {}).get('beta', '–')}",
-               f"{e['ref_logratio_mean']:.3f}"]
+        row = [
+            str(e["stage"]),
+            str(e["steps"]),
+            f"{e.get('learning_rate', '–')}",
+            f"{e.get('dpo', {}).get('beta', '–')}",
+            f"{e['ref_logratio_mean']:.3f}",
+        ]
         if with_eval:
             before, after = e.get("eval_before") or {}, e.get("eval_after") or {}
-            row += [_change(before, after, "loss", ".4f"), _change(before, after, "rewards/accuracies", ".3f"),
-                    _change(before, after, "rewards/margins", ".4f")]
+            row += [
+                _change(before, after, "loss", ".4f"),
+                _change(before, after, "rewards/accuracies", ".3f"),
+                _change(before, after, "rewards/margins", ".4f"),
+            ]
         rows.append(row)
     return _table(header, rows)
 
@@ -409,10 +484,14 @@ def choice_lines(run: RunData) -> list[str]:
         return ["No multiple-choice set in this run (eval.choices is empty)."]
     source = short_source(run.config.get("eval", {}).get("choices", "?"))
     first = next(iter(scores.values()))
-    lines = [f"`{source}`, {first['num_questions']} questions, scored as lm-evaluation-harness does (sum of the answer's "
-             "log-probs; acc_norm divides by the choice's length in characters).", ""]
-    return lines + _table(["model", "acc", "acc_norm"],
-                          [[f"M{t}", f"{v['acc']:.3f}", f"{v['acc_norm']:.3f}"] for t, v in scores.items()])
+    lines = [
+        f"`{source}`, {first['num_questions']} questions, scored as lm-evaluation-harness does (sum of the answer's "
+        "log-probs; acc_norm divides by the choice's length in characters).",
+        "",
+    ]
+    return lines + _table(
+        ["model", "acc", "acc_norm"], [[f"M{t}", f"{v['acc']:.3f}", f"{v['acc_norm']:.3f}"] for t, v in scores.items()]
+    )
 
 
 def generation_lines(run: RunData) -> list[str]:
@@ -453,8 +532,10 @@ def reading_lines(run: RunData) -> list[str]:
     """Plain statements computed from the numbers; nothing that the numbers do not show."""
     lines = []
     if run.unfinished:
-        lines.append(f"The run is partial: {len(run.stages)} of {run.num_stages} stages finished; stage(s) "
-                     f"{', '.join(map(str, run.unfinished))} unfinished.")
+        lines.append(
+            f"The run is partial: {len(run.stages)} of {run.num_stages} stages finished; stage(s) "
+            f"{', '.join(map(str, run.unfinished))} unfinished."
+        )
         for t in run.unfinished:
             if t in run.train_rows:
                 lines.append(f"Stage {t} is in progress: last logged step {run.train_rows[t][-1]['step']}.")
@@ -462,22 +543,30 @@ def reading_lines(run: RunData) -> list[str]:
         first, last = min(run.evals), max(run.evals)
         a, b = run.evals[first], run.evals[last]
         pairs = f" on {a['num_pairs']:g} pairs" if a.get("num_pairs") else ""
-        lines.append(f"Held-out reward accuracy went from {a['rewards/accuracies']:.3f} (M{first}) to "
-                     f"{b['rewards/accuracies']:.3f} (M{last}); the reward margin {_direction(a['rewards/margins'], b['rewards/margins'])} "
-                     f"from {a['rewards/margins']:.4f} to {b['rewards/margins']:.4f} and the DPO loss "
-                     f"{_direction(a['loss'], b['loss'])} from {a['loss']:.4f} to {b['loss']:.4f}"
-                     f"{pairs}, always against the SFT model.")
+        lines.append(
+            f"Held-out reward accuracy went from {a['rewards/accuracies']:.3f} (M{first}) to "
+            f"{b['rewards/accuracies']:.3f} (M{last}); the reward margin {_direction(a['rewards/margins'], b['rewards/margins'])} "
+            f"from {a['rewards/margins']:.4f} to {b['rewards/margins']:.4f} and the DPO loss "
+            f"{_direction(a['loss'], b['loss'])} from {a['loss']:.4f} to {b['loss']:.4f}"
+            f"{pairs}, always against the SFT model."
+        )
         if first == 0 and a["rewards/margins"] == 0 and a["rewards/accuracies"] == 0:
-            lines.append("M0 is scored against itself: every reward is 0, and accuracy counts ties as misses, "
-                         "so its accuracy of 0 is by construction, not a measurement.")
+            lines.append(
+                "M0 is scored against itself: every reward is 0, and accuracy counts ties as misses, "
+                "so its accuracy of 0 is by construction, not a measurement."
+            )
     else:
-        lines.append("No held-out data in this run (no eval sources and eval_fraction 0), so there are no eval "
-                     "numbers and the eval plot is skipped.")
+        lines.append(
+            "No held-out data in this run (no eval sources and eval_fraction 0), so there are no eval "
+            "numbers and the eval plot is skipped."
+        )
     gammas = [e["ref_logratio_mean"] for e in run.stages]
     if len(gammas) >= 2:
-        lines.append(f"γ {_direction(gammas[0], gammas[-1])} from {gammas[0]:.3f} (stage 1) to {gammas[-1]:.3f} "
-                     f"(stage {run.stages[-1]['stage']}){_trend(gammas)}. Each γ_t is measured on stage t's own chunk "
-                     f"under M_(t-1), so it moves with both the reference model and the data.")
+        lines.append(
+            f"γ {_direction(gammas[0], gammas[-1])} from {gammas[0]:.3f} (stage 1) to {gammas[-1]:.3f} "
+            f"(stage {run.stages[-1]['stage']}){_trend(gammas)}. Each γ_t is measured on stage t's own chunk "
+            f"under M_(t-1), so it moves with both the reference model and the data."
+        )
     elif gammas:
         lines.append(f"γ_1 = {gammas[0]:.3f}: the SFT model's mean log-ratio on the first chunk.")
     for t, rows in sorted(run.train_rows.items()):
@@ -489,23 +578,46 @@ def reading_lines(run: RunData) -> list[str]:
 
 def render_markdown(run: RunData, plots: dict[str, Path | None]) -> str:
     """report.md: title, configuration, partition, stages, plots (or why skipped) and the reading."""
-    skipped = {"train": "no training steps logged yet", "eval": "no held-out data in this run",
-               "gamma": "no finished stage yet", "reward": "no held-out reward prompts in this run"}
-    titles = {"train": "Training loss and reward margin", "eval": "Held-out accuracy, margin and loss per model",
-              "gamma": "Reference log-ratio γ per stage", "reward": "Reward of greedy answers per model"}
-    lines = [f"# sDPO run report: {run.output_dir.name}", "",
-             f"Run directory `{run.output_dir}`, model `{run.config.get('model', {}).get('path', '?')}`. "
-             "Held-out metrics use the SFT model as reference in every stage, so M0, M1, ... are comparable; "
-             "γ_t is the mean of log π_ref(y_w|x) − log π_ref(y_l|x) over stage t's pairs under its reference as the "
-             "stage starts (M_(t-1) unless the run says otherwise below).",
-             "", "## Configuration", "", *config_lines(run), "", "## Partition", "", *partition_lines(run), "",
-             "## Stages", ""]
+    skipped = {
+        "train": "no training steps logged yet",
+        "eval": "no held-out data in this run",
+        "gamma": "no finished stage yet",
+        "reward": "no held-out reward prompts in this run",
+    }
+    titles = {
+        "train": "Training loss and reward margin",
+        "eval": "Held-out accuracy, margin and loss per model",
+        "gamma": "Reference log-ratio γ per stage",
+        "reward": "Reward of greedy answers per model",
+    }
+    lines = [
+        f"# sDPO run report: {run.output_dir.name}",
+        "",
+        f"Run directory `{run.output_dir}`, model `{run.config.get('model', {}).get('path', '?')}`. "
+        "Held-out metrics use the SFT model as reference in every stage, so M0, M1, ... are comparable; "
+        "γ_t is the mean of log π_ref(y_w|x) − log π_ref(y_l|x) over stage t's pairs under its reference as the "
+        "stage starts (M_(t-1) unless the run says otherwise below).",
+        "",
+        "## Configuration",
+        "",
+        *config_lines(run),
+        "",
+        "## Partition",
+        "",
+        *partition_lines(run),
+        "",
+        "## Stages",
+        "",
+    ]
     lines += stage_lines(run) if run.stages else ["No stage has finished yet."]
     lines += ["", "## Stage data and reference", "", *stage_data_lines(run)]
     lines += ["", "## Plots", ""]
     for key, path in plots.items():
-        lines.append(f"![{titles[key]}]({path.relative_to(run.output_dir).as_posix()})" if path
-                     else f"*{titles[key]}: skipped ({skipped[key]}).*")
+        lines.append(
+            f"![{titles[key]}]({path.relative_to(run.output_dir).as_posix()})"
+            if path
+            else f"*{titles[key]}: skipped ({skipped[key]}).*"
+        )
         lines.append("")
     lines += ["## Multiple-choice check", "", *choice_lines(run), ""]
     lines += ["## Reward on held-out prompts", "", *reward_lines(run), ""]

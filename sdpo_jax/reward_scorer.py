@@ -20,11 +20,13 @@ across calls. With a mesh each batch is split by rows over the mesh's batch axes
 parameters are laid out as the training parameters are; every process passes the same pairs
 and gets every reward back.
 """
+
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -44,12 +46,15 @@ logger = logging.getLogger("sdpo_jax.reward")
 class RewardModelScorer:
     """Scores (prompt, completion) pairs with the reward model in ``folder`` (see the module docstring)."""
 
-    def __init__(self, folder: str | os.PathLike, mesh: Mesh | None = None, batch_size: int = 16,
-                 max_length: int = 1024):
+    def __init__(
+        self, folder: str | os.PathLike, mesh: Mesh | None = None, batch_size: int = 16, max_length: int = 1024
+    ):
         rows = batch_row_multiple(mesh)
         if batch_size < 1 or batch_size % rows:
-            raise ValueError(f"reward model batch size {batch_size} must be a positive multiple of {rows} "
-                             f"(the mesh's batch shards and processes)")
+            raise ValueError(
+                f"reward model batch size {batch_size} must be a positive multiple of {rows} "
+                f"(the mesh's batch shards and processes)"
+            )
         if max_length < 1:
             raise ValueError(f"reward model max_length must be positive, got {max_length}")
         self.folder, self.mesh, self.batch_size, self.max_length = os.fspath(folder), mesh, batch_size, max_length
@@ -60,13 +65,15 @@ class RewardModelScorer:
     def __call__(self, prompts: list[str], completions: list[str], references: list[str | None]) -> list[float]:
         """One float32 reward per (prompt, completion), in order; ``references`` are not used."""
         if not len(prompts) == len(completions) == len(references):
-            raise ValueError(f"reward model: {len(prompts)} prompts, {len(completions)} completions and "
-                             f"{len(references)} references; they must pair up")
+            raise ValueError(
+                f"reward model: {len(prompts)} prompts, {len(completions)} completions and "
+                f"{len(references)} references; they must pair up"
+            )
         ids = self.encode(prompts, completions)
         rewards = np.zeros(len(ids), np.float32)
         for rows, batch in reward_batches(ids, self.batch_size):
             placed = batch if self.mesh is None else whole_batch_on_mesh(batch, self.mesh)
-            rewards[rows] = np.asarray(jax.device_get(self.forward(self.params, placed)))[:len(rows)]
+            rewards[rows] = np.asarray(jax.device_get(self.forward(self.params, placed)))[: len(rows)]
         return rewards.tolist()
 
     def encode(self, prompts: Sequence[str], completions: Sequence[str]) -> list[list[int]]:
@@ -76,12 +83,18 @@ class RewardModelScorer:
         for i, row in enumerate(ids):
             problem = token_range_problem(row, self.module.config.vocab_size) if row else "it has no tokens"
             if problem:
-                raise CheckpointError(f"reward model {self.folder}: text {i}: {problem}; the tokenizer does not fit the model")
+                raise CheckpointError(
+                    f"reward model {self.folder}: text {i}: {problem}; the tokenizer does not fit the model"
+                )
         truncated = sum(len(row) > self.max_length for row in ids)
         if truncated:
-            logger.warning("reward model: %d of %d texts were longer than max_length=%d tokens and lost their first "
-                           "tokens", truncated, len(ids), self.max_length)
-        return [row[-self.max_length:] for row in ids]
+            logger.warning(
+                "reward model: %d of %d texts were longer than max_length=%d tokens and lost their first tokens",
+                truncated,
+                len(ids),
+                self.max_length,
+            )
+        return [row[-self.max_length :] for row in ids]
 
 
 def render_texts(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str]) -> tuple[list[str], bool]:
@@ -89,8 +102,12 @@ def render_texts(tokenizer: Any, prompts: Sequence[str], completions: Sequence[s
     [user: prompt, assistant: completion] when the tokenizer has one, else prompt + completion."""
     if not tokenizer.chat_template:
         return [p + c for p, c in zip(prompts, completions)], True
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": c}],
-                                          tokenize=False) for p, c in zip(prompts, completions)], False
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+        )
+        for p, c in zip(prompts, completions)
+    ], False
 
 
 def reward_batches(ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
@@ -100,13 +117,13 @@ def reward_batches(ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[tu
     lengths = np.asarray([len(row) for row in ids], np.int64)
     order = np.argsort(lengths, kind="stable")
     for begin in range(0, len(order), batch_size):
-        rows = order[begin:begin + batch_size]
+        rows = order[begin : begin + batch_size]
         width = int(-(-lengths[rows].max() // WIDTH_MULTIPLE) * WIDTH_MULTIPLE)
         batch = {name: np.zeros((batch_size, width), np.int32) for name in ("input_ids", "attention_mask")}
-        batch["attention_mask"][len(rows):, 0] = 1
+        batch["attention_mask"][len(rows) :, 0] = 1
         for b, r in enumerate(rows):
-            batch["input_ids"][b, :lengths[r]] = ids[r]
-            batch["attention_mask"][b, :lengths[r]] = 1
+            batch["input_ids"][b, : lengths[r]] = ids[r]
+            batch["attention_mask"][b, : lengths[r]] = 1
         yield rows, batch
 
 

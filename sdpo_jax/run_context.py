@@ -10,6 +10,7 @@ Caches under output_dir (beside checkpoints/, see sdpo_jax.checkpointing):
 Each .npz holds a key (the model's identity, the pairs' identity, dpo.ld_alpha when not 1) and is
 reused only when the key matches on every process.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,7 +54,9 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     """A user prompt as the model sees it at generation time: the chat template with its generation
     prompt when the tokenizer has one, else the text with the tokenizer's special tokens (BOS)."""
     if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+        )
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
 
@@ -86,13 +89,38 @@ class RunContext:
             self._steps[key] = build()
         return self._steps[key]
 
-    def train_step(self, settings: DPOSettings, optimizer_settings: OptimizerSettings, optimizer, shardings, with_reference_params: bool):
+    def train_step(
+        self,
+        settings: DPOSettings,
+        optimizer_settings: OptimizerSettings,
+        optimizer,
+        shardings,
+        with_reference_params: bool,
+    ):
         """The jitted train step, compiled once for all stages that share what it compiles in (the
         schedule's numbers, which differ per stage, are optimizer state: sdpo_jax.optim)."""
         config = self.config
-        key = ("train", settings, optimizer_settings.compiled(), config.train.grad_accum, config.model.logprob_chunk, with_reference_params)
-        return self._once(key, lambda: jit_train_step(self.model, settings, optimizer, self.mesh, shardings, with_reference_params,
-                                                      config.train.grad_accum, config.model.logprob_chunk))
+        key = (
+            "train",
+            settings,
+            optimizer_settings.compiled(),
+            config.train.grad_accum,
+            config.model.logprob_chunk,
+            with_reference_params,
+        )
+        return self._once(
+            key,
+            lambda: jit_train_step(
+                self.model,
+                settings,
+                optimizer,
+                self.mesh,
+                shardings,
+                with_reference_params,
+                config.train.grad_accum,
+                config.model.logprob_chunk,
+            ),
+        )
 
     def scorer(self, spec: str) -> Scorer:
         """The scorer ``spec`` names (sdpo_jax.scorers); a reward model is loaded on the run's mesh for each
@@ -125,12 +153,21 @@ class RunContext:
                 board.write(row, offsets[row["stage"] - 1] + row["step"])
             log.trackers.append(board)
         if config.log.wandb:
-            log.trackers.append(WandbSink(config.log.wandb_project, self.output_dir.name, config.to_dict(), self.output_dir))
+            log.trackers.append(
+                WandbSink(config.log.wandb_project, self.output_dir.name, config.to_dict(), self.output_dir)
+            )
 
     def batches(self, pairs, shuffle=False, seed=0):
-        return PairBatcher(pairs, self.config.train.batch_size, seed=seed, buckets=self.buckets, shuffle=shuffle,
-                           process_index=jax.process_index(), process_count=jax.process_count(),
-                           prefix_sharing=self.config.data.prefix_sharing)
+        return PairBatcher(
+            pairs,
+            self.config.train.batch_size,
+            seed=seed,
+            buckets=self.buckets,
+            shuffle=shuffle,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            prefix_sharing=self.config.data.prefix_sharing,
+        )
 
     @staticmethod
     def stored_logps(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -151,8 +188,9 @@ class RunContext:
         """The run's dpo.ld_alpha (the same in every stage: config_check)."""
         return self.stages[0].dpo.ld_alpha
 
-    def cached_reference_logps(self, ref_params, pairs, cache: Path, key: str, description: str, ld_alpha: float | None = None
-                        ) -> tuple[np.ndarray, np.ndarray]:
+    def cached_reference_logps(
+        self, ref_params, pairs, cache: Path, key: str, description: str, ld_alpha: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Reference log-probs of every pair, LD-weighted with ``ld_alpha`` (default: the run's, as the loss
         reads them; 1.0: the plain sums), from ``cache`` when it was made for ``key``."""
         ld_alpha = self.ld_alpha if ld_alpha is None else ld_alpha
@@ -160,10 +198,15 @@ class RunContext:
         cached = self.stored_logps(cache, key)
         if cached is not None:
             return cached
-        step = self._once(("reference", ld_alpha), lambda: jit_reference_step(self.model, self.mesh, self.param_shardings,
-                                                                          self.config.model.logprob_chunk, ld_alpha))
-        chosen, rejected = precompute_reference_logps(step, ref_params, self.progress(self.batches(pairs), description),
-                                                      len(pairs), self.mesh)
+        step = self._once(
+            ("reference", ld_alpha),
+            lambda: jit_reference_step(
+                self.model, self.mesh, self.param_shardings, self.config.model.logprob_chunk, ld_alpha
+            ),
+        )
+        chosen, rejected = precompute_reference_logps(
+            step, ref_params, self.progress(self.batches(pairs), description), len(pairs), self.mesh
+        )
         if jax.process_index() == 0:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp.npz")
@@ -174,9 +217,12 @@ class RunContext:
     def evaluate(self, params, eval_pairs, eval_ref, settings, description: str) -> dict:
         batches = (attach_reference(b, *eval_ref) for b in self.progress(self.batches(eval_pairs), description))
         # (the step's outputs depend on the loss settings only through ld_alpha and use_weighting)
-        step = self._once(("eval", settings.ld_alpha, settings.use_weighting),
-                          lambda: jit_eval_step(self.model, settings, self.mesh, self.param_shardings, False,
-                                            self.config.model.logprob_chunk))
+        step = self._once(
+            ("eval", settings.ld_alpha, settings.use_weighting),
+            lambda: jit_eval_step(
+                self.model, settings, self.mesh, self.param_shardings, False, self.config.model.logprob_chunk
+            ),
+        )
         return evaluate_pairs(step, params, None, batches, settings, self.mesh)
 
     def user_prompt_ids(self, texts, field: str) -> list[list[int]]:
@@ -205,10 +251,20 @@ class RunContext:
         if not checks.prompts:
             return []
         prompts = self.user_prompt_ids(checks.prompts, "eval.prompts")
-        completions = generate(self.model, params, prompts, checks.max_new_tokens, self.tokenizer.eos_token_id,
-                               temperature=checks.temperature, seed=self.config.train.seed, batch_size=len(prompts))
-        return [{"prompt": text, "completion": self.tokenizer.decode(ids, skip_special_tokens=True)}
-                for text, ids in zip(checks.prompts, completions)]
+        completions = generate(
+            self.model,
+            params,
+            prompts,
+            checks.max_new_tokens,
+            self.tokenizer.eos_token_id,
+            temperature=checks.temperature,
+            seed=self.config.train.seed,
+            batch_size=len(prompts),
+        )
+        return [
+            {"prompt": text, "completion": self.tokenizer.decode(ids, skip_special_tokens=True)}
+            for text, ids in zip(checks.prompts, completions)
+        ]
 
     def rewards(self, params) -> dict:
         """Mean ``generate.scorer`` score of the greedy answers of ``params`` to ``eval.reward_prompts``; {} without them."""
@@ -216,8 +272,15 @@ class RunContext:
             return {}
         texts = [text for text, _ in self.reward_prompts]
         ids = self.user_prompt_ids(texts, "eval.reward_prompts")
-        answers = generate(self.model, params, ids, self.config.generate.max_new_tokens, self.tokenizer.eos_token_id,
-                           temperature=0.0, batch_size=min(len(ids), 32))
+        answers = generate(
+            self.model,
+            params,
+            ids,
+            self.config.generate.max_new_tokens,
+            self.tokenizer.eos_token_id,
+            temperature=0.0,
+            batch_size=min(len(ids), 32),
+        )
         completions = [self.tokenizer.decode(a, skip_special_tokens=True) for a in answers]
         scores = self.scorer(self.config.generate.scorer)(texts, completions, [ref for _, ref in self.reward_prompts])
         return {"mean": float(np.mean(scores)), "num_prompts": len(scores)}

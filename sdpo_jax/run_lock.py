@@ -6,6 +6,7 @@ exits in any way (also SIGKILL): a stale file never blocks a rerun. The file say
 name the first and stop. On file systems without `flock` (some network mounts) the run goes on
 unlocked, with a warning.
 """
+
 from __future__ import annotations
 
 import errno
@@ -42,12 +43,22 @@ class RunFolderLock:
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
-            raise RunLocked(f"output_dir {self.path.parent} is in use by another sdpo-train ({_describe(holder)}); "
-                            f"wait for it to finish or use another output_dir") from None
+            raise RunLocked(
+                f"output_dir {self.path.parent} is in use by another sdpo-train ({_describe(holder)}); "
+                f"wait for it to finish or use another output_dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}))
+        handle.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                    "command": " ".join(sys.argv),
+                }
+            )
+        )
         handle.flush()
         self._file = handle
         return None

@@ -10,6 +10,7 @@ One console channel: while ``library_messages()`` is open, what the library's ow
 warnings) comes out as the run's console lines, whatever level absl or the user set on Python's
 root logger.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -16,6 +16,7 @@ reference of a held-out reward prompt) or None.
   on the run's mesh (sdpo_jax.models.reward); the reward is its score head at the last token.
 Every score list is checked: one finite float per completion, else a one-line `ScorerError`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,7 +25,8 @@ import math
 import os
 import re
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from sdpo_jax.errors import SdpoError
 
@@ -46,7 +48,9 @@ def exact_match(prompts: Sequence[str], completions: Sequence[str], references: 
     """1.0 where normalise(completion) == normalise(reference), else 0.0."""
     missing = [i for i, reference in enumerate(references) if reference is None]
     if missing:
-        raise ScorerError(f"generate.scorer exact_match: prompt {missing[0]} ({prompts[missing[0]][:60]!r}) has no reference answer")
+        raise ScorerError(
+            f"generate.scorer exact_match: prompt {missing[0]} ({prompts[missing[0]][:60]!r}) has no reference answer"
+        )
     return [float(normalise(c) == normalise(r)) for c, r in zip(completions, references)]
 
 
@@ -55,7 +59,7 @@ def spec_problem(spec: str) -> str | None:
     if spec == "exact_match":
         return None
     if spec.startswith(REWARD_MODEL_PREFIX):
-        folder = spec[len(REWARD_MODEL_PREFIX):]
+        folder = spec[len(REWARD_MODEL_PREFIX) :]
         if not os.path.isfile(os.path.join(folder, "config.json")):
             return f"reward model folder {folder!r} has no config.json"
         return None
@@ -79,7 +83,7 @@ def load_scorer(spec: str, mesh: Any = None) -> Scorer:
     elif spec.startswith(REWARD_MODEL_PREFIX):
         from sdpo_jax.reward_scorer import RewardModelScorer
 
-        function = RewardModelScorer(spec[len(REWARD_MODEL_PREFIX):], mesh=mesh)
+        function = RewardModelScorer(spec[len(REWARD_MODEL_PREFIX) :], mesh=mesh)
     else:
         function = _user_function(spec)
     return _checked(spec, function)
@@ -120,9 +124,13 @@ def _checked(spec: str, function: Scorer) -> Scorer:
         try:
             values = [float(v) for v in values]
         except (TypeError, ValueError):
-            raise ScorerError(f"generate.scorer {spec}: returned {type(values).__name__}, not a list of numbers") from None
+            raise ScorerError(
+                f"generate.scorer {spec}: returned {type(values).__name__}, not a list of numbers"
+            ) from None
         if len(values) != len(completions):
-            raise ScorerError(f"generate.scorer {spec}: returned {len(values)} scores for {len(completions)} completions")
+            raise ScorerError(
+                f"generate.scorer {spec}: returned {len(values)} scores for {len(completions)} completions"
+            )
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
         if bad is not None:
             raise ScorerError(f"generate.scorer {spec}: score {values[bad]} of completion {bad} is not finite")
@@ -144,9 +152,14 @@ def load_reward_prompts(path: str) -> list[tuple[str, str | None]]:
             raise record.value
         extra = sorted(set(record.value) - {"prompt", "reference"})
         if extra:
-            raise DataError(record.where, "unexpected field (reward prompts hold 'prompt' and an optional 'reference')",
-                            extra[0])
+            raise DataError(
+                record.where, "unexpected field (reward prompts hold 'prompt' and an optional 'reference')", extra[0]
+            )
         reference = record.value.get("reference")
-        prompts.append((require_text(record.value.get("prompt"), record.where, "prompt"),
-                        None if reference is None else require_text(reference, record.where, "reference")))
+        prompts.append(
+            (
+                require_text(record.value.get("prompt"), record.where, "prompt"),
+                None if reference is None else require_text(reference, record.where, "reference"),
+            )
+        )
     return prompts

@@ -10,10 +10,12 @@ ICI links); the slices are data-parallel replicas of each other, so only the gra
 crosses DCN. The global "data" axis then has dcn_data * data entries, slice-major. On GPU (and
 CPU) nodes the processes are the slices: dcn_data = number of nodes keeps FSDP inside each node.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,8 +72,9 @@ def slice_count(devices: Sequence[jax.Device]) -> int:
     return len({getattr(d, attribute, 0) for d in devices})
 
 
-def hybrid_mesh_shapes(data: int, fsdp: int, tensor: int, dcn_data: int, num_devices: int,
-                       num_slices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def hybrid_mesh_shapes(
+    data: int, fsdp: int, tensor: int, dcn_data: int, num_devices: int, num_slices: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(per-slice mesh shape, across-slice shape) for ``num_devices`` devices in ``num_slices`` slices.
 
     The slices must be equal and there must be exactly ``dcn_data`` of them; -1 in data/fsdp/tensor
@@ -80,8 +83,10 @@ def hybrid_mesh_shapes(data: int, fsdp: int, tensor: int, dcn_data: int, num_dev
     if dcn_data < 1:
         raise MeshError(f"mesh.dcn_data must be >= 1, got {dcn_data}")
     if num_slices != dcn_data:
-        raise MeshError(f"mesh.dcn_data={dcn_data} but the {num_devices} devices form {num_slices} slice(s); "
-                        f"set mesh.dcn_data to the slice count")
+        raise MeshError(
+            f"mesh.dcn_data={dcn_data} but the {num_devices} devices form {num_slices} slice(s); "
+            f"set mesh.dcn_data to the slice count"
+        )
     if num_devices % num_slices:
         raise MeshError(f"mesh: {num_devices} devices do not split evenly into {num_slices} slices")
     return mesh_shape(data, fsdp, tensor, num_devices // num_slices), (dcn_data, 1, 1)
@@ -93,8 +98,9 @@ def global_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int, dcn_d
     return d * dcn_data, f, t
 
 
-def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None,
-               dcn_data: int = 1) -> Mesh:
+def build_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None, dcn_data: int = 1
+) -> Mesh:
     """The mesh over ``devices`` (default: all); with ``dcn_data`` > 1, over that many slices.
 
     On GPU and CPU the processes (hosts) play the slices' part. With dcn_data = 1 one mesh spans all
@@ -105,8 +111,9 @@ def build_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence
     slices = slice_count(devices) if dcn_data > 1 or attribute == "slice_index" else 1
     ici, dcn = hybrid_mesh_shapes(data, fsdp, tensor, dcn_data, len(devices), slices)
     if dcn_data > 1:
-        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices,
-                                                    process_is_granule=attribute == "process_index")
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices=devices, process_is_granule=attribute == "process_index"
+        )
     elif len(devices) > 1:
         grid = mesh_utils.create_device_mesh(ici, devices=devices)
     else:
@@ -178,6 +185,8 @@ def check_process_rows(mesh: Mesh, batch_size: int) -> None:
         start, stop = min(a for a, _ in rows), max(b for _, b in rows)
         expected = (process * batch_size // count, (process + 1) * batch_size // count)
         if (start, stop) != expected or sum(b - a for a, b in rows) != stop - start:
-            raise MeshError(f"mesh {dict(mesh.shape)}: process {process}'s devices hold batch rows {start}..{stop - 1}, not "
-                            f"its own block {expected[0]}..{expected[1] - 1} of {batch_size}: the data and fsdp axes must "
-                            f"split the rows over the {count} processes (keep the tensor axis within a host)")
+            raise MeshError(
+                f"mesh {dict(mesh.shape)}: process {process}'s devices hold batch rows {start}..{stop - 1}, not "
+                f"its own block {expected[0]}..{expected[1] - 1} of {batch_size}: the data and fsdp axes must "
+                f"split the rows over the {count} processes (keep the tensor axis within a host)"
+            )

@@ -20,13 +20,15 @@ the token ids) and ``generated/stage_<t>.meta.json`` its key and counts; a rerun
 reuses them. The pairs are then read back as pre-tokenized data, through the same loader, cache,
 truncation and batching as any other source.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
@@ -91,8 +93,16 @@ def _without_eos(ids, eos_id: int | None) -> list[int]:
 class StageSampler:
     """Samples one stage's prompts from ``params`` on ``mesh`` and scores the samples (module docstring)."""
 
-    def __init__(self, model: Any, params: Any, tokenizer: Any, mesh: Any, scorer: Callable, settings: GenerateSettings,
-                 seed: int):
+    def __init__(
+        self,
+        model: Any,
+        params: Any,
+        tokenizer: Any,
+        mesh: Any,
+        scorer: Callable,
+        settings: GenerateSettings,
+        seed: int,
+    ):
         self.model, self.params, self.tokenizer, self.mesh = model, params, tokenizer, mesh
         self.scorer, self.settings, self.seed = scorer, settings, seed
 
@@ -104,18 +114,38 @@ class StageSampler:
         k, s = self.settings.samples_per_prompt, self.settings
         rows = [list(p.prompt_ids) for p in prompts for _ in range(k)]
         devices = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
-        samples = generate(self.model, self.params, rows, s.max_new_tokens, self.tokenizer.eos_token_id,
-                           temperature=s.temperature, top_p=s.top_p, seed=batch_seed,
-                           batch_size=-(-len(rows) // devices) * devices, mesh=self.mesh)
+        samples = generate(
+            self.model,
+            self.params,
+            rows,
+            s.max_new_tokens,
+            self.tokenizer.eos_token_id,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=batch_seed,
+            batch_size=-(-len(rows) // devices) * devices,
+            mesh=self.mesh,
+        )
         prompt_texts = [self.text(p.prompt_ids) for p in prompts]
         references = [self.text(p.reference_ids) for p in prompts]
         sample_texts = [self.text(ids) for ids in samples]
-        scores = self.scorer([t for t in prompt_texts for _ in range(k)], sample_texts, [r for r in references for _ in range(k)])
+        scores = self.scorer(
+            [t for t in prompt_texts for _ in range(k)], sample_texts, [r for r in references for _ in range(k)]
+        )
         gold = self.scorer(prompt_texts, references, references) if s.chosen == "gold" else [None] * len(prompts)
-        return [{"prompt": prompt_texts[i], "prompt_ids": list(p.prompt_ids), "reference": references[i],
-                 "reference_ids": list(p.reference_ids), "reference_score": gold[i],
-                 "samples": sample_texts[i * k:(i + 1) * k], "sample_ids": samples[i * k:(i + 1) * k],
-                 "sample_scores": scores[i * k:(i + 1) * k]} for i, p in enumerate(prompts)]
+        return [
+            {
+                "prompt": prompt_texts[i],
+                "prompt_ids": list(p.prompt_ids),
+                "reference": references[i],
+                "reference_ids": list(p.reference_ids),
+                "reference_score": gold[i],
+                "samples": sample_texts[i * k : (i + 1) * k],
+                "sample_ids": samples[i * k : (i + 1) * k],
+                "sample_scores": scores[i * k : (i + 1) * k],
+            }
+            for i, p in enumerate(prompts)
+        ]
 
 
 def pair_of(record: dict, settings: GenerateSettings) -> dict | None:
@@ -130,21 +160,45 @@ def pair_of(record: dict, settings: GenerateSettings) -> dict | None:
     margin = chosen_score - scores[worst]
     if margin < settings.min_margin or margin <= 0:
         return None
-    return {"prompt": record["prompt"], "chosen": chosen, "rejected": record["samples"][worst],
-            "chosen_score": chosen_score, "rejected_score": scores[worst], "sample_scores": scores,
-            "samples": record["samples"], "prompt_ids": record["prompt_ids"], "chosen_ids": list(chosen_ids),
-            "rejected_ids": list(record["sample_ids"][worst])}
+    return {
+        "prompt": record["prompt"],
+        "chosen": chosen,
+        "rejected": record["samples"][worst],
+        "chosen_score": chosen_score,
+        "rejected_score": scores[worst],
+        "sample_scores": scores,
+        "samples": record["samples"],
+        "prompt_ids": record["prompt_ids"],
+        "chosen_ids": list(chosen_ids),
+        "rejected_ids": list(record["sample_ids"][worst]),
+    }
 
 
 def sampling_key(model_key: str, prompts: list[StagePrompt], settings: GenerateSettings, seed: int, stage: int) -> str:
     """A hash of everything a stage's samples and pairs depend on."""
-    blob = json.dumps([PARTIAL_VERSION, model_key, [(p.prompt_ids, p.reference_ids) for p in prompts],
-                       dataclasses.asdict(settings), seed, stage], sort_keys=True)
+    blob = json.dumps(
+        [
+            PARTIAL_VERSION,
+            model_key,
+            [(p.prompt_ids, p.reference_ids) for p in prompts],
+            dataclasses.asdict(settings),
+            seed,
+            stage,
+        ],
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def generated_stage(folder: Path, stage: int, sampler: StageSampler, prompts: list[StagePrompt], key: str,
-                    progress: Callable, note: Callable[[str], None]) -> tuple[Path, dict]:
+def generated_stage(
+    folder: Path,
+    stage: int,
+    sampler: StageSampler,
+    prompts: list[StagePrompt],
+    key: str,
+    progress: Callable,
+    note: Callable[[str], None],
+) -> tuple[Path, dict]:
     """(the pairs file, its summary) of ``stage``, sampled now or reused from ``folder`` (module docstring);
     ``note`` hears how much a killed run had saved."""
     final, meta_path = folder / f"stage_{stage}.jsonl", folder / f"stage_{stage}.meta.json"
@@ -154,13 +208,15 @@ def generated_stage(folder: Path, stage: int, sampler: StageSampler, prompts: li
     batches = _saved_batches(partial, key)
     size, is_main = sampler.settings.batch_size, jax.process_index() == 0
     if batches:
-        note(f"stage {stage}: {len(batches)} of {-(-len(prompts) // size)} sampled batches saved by an earlier run are reused")
+        note(
+            f"stage {stage}: {len(batches)} of {-(-len(prompts) // size)} sampled batches saved by an earlier run are reused"
+        )
     if is_main and not batches:
         folder.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps({"key": key}) + "\n")
     todo = range(len(batches), -(-len(prompts) // size))
     for b in progress(todo, len(todo)):
-        batches.append(sampler.batch(prompts[b * size:(b + 1) * size], _batch_seed(sampler.seed, stage, b)))
+        batches.append(sampler.batch(prompts[b * size : (b + 1) * size], _batch_seed(sampler.seed, stage, b)))
         if is_main:
             with open(partial, "a", encoding="utf-8") as f:
                 f.write(json.dumps(batches[-1]) + "\n")
@@ -201,15 +257,32 @@ def _batch_seed(seed: int, stage: int, batch: int) -> int:
 def _summary(records: list[dict], pairs: list[dict], settings: GenerateSettings) -> dict:
     best = [max(r["sample_scores"]) for r in records]
     worst = [min(r["sample_scores"]) for r in records]
-    return {"prompts": len(records), "pairs": len(pairs), "prompts_without_pair": len(records) - len(pairs),
-            "mean_best_score": float(np.mean(best)), "mean_worst_score": float(np.mean(worst)),
-            "samples_per_prompt": settings.samples_per_prompt, "scorer": settings.scorer, "chosen": settings.chosen}
+    return {
+        "prompts": len(records),
+        "pairs": len(pairs),
+        "prompts_without_pair": len(records) - len(pairs),
+        "mean_best_score": float(np.mean(best)),
+        "mean_worst_score": float(np.mean(worst)),
+        "samples_per_prompt": settings.samples_per_prompt,
+        "scorer": settings.scorer,
+        "chosen": settings.chosen,
+    }
 
 
-def load_generated(path: Path, data_config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int) -> TokenizedPairs:
+def load_generated(
+    path: Path, data_config: ml_collections.ConfigDict, tokenizer: Any, vocab_size: int
+) -> TokenizedPairs:
     """A generated pairs file as training pairs: its token ids used as they are, truncated like any source."""
     config = ml_collections.ConfigDict(data_config.to_dict())
     config.format, config.extra_fields, config.columns = "tokenized", "ignore", ""
     config.limit, config.sample_seed, config.skip_invalid = 0, 0, False
-    return load_pairs([str(path)], tokenizer, config, vocab_size=vocab_size, process_index=jax.process_index(),
-                      process_count=jax.process_count(), progress_bars=False, log_sources=False)
+    return load_pairs(
+        [str(path)],
+        tokenizer,
+        config,
+        vocab_size=vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        progress_bars=False,
+        log_sources=False,
+    )

@@ -12,6 +12,7 @@
     generated                               for an on-policy stage: prompts, pairs, mean best / worst score, ...
 "Before" is always the stage's starting model M(t-1), "after" the stage's result M(t).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ class StageReport:
         return entry
 
     @classmethod
-    def from_json(cls, entry: dict) -> "StageReport":
+    def from_json(cls, entry: dict) -> StageReport:
         """An entry read back (a run resumed after finished stages); fields it predates take their defaults."""
         names = {field.name for field in dataclasses.fields(cls)}
         defaults = {"reference": {}, "dpo": {}, "learning_rate": 0.0}

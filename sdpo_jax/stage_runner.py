@@ -12,6 +12,7 @@ train: the optimizer steps. With ``sdpo.ref_sync_steps`` = N > 0 the reference m
     then computed inside the step, and the moving reference is saved with every checkpoint.
 finish: the 'after' checks of M(t), then the snapshot of M(t) (refused when not finite).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,18 @@ from sdpo_jax.divergence import LossWatch, first_non_finite
 from sdpo_jax.errors import SdpoError, TrainingDiverged
 from sdpo_jax.host_exchange import LaggedAgreement
 from sdpo_jax.optim import make_optimizer
+from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.progress import progress
 from sdpo_jax.reference import attach_reference, mix_reference
 from sdpo_jax.run_context import RunContext
-from sdpo_jax.placement import global_batch, place, state_shardings
-from sdpo_jax.stage_data import StageSampler, chunk_prompts, generated_origin, generated_stage, load_generated, sampling_key
+from sdpo_jax.stage_data import (
+    StageSampler,
+    chunk_prompts,
+    generated_origin,
+    generated_stage,
+    load_generated,
+    sampling_key,
+)
 from sdpo_jax.stage_report import StageReport
 from sdpo_jax.train_step import TrainState
 
@@ -78,8 +86,16 @@ class _Prepared:
     entry: StageReport
 
 
-def run_stage(ctx: RunContext, settings: StageSettings, models: StageModels, chunk, sources: list[str], held_out: HeldOut,
-              stop: dict, report: list[StageReport]) -> StageReport:
+def run_stage(
+    ctx: RunContext,
+    settings: StageSettings,
+    models: StageModels,
+    chunk,
+    sources: list[str],
+    held_out: HeldOut,
+    stop: dict,
+    report: list[StageReport],
+) -> StageReport:
     """Stage t (module docstring); ``report`` holds the stages before it."""
     prepared = _prepare(ctx, settings, models, chunk, sources, held_out, report)
     state = _train(ctx, prepared, stop)
@@ -92,39 +108,75 @@ def _stage_pairs(ctx: RunContext, settings: StageSettings, models: StageModels, 
         return chunk, None
     stage, config = settings.stage, ctx.config
     prompts = chunk_prompts(chunk)
-    sampler = StageSampler(ctx.model, models.previous, ctx.tokenizer, ctx.mesh, ctx.scorer(settings.generate.scorer),
-                           settings.generate, config.train.seed)
+    sampler = StageSampler(
+        ctx.model,
+        models.previous,
+        ctx.tokenizer,
+        ctx.mesh,
+        ctx.scorer(settings.generate.scorer),
+        settings.generate,
+        config.train.seed,
+    )
     key = sampling_key(models.previous_key, prompts, settings.generate, config.train.seed, stage)
-    path, summary = generated_stage(ctx.output_dir / "generated", stage, sampler, prompts, key,
-                                    lambda items, n: progress(items, n, f"stage {stage}: sampling {models.previous_name}",
-                                                              ctx.bars, unit="batch"), ctx.log.info)
-    ctx.log.info(f"stage {stage}: {summary['pairs']} pairs from {summary['prompts']} prompts x "
-                 f"{settings.generate.samples_per_prompt} samples of {models.previous_name} (mean best score "
-                 f"{summary['mean_best_score']:.3f}, worst {summary['mean_worst_score']:.3f}); {path}")
+    path, summary = generated_stage(
+        ctx.output_dir / "generated",
+        stage,
+        sampler,
+        prompts,
+        key,
+        lambda items, n: progress(items, n, f"stage {stage}: sampling {models.previous_name}", ctx.bars, unit="batch"),
+        ctx.log.info,
+    )
+    ctx.log.info(
+        f"stage {stage}: {summary['pairs']} pairs from {summary['prompts']} prompts x "
+        f"{settings.generate.samples_per_prompt} samples of {models.previous_name} (mean best score "
+        f"{summary['mean_best_score']:.3f}, worst {summary['mean_worst_score']:.3f}); {path}"
+    )
     if not summary["pairs"]:
-        raise SdpoError(f"stage {stage}: the samples gave no pairs (no prompt's chosen scored above its rejected by at "
-                        f"least generate.min_margin {settings.generate.min_margin}); raise generate.temperature or "
-                        f"generate.samples_per_prompt, lower generate.min_margin, use generate.chosen=gold, or check that "
-                        f"generate.scorer {settings.generate.scorer} tells the samples apart")
+        raise SdpoError(
+            f"stage {stage}: the samples gave no pairs (no prompt's chosen scored above its rejected by at "
+            f"least generate.min_margin {settings.generate.min_margin}); raise generate.temperature or "
+            f"generate.samples_per_prompt, lower generate.min_margin, use generate.chosen=gold, or check that "
+            f"generate.scorer {settings.generate.scorer} tells the samples apart"
+        )
     pairs = load_generated(path, config.data, ctx.tokenizer, ctx.model.config.vocab_size)
     return pairs, {**summary, "file": str(path)}
 
 
-def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chunk, sources, held_out: HeldOut,
-             report: list[StageReport]) -> _Prepared:
+def _prepare(
+    ctx: RunContext,
+    settings: StageSettings,
+    models: StageModels,
+    chunk,
+    sources,
+    held_out: HeldOut,
+    report: list[StageReport],
+) -> _Prepared:
     """The stage's pairs, reference, data order, optimizer and compiled step, and its starting state."""
     config, log, stage = ctx.config, ctx.log, settings.stage
     pairs, generated = _stage_pairs(ctx, settings, models, chunk)
     initial = settings.reference == "initial"
-    ref_params, ref_key, ref_name = (models.sft, models.sft_key, "M0") if initial else \
-        (models.previous, models.previous_key, models.previous_name)
+    ref_params, ref_key, ref_name = (
+        (models.sft, models.sft_key, "M0") if initial else (models.previous, models.previous_key, models.previous_name)
+    )
     chunk_key = f"{ref_key}-{pairs.identity()}"
-    ref_chosen, ref_rejected = ctx.cached_reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}.npz",
-                                                   chunk_key, f"stage {stage}: reference log-probs of its pairs")
+    ref_chosen, ref_rejected = ctx.cached_reference_logps(
+        ref_params,
+        pairs,
+        ctx.output_dir / "reference" / f"stage_{stage}.npz",
+        chunk_key,
+        f"stage {stage}: reference log-probs of its pairs",
+    )
     gamma = float(np.mean(ref_chosen - ref_rejected))
     if ctx.ld_alpha != 1.0:  # gamma is defined on the plain sums; the loss reads LD-weighted ones
-        plain = ctx.cached_reference_logps(ref_params, pairs, ctx.output_dir / "reference" / f"stage_{stage}_plain.npz", chunk_key,
-                                    f"stage {stage}: plain reference log-probs (gamma)", ld_alpha=1.0)
+        plain = ctx.cached_reference_logps(
+            ref_params,
+            pairs,
+            ctx.output_dir / "reference" / f"stage_{stage}_plain.npz",
+            chunk_key,
+            f"stage {stage}: plain reference log-probs (gamma)",
+            ld_alpha=1.0,
+        )
         gamma = float(np.mean(plain[0] - plain[1]))
     batcher = ctx.batches(pairs, shuffle=True, seed=config.train.seed + stage)
     steps = settings.steps(batcher.steps_per_epoch)
@@ -133,21 +185,37 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
     shardings, abstract_state = state_shardings(ctx.model, optimizer, ctx.mesh)
     in_step = settings.moving_reference or not config.train.precompute_reference
     step_fn = ctx.train_step(settings.dpo, optimizer_settings, optimizer, shardings, with_reference_params=in_step)
-    entry = StageReport(stage=stage, num_pairs=len(pairs), sources=sources, steps=steps,
-                        ref_logratio_mean=gamma,
-                        reference={"model": ref_name, "moved": settings.moving_reference,
-                                   "sync_steps": settings.ref_sync_steps, "mixup_alpha": settings.ref_mixup_alpha},
-                        dpo={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings.dpo).items()},
-                        learning_rate=settings.learning_rate, generated=generated)
+    entry = StageReport(
+        stage=stage,
+        num_pairs=len(pairs),
+        sources=sources,
+        steps=steps,
+        ref_logratio_mean=gamma,
+        reference={
+            "model": ref_name,
+            "moved": settings.moving_reference,
+            "sync_steps": settings.ref_sync_steps,
+            "mixup_alpha": settings.ref_mixup_alpha,
+        },
+        dpo={k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(settings.dpo).items()},
+        learning_rate=settings.learning_rate,
+        generated=generated,
+    )
     step_offset = sum(e.steps for e in report)
-    abstract_reference = abstract_with_shardings(ctx.abstract_params, ctx.param_shardings) if settings.moving_reference else None
-    restored = ctx.checkpoints.restore_latest(stage, abstract_with_shardings(abstract_state, shardings), abstract_reference)
+    abstract_reference = (
+        abstract_with_shardings(ctx.abstract_params, ctx.param_shardings) if settings.moving_reference else None
+    )
+    restored = ctx.checkpoints.restore_latest(
+        stage, abstract_with_shardings(abstract_state, shardings), abstract_reference
+    )
     ctx.open_trackers(report, stage, restored[0] if restored else 0)
     if restored is not None:
         start_step, state, meta, moved_reference = restored
         if meta["chunk"] != chunk_key and not config.checkpoint.force_resume:
-            raise SdpoError(f"stage {stage}: the training data or its reference differ from the checkpoint's "
-                             f"(tokenized pairs of the chunk or the reference model changed); use another output_dir")
+            raise SdpoError(
+                f"stage {stage}: the training data or its reference differ from the checkpoint's "
+                f"(tokenized pairs of the chunk or the reference model changed); use another output_dir"
+            )
         batcher.restore(meta["data"])
         for name in ("eval_before", "generations_before", "choices_before", "reward_before"):
             setattr(entry, name, meta.get(name, getattr(entry, name)))
@@ -155,19 +223,34 @@ def _prepare(ctx: RunContext, settings: StageSettings, models: StageModels, chun
         log.info(f"stage {stage}: resuming at step {start_step}/{steps}")
     else:
         _checks_before(ctx, entry, models.previous, held_out, settings, step_offset, report[-1] if report else None)
-        state = place(TrainState.create(jax.tree_util.tree_map(jnp.copy, _start_params(ctx, models)), optimizer), shardings)
+        state = place(
+            TrainState.create(jax.tree_util.tree_map(jnp.copy, _start_params(ctx, models)), optimizer), shardings
+        )
         start_step = 0
     origin = generated_origin(stage, sources) if generated else ", ".join(sources)
-    log.info(f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {origin}, {steps} steps, "
-             f"reference {ref_name}{' (moving, TR-DPO)' if settings.moving_reference else ''}, reference log-ratio mean "
-             f"{entry.ref_logratio_mean:.3f}")
+    log.info(
+        f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {origin}, {steps} steps, "
+        f"reference {ref_name}{' (moving, TR-DPO)' if settings.moving_reference else ''}, reference log-ratio mean "
+        f"{entry.ref_logratio_mean:.3f}"
+    )
     if not in_step and _reference_not_needed_again(ctx, settings, initial):
         # The reference lives on as log-probs and the policy holds its own copy: free the device
         # buffers of M_{t-1} (for stage 1, the SFT model) for the optimizer state and activations.
         for leaf in jax.tree_util.tree_leaves(ref_params):
             leaf.delete()
-    return _Prepared(settings, steps, chunk_key, batcher, step_fn, state, start_step,
-                     None if in_step else (ref_chosen, ref_rejected), ref_params if in_step else None, step_offset, entry)
+    return _Prepared(
+        settings,
+        steps,
+        chunk_key,
+        batcher,
+        step_fn,
+        state,
+        start_step,
+        None if in_step else (ref_chosen, ref_rejected),
+        ref_params if in_step else None,
+        step_offset,
+        entry,
+    )
 
 
 def _start_params(ctx: RunContext, models: StageModels):
@@ -178,26 +261,43 @@ def _start_params(ctx: RunContext, models: StageModels):
 def _reference_not_needed_again(ctx: RunContext, settings: StageSettings, initial: bool) -> bool:
     """Whether the reference's device buffers can go once its log-probs are known: it is M(t-1), the policy
     starts from its own copy of it, and (for stage 1, where it is M0) no later stage needs M0 again."""
-    later = ctx.stages[settings.stage:]
-    return (not initial and ctx.config.sdpo.policy_init == "previous"
-            and (settings.stage > 1 or all(s.reference == "previous" for s in later)))
+    later = ctx.stages[settings.stage :]
+    return (
+        not initial
+        and ctx.config.sdpo.policy_init == "previous"
+        and (settings.stage > 1 or all(s.reference == "previous" for s in later))
+    )
 
 
-def _checks_before(ctx: RunContext, entry: StageReport, params, held_out: HeldOut, settings: StageSettings, step_offset: int,
-                   previous: StageReport | None) -> None:
+def _checks_before(
+    ctx: RunContext,
+    entry: StageReport,
+    params,
+    held_out: HeldOut,
+    settings: StageSettings,
+    step_offset: int,
+    previous: StageReport | None,
+) -> None:
     """Held-out metrics, answers, choice accuracy and reward of M(t-1), into ``entry`` (what the previous
     stage measured after training is reused)."""
     stage, log = settings.stage, ctx.log
     if held_out.pairs is not None:
-        entry.eval_before = ctx.evaluate(params, held_out.pairs, held_out.reference, settings.dpo,
-                                         f"stage {stage}: held-out eval before")
+        entry.eval_before = ctx.evaluate(
+            params, held_out.pairs, held_out.reference, settings.dpo, f"stage {stage}: held-out eval before"
+        )
         log.metrics({"split": "eval", "when": "before", "stage": stage, "step": 0, **entry.eval_before}, step_offset)
     if previous is None:
-        entry.generations_before, entry.choices_before, entry.reward_before = \
-            ctx.generations(params), ctx.choices(params), ctx.rewards(params)
+        entry.generations_before, entry.choices_before, entry.reward_before = (
+            ctx.generations(params),
+            ctx.choices(params),
+            ctx.rewards(params),
+        )
     else:
-        entry.generations_before, entry.choices_before, entry.reward_before = \
-            previous.generations_after, previous.choices_after, previous.reward_after
+        entry.generations_before, entry.choices_before, entry.reward_before = (
+            previous.generations_after,
+            previous.choices_after,
+            previous.reward_after,
+        )
     for split, values in (("choices", entry.choices_before), ("reward", entry.reward_before)):
         if values:
             log.metrics({"split": split, "when": "before", "stage": stage, "step": 0, **values}, step_offset)
@@ -211,7 +311,9 @@ def _train(ctx: RunContext, s: _Prepared, stop: dict) -> Any:
     advice = f"train.learning_rate {settings.learning_rate:g}, train.max_grad_norm {settings.max_grad_norm:g}"
     watch = LossWatch(stage, advice, log.info, _first_logged_loss(ctx, stage) if s.start_step else None)
     started, agreement = time.perf_counter(), LaggedAgreement()
-    for step in progress(range(s.start_step, steps), steps - s.start_step, f"stage {stage}: training", ctx.bars, unit="step"):
+    for step in progress(
+        range(s.start_step, steps), steps - s.start_step, f"stage {stage}: training", ctx.bars, unit="step"
+    ):
         local = next(s.batcher)
         if s.ref_logps is not None:
             local = attach_reference(local, *s.ref_logps)
@@ -226,21 +328,36 @@ def _train(ctx: RunContext, s: _Prepared, stop: dict) -> Any:
             watch.check()
             watch.observe(done, row)
             rate = (time.perf_counter() - started) / (done - s.start_step)
-            log.info(f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
-                     f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)")
+            log.info(
+                f"stage {stage} step {done}/{steps} loss {row['loss']:.4f} acc {row['rewards/accuracies']:.2f} "
+                f"margin {row['rewards/margins']:.4f} ({rate:.2f} s/step, ETA {rate * (steps - done):.0f} s)"
+            )
         stopping = agreement.poll(stop["requested"])  # all processes save and stop at the same step
         if done < steps and (done % config.checkpoint.every_steps == 0 or stopping):
             watch.check()  # nothing non-finite is saved
             e = s.entry
-            ctx.checkpoints.save_step(stage, done, state, {"stage": stage, "step": done, "data": s.batcher.state(),
-                                                           "chunk": s.chunk_key, "eval_before": e.eval_before,
-                                                           "generations_before": e.generations_before,
-                                                           "choices_before": e.choices_before, "reward_before": e.reward_before,
-                                                           "config": config.to_dict()},
-                                      reference=reference if settings.moving_reference else None)
+            ctx.checkpoints.save_step(
+                stage,
+                done,
+                state,
+                {
+                    "stage": stage,
+                    "step": done,
+                    "data": s.batcher.state(),
+                    "chunk": s.chunk_key,
+                    "eval_before": e.eval_before,
+                    "generations_before": e.generations_before,
+                    "choices_before": e.choices_before,
+                    "reward_before": e.reward_before,
+                    "config": config.to_dict(),
+                },
+                reference=reference if settings.moving_reference else None,
+            )
         if stopping and done < steps:
             ctx.checkpoints.wait()
-            log.info(f"SIGTERM (on at least one process): saved stage {stage} step {done}; run the same command to resume")
+            log.info(
+                f"SIGTERM (on at least one process): saved stage {stage} step {done}; run the same command to resume"
+            )
             raise Preempted(f"preempted at stage {stage} step {done}")
     watch.check()
     return state
@@ -257,23 +374,33 @@ def _finish(ctx: RunContext, s: _Prepared, state, held_out: HeldOut) -> StageRep
     log, stage, steps, entry = ctx.log, s.settings.stage, s.steps, s.entry
     bad = first_non_finite(state.params)
     if bad is not None:
-        raise TrainingDiverged(f"stage {stage}: parameter {bad} is not finite after step {steps}; the stage was not saved")
+        raise TrainingDiverged(
+            f"stage {stage}: parameter {bad} is not finite after step {steps}; the stage was not saved"
+        )
     end = s.step_offset + steps
     if held_out.pairs is not None:
-        entry.eval_after = ctx.evaluate(state.params, held_out.pairs, held_out.reference, s.settings.dpo,
-                                        f"stage {stage}: held-out eval after")
+        entry.eval_after = ctx.evaluate(
+            state.params, held_out.pairs, held_out.reference, s.settings.dpo, f"stage {stage}: held-out eval after"
+        )
         log.metrics({"split": "eval", "when": "after", "stage": stage, "step": steps, **entry.eval_after}, end)
-    entry.generations_after, entry.choices_after, entry.reward_after = \
-        ctx.generations(state.params), ctx.choices(state.params), ctx.rewards(state.params)
+    entry.generations_after, entry.choices_after, entry.reward_after = (
+        ctx.generations(state.params),
+        ctx.choices(state.params),
+        ctx.rewards(state.params),
+    )
     for split, values in (("choices", entry.choices_after), ("reward", entry.reward_after)):
         if values:
             log.metrics({"split": split, "when": "after", "stage": stage, "step": steps, **values}, end)
     if entry.choices_after:
-        log.info(f"stage {stage} multiple choice: acc {entry.choices_before.get('acc', float('nan')):.3f} -> "
-                 f"{entry.choices_after['acc']:.3f} on {entry.choices_after['num_questions']} questions")
+        log.info(
+            f"stage {stage} multiple choice: acc {entry.choices_before.get('acc', float('nan')):.3f} -> "
+            f"{entry.choices_after['acc']:.3f} on {entry.choices_after['num_questions']} questions"
+        )
     if entry.reward_after:
-        log.info(f"stage {stage} reward on {entry.reward_after['num_prompts']} held-out prompts: "
-                 f"{entry.reward_before.get('mean', float('nan')):.4f} -> {entry.reward_after['mean']:.4f}")
+        log.info(
+            f"stage {stage} reward on {entry.reward_after['num_prompts']} held-out prompts: "
+            f"{entry.reward_before.get('mean', float('nan')):.4f} -> {entry.reward_after['mean']:.4f}"
+        )
     for generated in entry.generations_after:
         log.info(f"stage {stage} answer to {generated['prompt']!r}: {generated['completion']!r}")
     ctx.checkpoints.save_stage(stage, state.params, {"stage": stage, "steps": steps})

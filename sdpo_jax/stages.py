@@ -21,6 +21,7 @@ Orbax checkpoints (train state, data position, a moving reference), end-of-stage
 partition, the reference log-probs and generated pairs of each stage (cached, keyed by what made
 them; layout in sdpo_jax.checkpointing and sdpo_jax.run_context).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,6 +45,7 @@ from sdpo_jax.host_exchange import on_main_process
 from sdpo_jax.models.loading import load_model, load_tokenizer
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.partition import plan_stages
+from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.progress import bars_enabled, progress
 from sdpo_jax.reference import attach_reference
 from sdpo_jax.report import write_report
@@ -51,7 +53,6 @@ from sdpo_jax.run_context import RunContext, folder_identity
 from sdpo_jax.run_lock import RunFolderLock
 from sdpo_jax.run_log import RunLog, read_json
 from sdpo_jax.scorers import load_reward_prompts
-from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.sharding import build_mesh, check_process_rows
 from sdpo_jax.stage_data import generated_origin
 from sdpo_jax.stage_report import StageReport
@@ -68,8 +69,11 @@ def check_resume_config(stored: dict, current: dict, force: bool) -> None:
     (where it lives, how often it saves and logs, its device layout: config_check.resume_neutral). A field
     the stored config lacks (it was written before the field existed) counts as its default."""
     a, b, defaults = (json.loads(json.dumps(flat_fields(d))) for d in (stored, current, default_config()))
-    differences = [f"{k}: {a.get(k, defaults.get(k))!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                   if a.get(k, defaults.get(k)) != b.get(k) and not resume_neutral(k)]
+    differences = [
+        f"{k}: {a.get(k, defaults.get(k))!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, defaults.get(k)) != b.get(k) and not resume_neutral(k)
+    ]
     if differences and not force:
         raise ConfigError(
             "the config differs from the run already in output_dir ("
@@ -109,15 +113,33 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
     model, sft_params, folder = load_model(config.model, mesh=mesh)  # each tensor read straight onto its devices
     tokenizer = load_tokenizer(folder)
     bars = bars_enabled(config.log.progress, log.is_main)
-    train_pairs, eval_pairs = load_datasets(config.data, tokenizer, vocab_size=model.config.vocab_size,
-                                            process_index=jax.process_index(), process_count=jax.process_count(),
-                                            progress_bars=bars, log_sources=False)
+    train_pairs, eval_pairs = load_datasets(
+        config.data,
+        tokenizer,
+        vocab_size=model.config.vocab_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        progress_bars=bars,
+        log_sources=False,
+    )
     probe_shardings, abstract = state_shardings(model, make_optimizer(OptimizerSettings()), mesh)
-    checkpoints = RunCheckpoints(out, config.checkpoint.keep, config.checkpoint.async_save, config.checkpoint.keep_stages,
-                                 warn=log.info)
-    ctx = RunContext(config, checked.stages, log, checkpoints, model, folder, mesh,
-                     resolve_buckets(config.data.length_buckets, config.data.max_length), probe_shardings.params,
-                     abstract.params, tokenizer, bars)
+    checkpoints = RunCheckpoints(
+        out, config.checkpoint.keep, config.checkpoint.async_save, config.checkpoint.keep_stages, warn=log.info
+    )
+    ctx = RunContext(
+        config,
+        checked.stages,
+        log,
+        checkpoints,
+        model,
+        folder,
+        mesh,
+        resolve_buckets(config.data.length_buckets, config.data.max_length),
+        probe_shardings.params,
+        abstract.params,
+        tokenizer,
+        bars,
+    )
     sft_key = folder_identity(folder)
     data_key = train_pairs.identity()
 
@@ -127,30 +149,56 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
         ctx.user_prompt_ids([text for text, _ in ctx.reward_prompts], "eval.reward_prompts")
     if config.eval.choices:
         questions = load_choice_questions(config.eval.choices, limit=config.eval.choices_limit or None)
-        ctx.choice_set = encode_choices(tokenizer, questions, vocab_size=model.config.vocab_size, max_length=CHOICE_MAX_LENGTH,
-                                        chat_template=config.eval.choices_chat_template)
+        ctx.choice_set = encode_choices(
+            tokenizer,
+            questions,
+            vocab_size=model.config.vocab_size,
+            max_length=CHOICE_MAX_LENGTH,
+            chat_template=config.eval.choices_chat_template,
+        )
     plan = _plan(ctx, train_pairs, sft_params, f"{sft_key}-{data_key}")
     _summary(ctx, train_pairs, eval_pairs, plan)
-    held_out = HeldOut(eval_pairs, ctx.cached_reference_logps(sft_params, eval_pairs, out / "reference" / "eval_sft.npz",
-                                                       f"{sft_key}-eval-{eval_pairs.identity()}",
-                                                       "reference log-probs of the eval pairs (M0)") if eval_pairs else None)
+    held_out = HeldOut(
+        eval_pairs,
+        ctx.cached_reference_logps(
+            sft_params,
+            eval_pairs,
+            out / "reference" / "eval_sft.npz",
+            f"{sft_key}-eval-{eval_pairs.identity()}",
+            "reference log-probs of the eval pairs (M0)",
+        )
+        if eval_pairs
+        else None,
+    )
     finished = ctx.checkpoints.finished_stages()
     report = [StageReport.from_json(entry) for entry in log.read_report() if entry["stage"] in finished]
     models = StageModels(sft_params, sft_key, sft_params, sft_key, "M0")
     if finished:
         last = finished[-1]
-        models.previous = ctx.checkpoints.load_stage(last, abstract_with_shardings(ctx.abstract_params, ctx.param_shardings))[0]
+        models.previous = ctx.checkpoints.load_stage(
+            last, abstract_with_shardings(ctx.abstract_params, ctx.param_shardings)
+        )[0]
         models.previous_key, models.previous_name = f"stage{last}-{sft_key}-{data_key}", f"M{last}"
         log.info(f"resuming after finished stage {last}")
     stop = {"requested": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     try:
         for stage in range(len(finished) + 1, config.sdpo.num_stages + 1):
-            entry = run_stage(ctx, ctx.stages[stage - 1], models, train_pairs.subset(plan.indices[stage - 1]),
-                              plan.sources[stage - 1], held_out, stop, report)
+            entry = run_stage(
+                ctx,
+                ctx.stages[stage - 1],
+                models,
+                train_pairs.subset(plan.indices[stage - 1]),
+                plan.sources[stage - 1],
+                held_out,
+                stop,
+                report,
+            )
             report.append(entry)
             log.write_report([e.to_json() for e in report])
-            models.previous = ctx.checkpoints.load_stage(stage, abstract_with_shardings(ctx.abstract_params, ctx.param_shardings))[0]
+            models.previous = ctx.checkpoints.load_stage(
+                stage, abstract_with_shardings(ctx.abstract_params, ctx.param_shardings)
+            )[0]
             models.previous_key, models.previous_name = f"stage{stage}-{sft_key}-{data_key}", f"M{stage}"
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
@@ -165,7 +213,10 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
 def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
     """The start-up summary: model, mesh, data, the stages and their steps, where outputs go."""
     config, model = run.config, run.model
-    steps = [settings.steps(-(-len(indices) // config.train.batch_size)) for settings, indices in zip(run.stages, plan.indices)]
+    steps = [
+        settings.steps(-(-len(indices) // config.train.batch_size))
+        for settings, indices in zip(run.stages, plan.indices)
+    ]
     lines = [
         f"model {run.model_folder}: {model.config.num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
         f"compute {config.model.dtype}, attention {config.model.attention}, remat {config.model.remat}",
@@ -177,12 +228,17 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
     ]
     for settings, indices, sources, count in zip(run.stages, plan.indices, plan.sources, steps):
         lines.append(f"  stage {settings.stage}: {_stage_line(settings, len(indices), sources, count)}")
-    for pairs in (train_pairs, eval_pairs if config.data.eval else None):  # (held-out pairs split from train: same sources)
+    for pairs in (
+        train_pairs,
+        eval_pairs if config.data.eval else None,
+    ):  # (held-out pairs split from train: same sources)
         for meta in pairs.report["sources"] if pairs is not None else []:
             info, warnings = source_lines(meta)
             lines += [f"  {info}"] + [f"  warning: {line}" for line in warnings]
-    lines.append(f"outputs in {Path(config.output_dir).resolve()} (metrics.jsonl, stage_report.json, report.md, "
-                 f"plots/, tensorboard/, checkpoints/)")
+    lines.append(
+        f"outputs in {Path(config.output_dir).resolve()} (metrics.jsonl, stage_report.json, report.md, "
+        f"plots/, tensorboard/, checkpoints/)"
+    )
     lines.append(_disk_estimate(run, steps))
     for line in lines:
         run.log.info(line)
@@ -192,9 +248,11 @@ def _stage_line(settings, pairs: int, sources: list[str], steps: int) -> str:
     """How a stage gets its pairs and reference, for the start-up summary."""
     t, g = settings.stage, settings.generate
     if settings.stage_data == "generated":
-        line = (f"pairs from {generated_origin(t, sources, pairs)} ({g.samples_per_prompt} per prompt, scored by "
-                f"{g.scorer}); "
-                + (f"{settings.steps_per_stage} steps" if settings.steps_per_stage else "one epoch of them"))
+        line = (
+            f"pairs from {generated_origin(t, sources, pairs)} ({g.samples_per_prompt} per prompt, scored by "
+            f"{g.scorer}); "
+            + (f"{settings.steps_per_stage} steps" if settings.steps_per_stage else "one epoch of them")
+        )
     else:
         line = f"{pairs} pairs from {', '.join(sources)}; {steps} steps"
     line += f"; reference {'M0' if settings.reference == 'initial' else f'M{t - 1}'}"
@@ -229,15 +287,33 @@ def _plan(run: RunContext, train_pairs, sft_params, key: str):
     if config.sdpo.partition == "easy_to_hard":
         gamma = _difficulty_scores(run, train_pairs, sft_params, key)
     names = [name for name, _ in train_pairs.sources]
-    plan = plan_stages(config.sdpo.partition, config.sdpo.num_stages, train_pairs.source_id, names, seed=config.train.seed,
-                       fractions=tuple(config.sdpo.stage_fractions), difficulty=config.sdpo.difficulty, gamma=gamma)
-    run.log.write_json("partition.json", {
-        "partition": config.sdpo.partition, "difficulty": config.sdpo.difficulty if gamma is not None else None,
-        "source_scores": plan.source_scores, "stages": [{"stage": t + 1, "num_pairs": len(idx), "sources": src}
-                                                       for t, (idx, src) in enumerate(zip(plan.indices, plan.sources))],
-    })
+    plan = plan_stages(
+        config.sdpo.partition,
+        config.sdpo.num_stages,
+        train_pairs.source_id,
+        names,
+        seed=config.train.seed,
+        fractions=tuple(config.sdpo.stage_fractions),
+        difficulty=config.sdpo.difficulty,
+        gamma=gamma,
+    )
+    run.log.write_json(
+        "partition.json",
+        {
+            "partition": config.sdpo.partition,
+            "difficulty": config.sdpo.difficulty if gamma is not None else None,
+            "source_scores": plan.source_scores,
+            "stages": [
+                {"stage": t + 1, "num_pairs": len(idx), "sources": src}
+                for t, (idx, src) in enumerate(zip(plan.indices, plan.sources))
+            ],
+        },
+    )
     if plan.source_scores:
-        run.log.info("easy-to-hard by SFT preference accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in plan.source_scores.items()))
+        run.log.info(
+            "easy-to-hard by SFT preference accuracy: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in plan.source_scores.items())
+        )
     return plan
 
 
@@ -245,16 +321,29 @@ def _difficulty_scores(run: RunContext, train_pairs, sft_params, key: str) -> np
     """Per-pair easiness (higher = easier): the SFT log-ratio, or the margin a short DPO probe learns (both
     on the plain sequence log-probs, whatever dpo.ld_alpha)."""
     config, cache = run.config, Path(run.config.output_dir) / "reference"
-    chosen, rejected = run.cached_reference_logps(sft_params, train_pairs, cache / "train_sft.npz", key,
-                                           "difficulty: SFT log-probs of every train pair", ld_alpha=1.0)
+    chosen, rejected = run.cached_reference_logps(
+        sft_params,
+        train_pairs,
+        cache / "train_sft.npz",
+        key,
+        "difficulty: SFT log-probs of every train pair",
+        ld_alpha=1.0,
+    )
     if config.sdpo.difficulty != "dpo_probe":
         return chosen - rejected
     steps, first = config.sdpo.probe_steps, run.stages[0]
-    optimizer_settings = OptimizerSettings(learning_rate=first.learning_rate, total_steps=steps, max_grad_norm=first.max_grad_norm)
+    optimizer_settings = OptimizerSettings(
+        learning_rate=first.learning_rate, total_steps=steps, max_grad_norm=first.max_grad_norm
+    )
     optimizer = make_optimizer(optimizer_settings)
     shardings, _ = state_shardings(run.model, optimizer, run.mesh)
-    step_fn = run.train_step(dataclasses.replace(first.dpo, ld_alpha=1.0), optimizer_settings, optimizer, shardings,
-                             with_reference_params=False)
+    step_fn = run.train_step(
+        dataclasses.replace(first.dpo, ld_alpha=1.0),
+        optimizer_settings,
+        optimizer,
+        shardings,
+        with_reference_params=False,
+    )
     probe_key = f"{key}-probe{steps}-{first.learning_rate}-{first.dpo.beta}-{config.train.seed}"
     probe = run.stored_logps(cache / "train_probe.npz", probe_key)
     if probe is None:
@@ -263,7 +352,13 @@ def _difficulty_scores(run: RunContext, train_pairs, sft_params, key: str) -> np
         batcher = run.batches(train_pairs, shuffle=True, seed=config.train.seed)
         for _ in progress(range(steps), steps, "difficulty: DPO probe steps", run.bars, unit="step"):
             state, _ = step_fn(state, None, global_batch(attach_reference(next(batcher), chosen, rejected), run.mesh))
-        probe = run.cached_reference_logps(state.params, train_pairs, cache / "train_probe.npz", probe_key,
-                                    "difficulty: probe log-probs of every train pair", ld_alpha=1.0)
+        probe = run.cached_reference_logps(
+            state.params,
+            train_pairs,
+            cache / "train_probe.npz",
+            probe_key,
+            "difficulty: probe log-probs of every train pair",
+            ld_alpha=1.0,
+        )
     probe_chosen, probe_rejected = probe
     return (probe_chosen - chosen) - (probe_rejected - rejected)

@@ -6,6 +6,7 @@ optimizer steps across stages (stage t's step s is the steps of stages 1..t-1 pl
 stages of one run read as one curve (a stage's 'before' eval shares its step with the previous
 stage's last step).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -14,9 +14,11 @@ Precomputed reference log-probs must come from sdpo_jax.reference with the loss'
 logical axes (sdpo_jax.placement.state_shardings), the state is donated (updated in place), the
 reference parameters are an input only, never donated, and the metrics come back replicated.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -38,7 +40,7 @@ class TrainState:
     opt_state: Any
 
     @classmethod
-    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> "TrainState":
+    def create(cls, params: Any, optimizer: optax.GradientTransformation) -> TrainState:
         return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
@@ -70,13 +72,18 @@ def make_train_step(
 
     def train_step(state: TrainState, ref_params: Any, batch: dict):
         weights = pair_weights(batch)
-        totals = (jnp.maximum(jnp.sum(weights), 1.0),
-                  jnp.maximum(jnp.sum(weights * chosen_token_counts(batch).astype(jnp.float32)), 1.0))
+        totals = (
+            jnp.maximum(jnp.sum(weights), 1.0),
+            jnp.maximum(jnp.sum(weights * chosen_token_counts(batch).astype(jnp.float32)), 1.0),
+        )
         if grad_accum > 1 and settings.couples_pairs:
-            grads, sums = _coupled_gradients(model, chunk_size, settings, logps_of, state.params, ref_params, batch,
-                                             grad_accum, totals)
+            grads, sums = _coupled_gradients(
+                model, chunk_size, settings, logps_of, state.params, ref_params, batch, grad_accum, totals
+            )
         else:
-            grads, sums = _accumulated_gradients(settings, logps_of, state.params, ref_params, batch, grad_accum, totals)
+            grads, sums = _accumulated_gradients(
+                settings, logps_of, state.params, ref_params, batch, grad_accum, totals
+            )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = metric_means(sums)
@@ -86,8 +93,9 @@ def make_train_step(
     return train_step
 
 
-def _accumulated_gradients(settings: DPOSettings, logps_of: Callable, params: Any, ref_params: Any, batch: dict,
-                           grad_accum: int, totals: tuple) -> tuple[Any, dict]:
+def _accumulated_gradients(
+    settings: DPOSettings, logps_of: Callable, params: Any, ref_params: Any, batch: dict, grad_accum: int, totals: tuple
+) -> tuple[Any, dict]:
     """(gradient, metric sums) as the sum over micro-batches of the gradients of their loss shares."""
 
     def micro_loss(params, micro):
@@ -109,8 +117,17 @@ def _accumulated_gradients(settings: DPOSettings, logps_of: Callable, params: An
     return result
 
 
-def _coupled_gradients(model: LlamaForCausalLM, chunk_size: int, settings: DPOSettings, logps_of: Callable, params: Any,
-                       ref_params: Any, batch: dict, grad_accum: int, totals: tuple) -> tuple[Any, dict]:
+def _coupled_gradients(
+    model: LlamaForCausalLM,
+    chunk_size: int,
+    settings: DPOSettings,
+    logps_of: Callable,
+    params: Any,
+    ref_params: Any,
+    batch: dict,
+    grad_accum: int,
+    totals: tuple,
+) -> tuple[Any, dict]:
     """(gradient, metric sums) of a loss that couples micro-batches, exactly, in two passes.
 
     Pass 1 runs every micro-batch forward only and gathers the whole batch's PairLogps; the loss L
@@ -138,8 +155,16 @@ def _coupled_gradients(model: LlamaForCausalLM, chunk_size: int, settings: DPOSe
     return grads, metric_sums(logps, valid, settings, loss)
 
 
-def jit_train_step(model: LlamaForCausalLM, settings: DPOSettings, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   shardings: TrainState, with_reference_params: bool, grad_accum: int = 1, chunk_size: int = 128) -> Callable:
+def jit_train_step(
+    model: LlamaForCausalLM,
+    settings: DPOSettings,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    shardings: TrainState,
+    with_reference_params: bool,
+    grad_accum: int = 1,
+    chunk_size: int = 128,
+) -> Callable:
     """``make_train_step``'s step jitted for ``mesh``: the state laid out and donated as ``shardings``
     says, the batch split over the mesh's batch axes, ``ref_params`` laid out as the parameters
     (``with_reference_params``) or None (log-probs precomputed in the batch), the metrics replicated.

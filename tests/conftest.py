@@ -1,4 +1,5 @@
 """Shared pytest fixtures: tiny Hugging Face checkpoints built once per session."""
+
 from __future__ import annotations
 
 import atexit
@@ -56,5 +57,7 @@ def pytest_collection_modifyitems(items):
     with two workers the long whole-run tests start early instead of ending the session alone."""
     slow_count: dict[str, int] = {}
     for item in items:
-        slow_count[item.module.__name__] = slow_count.get(item.module.__name__, 0) + bool(item.get_closest_marker("slow"))
+        slow_count[item.module.__name__] = slow_count.get(item.module.__name__, 0) + bool(
+            item.get_closest_marker("slow")
+        )
     items.sort(key=lambda item: -slow_count[item.module.__name__])

@@ -1,4 +1,5 @@
 """Shared helpers for the data tests: a model-like tokenizer folder, configs, file writers."""
+
 from __future__ import annotations
 
 import json
@@ -7,15 +8,16 @@ import shutil
 
 import pytest
 
-from sdpo_jax.data import get_data_config
 from data_paths import TOKENIZER_FILES
+from sdpo_jax.data import get_data_config
 
 # An Anthropic-style template: what hh-rlhf transcripts look like, with BOS/EOS around turns.
 HH_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
     "{% elif m['role'] == 'user' %}\n\nHuman: {{ m['content'] }}"
     "{% else %}\n\nAssistant: {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}\n\nAssistant:{% endif %}")
+    "{% if add_generation_prompt %}\n\nAssistant:{% endif %}"
+)
 
 
 def make_model_dir(path, name: str = "llama", chat_template: str | None = HH_TEMPLATE) -> str:
@@ -43,8 +45,7 @@ def tokenizer(tmp_path_factory):
 def gpt2_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(make_model_dir(tmp_path_factory.mktemp("gpt2"), "gpt2",
-                                                        None))
+    return AutoTokenizer.from_pretrained(make_model_dir(tmp_path_factory.mktemp("gpt2"), "gpt2", None))
 
 
 @pytest.fixture

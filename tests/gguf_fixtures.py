@@ -4,6 +4,7 @@
 the tensors, permutes the rows of q and k for llama.cpp's RoPE layout, quantizes with
 ``gguf.quants.quantize`` and stores the tokenizer as ``tokenizer.ggml.*`` metadata.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,19 +46,38 @@ def truncated_gpt2_vocab(n_merges: int = 1000) -> Vocab:
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
     tokens = [by_id[i] for i in range(256 + n_merges)]
     controls = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    types = [int(gguf.TokenType.NORMAL)] * len(tokens) + [int(gguf.TokenType.CONTROL)] * 3 + [int(gguf.TokenType.USER_DEFINED)]
+    types = (
+        [int(gguf.TokenType.NORMAL)] * len(tokens)
+        + [int(gguf.TokenType.CONTROL)] * 3
+        + [int(gguf.TokenType.USER_DEFINED)]
+    )
     tokens += controls + ["<think>"]
-    return Vocab(tokens, types, merges[:n_merges], bos_id=tokens.index("<|im_start|>"),
-                 eos_id=tokens.index("<|im_end|>"), pad_id=tokens.index("<|endoftext|>"))
+    return Vocab(
+        tokens,
+        types,
+        merges[:n_merges],
+        bos_id=tokens.index("<|im_start|>"),
+        eos_id=tokens.index("<|im_end|>"),
+        pad_id=tokens.index("<|endoftext|>"),
+    )
 
 
-def tiny_llama(vocab_size: int, tied: bool, hidden: int = 64, intermediate: int = 128, seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(
+    vocab_size: int, tied: bool, hidden: int = 64, intermediate: int = 128, seed: int = 0
+) -> LlamaForCausalLM:
     """A random 2-layer Llama (4 heads, 2 KV heads) with non-trivial norm weights, in float32."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=tied,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -71,16 +91,30 @@ def tiny_llama(vocab_size: int, tied: bool, hidden: int = 64, intermediate: int 
 
 def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf LlamaModel.permute for attn_q / attn_k rows."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
 def _gguf_name(hf_name: str) -> str:
     block = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
     }
-    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    top = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
     if hf_name in top:
         return top[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)
@@ -97,9 +131,17 @@ def _encode(weight: np.ndarray, qtype: QType, rng: np.random.Generator) -> np.nd
 
 
 def write_llama_gguf(
-    path: Path, model: LlamaForCausalLM, vocab: Vocab, qtype: QType = QType.F32, *,
-    architecture: str = "llama", tokenizer_model: str = "gpt2", pre: str = "gpt-2",
-    add_bos: bool = True, overrides: dict[str, Any] | None = None, raw_types: dict[str, QType] | None = None,
+    path: Path,
+    model: LlamaForCausalLM,
+    vocab: Vocab,
+    qtype: QType = QType.F32,
+    *,
+    architecture: str = "llama",
+    tokenizer_model: str = "gpt2",
+    pre: str = "gpt-2",
+    add_bos: bool = True,
+    overrides: dict[str, Any] | None = None,
+    raw_types: dict[str, QType] | None = None,
 ) -> Path:
     """Write ``model`` and ``vocab`` as a llama.cpp GGUF file; 2-D weights in ``qtype``, norms in F32.
 
@@ -143,7 +185,11 @@ def write_llama_gguf(
         name = _gguf_name(hf_name)
         if name in (raw_types or {}):
             raw_type = raw_types[name]
-            writer.add_tensor(name, np.zeros(gguf.quants.quant_shape_to_byte_shape(weight.shape, raw_type), np.uint8), raw_dtype=raw_type)
+            writer.add_tensor(
+                name,
+                np.zeros(gguf.quants.quant_shape_to_byte_shape(weight.shape, raw_type), np.uint8),
+                raw_dtype=raw_type,
+            )
         elif weight.ndim == 1:
             writer.add_tensor(name, weight.astype(np.float32))
         else:

@@ -7,6 +7,7 @@ as one of two processes with 4 devices each (jax.distributed over 127.0.0.1, glo
 Each process feeds only its own rows of every global batch. Process 0 prints one JSON line:
 {"losses": [...], "params_sum_sq": [...per leaf...]}.
 """
+
 import json
 import os
 import sys
@@ -35,15 +36,23 @@ from sdpo_jax.placement import place, state_shardings  # noqa: E402
 from sdpo_jax.sharding import batch_sharding, build_mesh  # noqa: E402
 from sdpo_jax.train_step import TrainState, jit_train_step  # noqa: E402
 
-config = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+config = ModelConfig(
+    vocab_size=160,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 model = LlamaForCausalLM(config)
 params = init_params(model, jax.random.key(0))
 optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-2, total_steps=10))
 mesh = build_mesh(2, 2, 2)
 shardings, _ = state_shardings(model, optimizer, mesh)
-step = jit_train_step(model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, grad_accum=2,
-                      chunk_size=7)
+step = jit_train_step(
+    model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, grad_accum=2, chunk_size=7
+)
 state = place(TrainState.create(params, optimizer), shardings)
 ref = place(jax.tree_util.tree_map(lambda x: x * 0.9, params), shardings.params)
 rows = slice(None) if mode == "single" else slice(int(mode) * 4, int(mode) * 4 + 4)
@@ -54,9 +63,24 @@ for seed in range(3):
     batch = {k: jax.make_array_from_process_local_data(batch_sharding(mesh), v) for k, v in local.items()}
     state, metrics = step(state, ref, batch)
     losses.append(float(metrics["loss"]))
-sums = [float(x) for x in jax.tree_util.tree_leaves(
-    jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.sum(x.astype(jnp.float32) ** 2), p), out_shardings=None)(state.params))]
+sums = [
+    float(x)
+    for x in jax.tree_util.tree_leaves(
+        jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.sum(x.astype(jnp.float32) ** 2), p), out_shardings=None)(
+            state.params
+        )
+    )
+]
 gathered = multihost_utils.process_allgather(state.params["embed_tokens"], tiled=True)
 if jax.process_index() == 0:
-    print(json.dumps({"losses": losses, "params_sum_sq": sums, "embed_checksum": float(np.abs(np.asarray(gathered)).sum()),
-                      "process_count": jax.process_count(), "devices": jax.device_count()}))
+    print(
+        json.dumps(
+            {
+                "losses": losses,
+                "params_sum_sq": sums,
+                "embed_checksum": float(np.abs(np.asarray(gathered)).sum()),
+                "process_count": jax.process_count(),
+                "devices": jax.device_count(),
+            }
+        )
+    )

@@ -3,6 +3,7 @@
 Invoked by tests/test_prefix_sharing.py in a subprocess (the device count must be set before jax
 is imported). Prints one JSON line: {"losses": [...], "plain_losses": [...], "param_max_abs_diff": x}.
 """
+
 import os
 import sys
 
@@ -19,20 +20,30 @@ from batch_fixtures import random_pair_batch  # noqa: E402
 from sdpo_jax.losses import DPOSettings  # noqa: E402
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig  # noqa: E402
 from sdpo_jax.models.llama import init_params  # noqa: E402
-from sdpo_jax.prefix_sharing import pack_pairs  # noqa: E402
 from sdpo_jax.placement import place, state_shardings  # noqa: E402
+from sdpo_jax.prefix_sharing import pack_pairs  # noqa: E402
 from sdpo_jax.sharding import build_mesh  # noqa: E402
 from sdpo_jax.train_step import TrainState, jit_train_step  # noqa: E402
 
 
 def run(mesh, packed):
-    config = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6)
+    config = ModelConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=6,
+    )
     model = LlamaForCausalLM(config)
     params = init_params(model, jax.random.key(0))
     optimizer = optax.sgd(0.5)
     shardings, _ = state_shardings(model, optimizer, mesh)
-    step = jit_train_step(model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, chunk_size=7)
+    step = jit_train_step(
+        model, DPOSettings(beta=0.5), optimizer, mesh, shardings, with_reference_params=True, chunk_size=7
+    )
     state = place(TrainState.create(params, optimizer), shardings)
     ref = place(jax.tree_util.tree_map(lambda x: x * 0.9, params), shardings.params)
     losses = []
@@ -45,5 +56,8 @@ def run(mesh, packed):
 
 plain_losses, plain_params = run(build_mesh(devices=jax.devices()[:1]), packed=False)
 losses, params = run(build_mesh(data=2, fsdp=2), packed=True)
-diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(plain_params)))
+diff = max(
+    float(np.abs(a - b).max())
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(plain_params))
+)
 print(json.dumps({"losses": losses, "plain_losses": plain_losses, "param_max_abs_diff": diff}))

@@ -1,4 +1,5 @@
 """Helpers for tests that drive whole sdpo-train runs: their flags and their stage snapshots."""
+
 from __future__ import annotations
 
 import os
@@ -15,12 +16,23 @@ from sdpo_jax.models.llama import init_params
 
 def token_pair_run_flags(model: Path, sources: tuple, cache: Path, eval_fraction: float, every_steps: int) -> list[str]:
     """sdpo-train flags for a 2-stage `datasets` run of a tiny model on pre-tokenized pair files."""
-    return [f"--config.model.path={model}", f"--config.data.train={sources!r}", "--config.data.limit=0",
-            "--config.data.max_length=64", "--config.data.length_buckets=(64,)", "--config.data.max_prompt_length=32",
-            "--config.train.batch_size=8", "--config.sdpo.partition=datasets", "--config.train.learning_rate=1e-3",
-            f"--config.data.eval_fraction={eval_fraction}", f"--config.checkpoint.every_steps={every_steps}",
-            f"--config.data.cache_dir={cache}", "--config.eval.prompts=()", "--config.eval.choices=",
-            "--config.log.progress=never"]
+    return [
+        f"--config.model.path={model}",
+        f"--config.data.train={sources!r}",
+        "--config.data.limit=0",
+        "--config.data.max_length=64",
+        "--config.data.length_buckets=(64,)",
+        "--config.data.max_prompt_length=32",
+        "--config.train.batch_size=8",
+        "--config.sdpo.partition=datasets",
+        "--config.train.learning_rate=1e-3",
+        f"--config.data.eval_fraction={eval_fraction}",
+        f"--config.checkpoint.every_steps={every_steps}",
+        f"--config.data.cache_dir={cache}",
+        "--config.eval.prompts=()",
+        "--config.eval.choices=",
+        "--config.log.progress=never",
+    ]
 
 
 def stage_params(output_dir: Path, model_folder: Path, stage: int):
@@ -35,8 +47,11 @@ def stage_params(output_dir: Path, model_folder: Path, stage: int):
 
 def cpu_env(devices: int) -> dict:
     """This environment with `devices` fake CPU devices per process."""
-    return {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return {
+        **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
 
 
 def free_port() -> int:
@@ -48,6 +63,22 @@ def free_port() -> int:
 def start_two_processes(flags: list[str]) -> list[subprocess.Popen]:
     """`sdpo-train FLAGS` as two processes x 4 CPU devices joined by jax.distributed on 127.0.0.1."""
     port = free_port()
-    return [subprocess.Popen(["sdpo-train", *flags, "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-                              "--process_id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=cpu_env(4)) for i in range(2)]
+    return [
+        subprocess.Popen(
+            [
+                "sdpo-train",
+                *flags,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num_processes",
+                "2",
+                "--process_id",
+                str(i),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cpu_env(4),
+        )
+        for i in range(2)
+    ]

@@ -5,6 +5,7 @@ imported). The losses sort over the whole batch: every mesh and accumulation mus
 losses and, with SGD, the same parameters. Prints one JSON line:
 {mesh: {"losses": [...], "single_losses": [...], "param_max_abs_diff": x}}.
 """
+
 import os
 import sys
 
@@ -29,14 +30,22 @@ SETTINGS = DPOSettings(beta=0.5, loss_type=("aot", "aot_unpaired"), loss_weights
 
 
 def run(mesh, grad_accum):
-    config = ModelConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = ModelConfig(
+        vocab_size=160,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     model = LlamaForCausalLM(config)
     params = init_params(model, jax.random.key(0))
     optimizer = optax.sgd(0.5)
     shardings, _ = state_shardings(model, optimizer, mesh)
-    step = jit_train_step(model, SETTINGS, optimizer, mesh, shardings, with_reference_params=True, grad_accum=grad_accum,
-                          chunk_size=7)
+    step = jit_train_step(
+        model, SETTINGS, optimizer, mesh, shardings, with_reference_params=True, grad_accum=grad_accum, chunk_size=7
+    )
     state = place(TrainState.create(params, optimizer), shardings)
     ref = place(jax.tree_util.tree_map(lambda x: x * 0.9, params), shardings.params)
     losses = []
@@ -52,6 +61,9 @@ single_losses, single_params = run(build_mesh(devices=jax.devices()[:1]), grad_a
 report = {}
 for shape in [(8, 1, 1)]:
     losses, params = run(build_mesh(*shape), grad_accum=2)
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(single_params)))
+    diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(single_params))
+    )
     report["x".join(map(str, shape))] = {"losses": losses, "single_losses": single_losses, "param_max_abs_diff": diff}
 print(json.dumps(report))

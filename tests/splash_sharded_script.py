@@ -12,6 +12,7 @@ from the XLA path on whole arrays (output on real query rows), the layout of the
 all-gathers in that function's compiled HLO and, as a control, in the same function without the
 mesh (the kernel then needs whole arrays, so XLA gathers them).
 """
+
 import os
 import sys
 
@@ -103,8 +104,16 @@ def run_model():
     """Logits of a 2-layer GQA model on a 2x2x2 mesh (params initialised by the splash model itself, on
     one row, and laid out by their logical axes; rows by activation_sharding), against the XLA path
     on one device."""
-    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=40)
+    config = ModelConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=40,
+    )
     mesh = build_mesh(2, 2, 2)
     xla = LlamaForCausalLM(config, attention_implementation="xla")
     splash = LlamaForCausalLM(config, attention_implementation="splash", activation_sharding=batch_sharding(mesh))
@@ -120,15 +129,24 @@ def run_model():
         logits = jax.jit(forward)(*args)
     reference = xla.apply({"params": params}, ids, attention_mask=valid)
     real = np.asarray(valid, bool)
-    return {"shard_map_in_jaxpr": "shard_map" in jaxpr,
-            "logits_max_diff": float(np.abs(np.asarray(logits)[real] - np.asarray(reference)[real]).max()),
-            "logits_max_abs": float(np.abs(np.asarray(reference)[real]).max())}
+    return {
+        "shard_map_in_jaxpr": "shard_map" in jaxpr,
+        "logits_max_diff": float(np.abs(np.asarray(logits)[real] - np.asarray(reference)[real]).max()),
+        "logits_max_abs": float(np.abs(np.asarray(reference)[real]).max()),
+    }
 
 
 def kv_heads_refusal() -> str:
     """What laying a model with 2 key/value heads on a tensor axis of 4 says (GQA, K < tensor)."""
-    config = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    config = ModelConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
     try:
         state_shardings(LlamaForCausalLM(config), optax.sgd(0.1), build_mesh(1, 2, 4))
     except MeshError as err:
@@ -136,6 +154,10 @@ def kv_heads_refusal() -> str:
     return ""
 
 
-report = {"devices": jax.device_count(), "cases": {name: run_case(*case) for name, case in CASES.items()},
-          "model": run_model(), "kv_heads_refused": kv_heads_refusal()}
+report = {
+    "devices": jax.device_count(),
+    "cases": {name: run_case(*case) for name, case in CASES.items()},
+    "model": run_model(),
+    "kv_heads_refused": kv_heads_refusal(),
+}
 print(json.dumps(report))

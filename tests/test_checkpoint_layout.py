@@ -1,4 +1,5 @@
 """A mid-stage checkpoint whose train state has another layout is refused with one line, not Orbax's tree dump."""
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -14,7 +15,9 @@ PARAMS = {"q_kernel": jnp.ones((3, 4)), "norm": {"scale": jnp.ones(4)}}
 
 def test_checkpoint_of_another_train_state_layout_is_a_one_line_error(tmp_path):
     checkpoints = RunCheckpoints(tmp_path)
-    older = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # the optimizer state before its schedule became state
+    older = optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1e-3)
+    )  # the optimizer state before its schedule became state
     checkpoints.save_step(1, 2, TrainState.create(PARAMS, older), {"step": 2})
     checkpoints.wait()
     now = TrainState.create(PARAMS, make_optimizer(OptimizerSettings()))
@@ -25,7 +28,11 @@ def test_checkpoint_of_another_train_state_layout_is_a_one_line_error(tmp_path):
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"stage 1: the checkpoint of step 2 in {tmp_path}")
     assert "holds a train state of another layout" in message and "use another output_dir" in message
-    step, same, meta, _ = checkpoints.restore_latest(1, jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), TrainState.create(PARAMS, older)))
+    step, same, meta, _ = checkpoints.restore_latest(
+        1,
+        jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), TrainState.create(PARAMS, older)
+        ),
+    )
     assert (step, int(same.step), meta) == (2, 0, {"step": 2})  # (a layout mismatch is not damage: nothing set aside)
     checkpoints.close()

@@ -1,4 +1,5 @@
 """docs/config.md lists exactly the fields of configs/default.py, with exactly their defaults."""
+
 from __future__ import annotations
 
 import re

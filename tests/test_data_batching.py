@@ -1,4 +1,5 @@
 """Truncation, bucketed static shapes, shuffling, per-process slices and exact resumption."""
+
 import json
 
 import numpy as np
@@ -6,8 +7,7 @@ import pyarrow as pa
 import pytest
 
 from data_fixtures import config, tokenizer, triple, write_jsonl  # noqa: F401 (fixtures)
-from sdpo_jax.data import (PairBatcher, TokenizedPairs, default_buckets, load_pairs,
-                           resolve_buckets, split_eval)
+from sdpo_jax.data import PairBatcher, TokenizedPairs, default_buckets, load_pairs, resolve_buckets, split_eval
 from sdpo_jax.data.truncation import truncate
 from sdpo_jax.errors import ConfigError, SdpoError
 
@@ -32,23 +32,32 @@ def pairs():
 
 
 def test_truncation_rules():
-    t = truncate(np.array([10, 10, 4, 10]), np.array([3, 20, 3, 3]), np.array([3, 3, 3, 3]),
-                 np.array([True, True, True, False]), max_length=12, max_prompt_length=6,
-                 mode="keep_end")
+    t = truncate(
+        np.array([10, 10, 4, 10]),
+        np.array([3, 20, 3, 3]),
+        np.array([3, 3, 3, 3]),
+        np.array([True, True, True, False]),
+        max_length=12,
+        max_prompt_length=6,
+        mode="keep_end",
+    )
     assert t.prompt_len.tolist() == [6, 6, 4, 6]
-    assert t.head.tolist() == [1, 1, 0, 0]            # BOS kept first unless there was none
-    assert t.body_offset.tolist() == [5, 5, 0, 4]     # then the last 5 (or 6) prompt tokens
+    assert t.head.tolist() == [1, 1, 0, 0]  # BOS kept first unless there was none
+    assert t.body_offset.tolist() == [5, 5, 0, 4]  # then the last 5 (or 6) prompt tokens
     assert t.chosen_len.tolist() == [3, 6, 3, 3] and not t.empty.any()
-    start = truncate(np.array([10]), np.array([3]), np.array([3]), np.array([True]), 12, 6,
-                     "keep_start")
+    start = truncate(np.array([10]), np.array([3]), np.array([3]), np.array([True]), 12, 6, "keep_start")
     assert (start.head.tolist(), start.body_offset.tolist()) == ([0], [0])
 
 
 def test_truncated_ids_and_empty_completion_report(tmp_path, tokenizer, config):
     long_prompt = " ".join(f"w{i}" for i in range(60))
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
-        {"prompt": "short", "chosen": " " + " ".join(["a"] * 50), "rejected": " no"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"prompt": long_prompt, "chosen": " yes", "rejected": " no"},
+            {"prompt": "short", "chosen": " " + " ".join(["a"] * 50), "rejected": " no"},
+        ],
+    )
     config.max_length, config.max_prompt_length = 32, 0
     pairs = load_pairs([path], tokenizer, config, vocab_size=32000)
     assert len(pairs) == 1 and pairs.report["dropped_empty_completion"] == 1
@@ -94,14 +103,14 @@ def test_batches_are_bucketed_complete_and_correct(pairs):
                 prompt, completion = pairs.prompt_ids(i), getattr(pairs, f"{side}_ids")(i)
                 n = len(prompt) + len(completion)
                 assert ids[:n].tolist() == prompt + completion and not ids[n:].any()
-                assert attn.sum() == n and loss.tolist() == [len(prompt) <= j < n
-                                                             for j in range(length)]
+                assert attn.sum() == n and loss.tolist() == [len(prompt) <= j < n for j in range(length)]
                 assert b["chosen_input_ids"].dtype == np.int32 and loss.dtype == bool
 
 
 def test_shuffle_is_deterministic(pairs):
-    order = lambda seed, epoch: np.concatenate(PairBatcher(pairs, 8, seed, BUCKETS)  # noqa: E731
-                                               .plan(epoch)).tolist()
+    order = lambda seed, epoch: np.concatenate(
+        PairBatcher(pairs, 8, seed, BUCKETS).plan(epoch)  # noqa: E731
+    ).tolist()
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
     unshuffled = PairBatcher(pairs, 8, 1, BUCKETS, shuffle=False)

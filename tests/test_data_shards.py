@@ -4,6 +4,7 @@ The processes are simulated in one Python process: `read_shard` for every shard,
 `combine_shards` with all their summaries (what `load_pairs` exchanges with `jax.distributed`),
 once per process index. The real multi-process run is in tests/test_multihost_train.py.
 """
+
 import json
 
 import numpy as np
@@ -25,8 +26,10 @@ def sharded(sources, tokenizer, config, count):
     shards = [read_shard(sources, tokenizer, config, vocab_size=VOCAB, shard=(p, count)) for p in range(count)]
     summaries = [json.loads(json.dumps(s.summary())) for s in shards]
     fields = [s.pair_fields() for s in shards]
-    return [combine_shards(shards[p], summaries, fields, p, sources, truncation_id(config, tokenizer.bos_token_id))
-            for p in range(count)]
+    return [
+        combine_shards(shards[p], summaries, fields, p, sources, truncation_id(config, tokenizer.bos_token_id))
+        for p in range(count)
+    ]
 
 
 def test_read_source_shards_partition_the_records(tmp_path):
@@ -46,15 +49,20 @@ def test_read_source_shards_partition_the_records(tmp_path):
     pq.write_table(pa.table({"i": list(range(7))}), tmp_path / "d.parquet")
     table = [read_source(str(tmp_path / "d.parquet"), limit=6, sample_seed=1, shard=(p, 2)) for p in range(2)]
     whole = read_source(str(tmp_path / "d.parquet"), limit=6, sample_seed=1)
-    assert [(r.where.number, r.value) for part in table for r in part.records] == [(r.where.number, r.value) for r in whole.records]
+    assert [(r.where.number, r.value) for part in table for r in part.records] == [
+        (r.where.number, r.value) for r in whole.records
+    ]
     assert [r.value for r in table[1].lead] == [r.value for r in table[0].records]
 
 
 @pytest.mark.parametrize("count", [2, 3])
 def test_shards_combine_into_the_whole_dataset(tmp_path, tokenizer, config, count):
     config.skip_invalid, config.limit, config.max_length, config.max_prompt_length = True, 120, 256, 128
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}, "{oops",
-                                               {"prompt": "a", "chosen": 3, "rejected": " c"}] * 4)
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        [{"prompt": "a", "chosen": " b", "rejected": " c"}, "{oops", {"prompt": "a", "chosen": 3, "rejected": " c"}]
+        * 4,
+    )
     sources = [HH, bad]
     whole = load_pairs(sources, tokenizer, config, vocab_size=VOCAB)
     config.cache_dir = str(tmp_path / f"cache{count}")
@@ -78,10 +86,15 @@ def test_shards_combine_into_the_whole_dataset(tmp_path, tokenizer, config, coun
 
 
 def test_first_bad_record_is_reported_as_the_whole_file_would(tmp_path, tokenizer, config):
-    text = [{"chosen": f"\n\nHuman: q{i}\n\nAssistant: a", "rejected": f"\n\nHuman: q{i}\n\nAssistant: b"}
-            for i in range(6)]
-    chat = [{side: [{"role": "user", "content": "q"}, {"role": "assistant", "content": side}]
-             for side in ("chosen", "rejected")}] * 3
+    text = [
+        {"chosen": f"\n\nHuman: q{i}\n\nAssistant: a", "rejected": f"\n\nHuman: q{i}\n\nAssistant: b"} for i in range(6)
+    ]
+    chat = [
+        {
+            side: [{"role": "user", "content": "q"}, {"role": "assistant", "content": side}]
+            for side in ("chosen", "rejected")
+        }
+    ] * 3
     path = write_jsonl(tmp_path / "d.jsonl", text + chat)  # shared_prefix transcripts, then conversations
     with pytest.raises(DataError) as whole:
         load_pairs([path], tokenizer, config, vocab_size=VOCAB)
@@ -91,12 +104,18 @@ def test_first_bad_record_is_reported_as_the_whole_file_would(tmp_path, tokenize
         sharded([path], tokenizer, config, 3)
     assert str(shard.value) == str(whole.value)
     config.skip_invalid = True
-    assert len(sharded([path], tokenizer, config, 3)[2]) == len(load_pairs([path], tokenizer, config, vocab_size=VOCAB)) == 6
+    assert (
+        len(sharded([path], tokenizer, config, 3)[2])
+        == len(load_pairs([path], tokenizer, config, vocab_size=VOCAB))
+        == 6
+    )
 
 
 def test_errors_of_several_sources_and_other_failures_reach_every_process(tmp_path, tokenizer, config):
     good = {"prompt": "q", "chosen": " a", "rejected": " b"}
-    first = write_jsonl(tmp_path / "a.jsonl", [good] * 3 + [{"prompt": "q", "chosen": 1, "rejected": " b"}])  # line 4: shard 1
+    first = write_jsonl(
+        tmp_path / "a.jsonl", [good] * 3 + [{"prompt": "q", "chosen": 1, "rejected": " b"}]
+    )  # line 4: shard 1
     second = write_jsonl(tmp_path / "b.jsonl", ["{oops"] + [good] * 3)  # line 1: shard 0
     with pytest.raises(DataError) as whole:
         load_pairs([first, second], tokenizer, config, vocab_size=VOCAB)
@@ -109,7 +128,9 @@ def test_errors_of_several_sources_and_other_failures_reach_every_process(tmp_pa
     shards = [read_shard([clean], tokenizer, config, vocab_size=VOCAB, shard=(p, 2)) for p in range(2)]
     shards[1].error, shards[1].pairs = OSError("cache entry unreadable"), None  # not bad data: say, a broken disk
     summaries, fields = [s.summary() for s in shards], [s.pair_fields() for s in shards]
-    with pytest.raises(RuntimeError, match=f"process 1 could not read its shard of {clean}: OSError: cache entry unreadable"):
+    with pytest.raises(
+        RuntimeError, match=f"process 1 could not read its shard of {clean}: OSError: cache entry unreadable"
+    ):
         combine_shards(shards[0], summaries, fields, 0, [clean], [])
     with pytest.raises(OSError, match="cache entry unreadable"):
         combine_shards(shards[1], summaries, fields, 1, [clean], [])
@@ -136,7 +157,9 @@ def on_devices(locals_: list[dict]) -> dict:
 def test_training_batches_from_process_local_tokens_equal_one_process(tmp_path, tokenizer, config, prefix_sharing):
     (train, _), views = local_batches(tmp_path, tokenizer, config, 4)
     one = PairBatcher(train, 8, 5, (32, 64, 128), prefix_sharing=prefix_sharing)
-    many = [PairBatcher(view[0], 8, 5, (32, 64, 128), p, 4, prefix_sharing=prefix_sharing) for p, view in enumerate(views)]
+    many = [
+        PairBatcher(view[0], 8, 5, (32, 64, 128), p, 4, prefix_sharing=prefix_sharing) for p, view in enumerate(views)
+    ]
     staged = 0
     for _ in range(2 * one.steps_per_epoch):
         expected, locals_ = next(one), [next(b) for b in many]

@@ -1,4 +1,5 @@
 """Every bad input is refused with a one-line error naming file, line/row and field."""
+
 import json
 import logging
 
@@ -66,25 +67,27 @@ def test_non_utf8_in_json_list(tmp_path, tokenizer, config):
     refuse(path, tokenizer, config, "d.json line 2", "invalid UTF-8")
 
 
-@pytest.mark.parametrize("ids,detail", [([5, 32000], "token id 32000 is outside the vocabulary"),
-                                        ([5, -1], "token id -1 is negative")])
+@pytest.mark.parametrize(
+    "ids,detail", [([5, 32000], "token id 32000 is outside the vocabulary"), ([5, -1], "token id -1 is negative")]
+)
 def test_token_ids_out_of_range(tmp_path, tokenizer, config, ids, detail):
     row = {"prompt_ids": [1, 5], "chosen_ids": [7, 2], "rejected_ids": ids}
-    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt_ids": [1], "chosen_ids": [3],
-                                               "rejected_ids": [4]}, row])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt_ids": [1], "chosen_ids": [3], "rejected_ids": [4]}, row])
     refuse(path, tokenizer, config, "line 2, field 'rejected_ids'", detail)
 
 
 def test_tokenizer_ids_beyond_model_vocab(tmp_path, tokenizer, config):
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
-    with pytest.raises(DataError, match=r"line 1, field 'prompt': token id \d+ is outside the "
-                                        r"vocabulary \(size 100\)"):
+    with pytest.raises(
+        DataError,
+        match=r"line 1, field 'prompt': token id \d+ is outside the "
+        r"vocabulary \(size 100\)",
+    ):
         load_pairs([path], tokenizer, config, vocab_size=100)
 
 
 def test_token_ids_wrong_type(tmp_path, tokenizer, config):
-    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt_ids": [1], "chosen_ids": [3.5],
-                                               "rejected_ids": [4]}])
+    path = write_jsonl(tmp_path / "t.jsonl", [{"prompt_ids": [1], "chosen_ids": [3.5], "rejected_ids": [4]}])
     refuse(path, tokenizer, config, "line 1, field 'chosen_ids'", "integer token ids, got float")
 
 
@@ -103,34 +106,43 @@ def test_parquet_rows_are_located(tmp_path, tokenizer, config):
     import pyarrow.parquet as pq
 
     path = tmp_path / "d.parquet"
-    pq.write_table(pa.table({"prompt": ["a", "b"], "chosen": [" c", ""], "rejected": [" d", " e"]}),
-                   path)
+    pq.write_table(pa.table({"prompt": ["a", "b"], "chosen": [" c", ""], "rejected": [" d", " e"]}), path)
     refuse(path, tokenizer, config, "d.parquet row 1, field 'chosen'")
 
 
 def test_skip_invalid_counts_per_reason(tmp_path, tokenizer, config, caplog):
-    rows = [GOOD, "{oops", dict(GOOD, chosen=""), dict(GOOD, chosen=""), {"prompt": "p"},
-            dict(GOOD, extra=1), GOOD]
+    rows = [GOOD, "{oops", dict(GOOD, chosen=""), dict(GOOD, chosen=""), {"prompt": "p"}, dict(GOOD, extra=1), GOOD]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     config.skip_invalid = True
     with caplog.at_level(logging.WARNING, "sdpo_jax.data"):
         pairs = load_pairs([path], tokenizer, config, vocab_size=VOCAB)
     assert len(pairs) == 2
-    assert pairs.report["sources"][0]["skipped"] == {"invalid JSON": 1, "empty string": 2,
-                                                     "missing field": 1, "extra field": 1}
+    assert pairs.report["sources"][0]["skipped"] == {
+        "invalid JSON": 1,
+        "empty string": 2,
+        "missing field": 1,
+        "extra field": 1,
+    }
     assert "skipped 2 invalid record(s): empty string, first: " in caplog.text
     info, warnings = source_lines(pairs.report["sources"][0])  # the start-up summary's lines
     assert info.endswith("d.jsonl: 2 pairs, text format")
-    assert warnings[0].endswith("d.jsonl: skipped 2 invalid record(s): empty string, first: "
-                                f"{path} line 3, field 'chosen': expected a non-empty string, got an empty string")
+    assert warnings[0].endswith(
+        "d.jsonl: skipped 2 invalid record(s): empty string, first: "
+        f"{path} line 3, field 'chosen': expected a non-empty string, got an empty string"
+    )
     assert [w.split(": skipped ")[1].split(" invalid")[0] for w in warnings] == ["2", "1", "1", "1"]  # most first
 
 
 def test_no_valid_pairs_names_the_commonest_reason_and_where(tmp_path, tokenizer, config):
     rows = [dict(GOOD, chosen=""), {"prompt": "p"}, dict(GOOD, chosen=""), dict(GOOD, rejected="")]
     config.skip_invalid = True
-    refuse(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer, config,
-           "d.jsonl: no valid pairs (4 skipped; most for empty string: 3, first: ", "d.jsonl line 1, field 'chosen'")
+    refuse(
+        write_jsonl(tmp_path / "d.jsonl", rows),
+        tokenizer,
+        config,
+        "d.jsonl: no valid pairs (4 skipped; most for empty string: 3, first: ",
+        "d.jsonl line 1, field 'chosen'",
+    )
 
 
 def test_identical_pairs_warned(tmp_path, tokenizer, config, caplog):

@@ -1,5 +1,6 @@
 """The stepwise experiment: the sorting task's reward and tokenizer, the stage files, and a tiny
 end-to-end run of the pipeline (SFT -> pairs -> stage driver -> greedy reward -> table)."""
+
 from __future__ import annotations
 
 import math
@@ -8,9 +9,9 @@ import pytest
 import transformers
 
 from experiments.pairs import Pair, split_by_difficulty
-from experiments.sorting import EOS_ID, Problem, build_tokenizer, reward, score, strip_eos, TOKEN_ID
 from experiments.provenance import provenance, same_platform
 from experiments.reproduce import differences
+from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
 from experiments.stepwise import QUICK, run_seed, settings_from_record, settings_record
 from experiments.summary import markdown_table, summarize
 from experiments.variants import VARIANTS, DPOSettings, variant_config
@@ -20,16 +21,19 @@ def ids(text: str) -> list[int]:
     return [TOKEN_ID[t] for t in text.split()]
 
 
-@pytest.mark.parametrize("answer, expected", [
-    ("1 2 3 3 </s>", 1.0),            # exact
-    ("1 2 3 3", 1.0),                 # no EOS generated: the answer is what was produced
-    ("1 3 2 3 </s>", 0.5),            # two items in the wrong place
-    ("1 2 3 </s>", 0.75),             # one item missing
-    ("1 2 3 3 3 3 </s>", 4 / 6),      # two extra items
-    ("= 2 3 3 </s>", 0.75),           # a non-digit counts as a wrong item
-    ("</s> 1 2 3 3", 0.0),            # nothing before the EOS
-    ("3 3 2 1 </s>", 0.0),
-])
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("1 2 3 3 </s>", 1.0),  # exact
+        ("1 2 3 3", 1.0),  # no EOS generated: the answer is what was produced
+        ("1 3 2 3 </s>", 0.5),  # two items in the wrong place
+        ("1 2 3 </s>", 0.75),  # one item missing
+        ("1 2 3 3 3 3 </s>", 4 / 6),  # two extra items
+        ("= 2 3 3 </s>", 0.75),  # a non-digit counts as a wrong item
+        ("</s> 1 2 3 3", 0.0),  # nothing before the EOS
+        ("3 3 2 1 </s>", 0.0),
+    ],
+)
 def test_reward_is_the_fraction_of_right_items(answer, expected):
     problem = Problem((3, 1, 3, 2))
     assert math.isclose(reward(problem, ids(answer)), expected)
@@ -41,21 +45,53 @@ def test_the_scorer_reads_the_decoded_texts_as_the_reward_does(tmp_path):
     problem, answers = Problem((3, 1, 3, 2)), ["1 2 3 3 </s>", "1 3 2 3 </s>", "= 2 3 3 </s>"]
     prompt = tokenizer.decode(problem.prompt_ids, skip_special_tokens=True)
     completions = [tokenizer.decode(ids(a), skip_special_tokens=True) for a in answers]
-    assert prompt == "3 1 3 2 =" and score([prompt] * 3, completions, [None] * 3) == [reward(problem, ids(a)) for a in answers]
+    assert prompt == "3 1 3 2 =" and score([prompt] * 3, completions, [None] * 3) == [
+        reward(problem, ids(a)) for a in answers
+    ]
 
 
 def test_on_policy_variants_generate_every_stage_with_the_true_reward():
     onpolicy = next(v for v in VARIANTS if v.name == "onpolicy-3")
-    config = variant_config(onpolicy, model_folder="m0", all_pairs="all.jsonl", stage_files={}, eval_pairs="eval.jsonl",
-                            num_pairs=960, output_dir="out", cache_dir="cache", seed=0, dpo=DPOSettings(), samples=4,
-                            temperature=1.0, max_new_tokens=14)
+    config = variant_config(
+        onpolicy,
+        model_folder="m0",
+        all_pairs="all.jsonl",
+        stage_files={},
+        eval_pairs="eval.jsonl",
+        num_pairs=960,
+        output_dir="out",
+        cache_dir="cache",
+        seed=0,
+        dpo=DPOSettings(),
+        samples=4,
+        temperature=1.0,
+        max_new_tokens=14,
+    )
     assert (config.sdpo.num_stages, config.sdpo.partition, config.sdpo.stage_data) == (3, "random", "generated")
-    assert (config.generate.scorer, config.generate.samples_per_prompt, config.generate.chosen) == ("experiments.sorting:score", 4, "best")
-    assert config.train.steps_per_stage == 40  # the same total steps as every variant: 4 epochs x 960 pairs / 3 stages / 32
+    assert (config.generate.scorer, config.generate.samples_per_prompt, config.generate.chosen) == (
+        "experiments.sorting:score",
+        4,
+        "best",
+    )
+    assert (
+        config.train.steps_per_stage == 40
+    )  # the same total steps as every variant: 4 epochs x 960 pairs / 3 stages / 32
     gold = next(v for v in VARIANTS if v.name == "onpolicy-gold-2")
-    config = variant_config(gold, model_folder="m0", all_pairs="all.jsonl", stage_files={}, eval_pairs="eval.jsonl",
-                            num_pairs=960, output_dir="out", cache_dir="cache", seed=0, dpo=DPOSettings(), samples=4,
-                            temperature=1.0, max_new_tokens=14)
+    config = variant_config(
+        gold,
+        model_folder="m0",
+        all_pairs="all.jsonl",
+        stage_files={},
+        eval_pairs="eval.jsonl",
+        num_pairs=960,
+        output_dir="out",
+        cache_dir="cache",
+        seed=0,
+        dpo=DPOSettings(),
+        samples=4,
+        temperature=1.0,
+        max_new_tokens=14,
+    )
     assert (config.sdpo.stage_data, config.generate.chosen, config.train.steps_per_stage) == ("generated", "gold", 60)
 
 
@@ -99,10 +135,18 @@ def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
 
 
 def test_check_names_every_number_that_differs_and_ignores_timings():
-    committed = {"seed": 0, "seconds": 12.0, "provenance": {"commit": "a"},
-                 "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.0}], "seconds": 4.0}}}
-    now = {"seed": 0, "seconds": 99.0, "provenance": {"commit": "b"},
-           "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.5}, {"reward": 0.7}], "seconds": 5.0}}}
+    committed = {
+        "seed": 0,
+        "seconds": 12.0,
+        "provenance": {"commit": "a"},
+        "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.0}], "seconds": 4.0}},
+    }
+    now = {
+        "seed": 0,
+        "seconds": 99.0,
+        "provenance": {"commit": "b"},
+        "variants": {"dpo": {"stages": [{"reward": 0.8, "gamma": 3.5}, {"reward": 0.7}], "seconds": 5.0}},
+    }
     assert differences(committed, committed | {"seconds": 1.0, "provenance": {}}) == []
     found = {d.path: d for d in differences(committed, now)}
     assert set(found) == {"variants.dpo.stages[0].gamma", "variants.dpo.stages[1].reward"}

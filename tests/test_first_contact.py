@@ -1,5 +1,6 @@
 """A stranger's first commands: --help everywhere, one-line errors in seconds with nothing written, the
 environment's errors told as such, a loss that climbs, checkpoint checksums, a full disk."""
+
 from __future__ import annotations
 
 import json
@@ -29,27 +30,51 @@ def test_every_command_has_help(command):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower() and len(result.stdout.splitlines()) >= 5, result.stdout
     if command == "sdpo-train":
-        assert "docs/config.md" in result.stdout and "--show_config" in result.stdout and "--config.FIELD=VALUE" in result.stdout
+        assert (
+            "docs/config.md" in result.stdout
+            and "--show_config" in result.stdout
+            and "--config.FIELD=VALUE" in result.stdout
+        )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--config.train.batchsize=4"], "--config.train.batchsize=4: unknown config field 'train.batchsize'; did you mean 'train.batch_size'?"),
-    (["--config.train.batch_size=abc"], "--config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
-    (["--config=no/such/config.py"], "--config no/such/config.py: no such config file"),
-    (["--config", "configs/llama3_8b_instruct_sdpo.py:v9"], "ValueError: config argument 'v9' is not one of ['8xh100', 'v4-32']"),
-    (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps: must be >= 1, got 0"),
-    (["--config.train.batch_size=-4"], "train.batch_size: must be >= 1, got -4"),
-    (["--config.train.learning_rate=-1"], "train.learning_rate: must be > 0, got -1"),
-    (["--config.sdpo.stage_overrides=('7:dpo.beta=0.2',)"], "stage 7 does not exist (sdpo.num_stages is 2)"),
-    (["--config.sdpo.stage_overrides=('2:dpo.beta=abc',)"], "stage 2: dpo.beta: expected a number, got string 'abc'"),
-    (["--num_proceses=2"], "Unknown command line flag 'num_proceses'"),
-    (["train"], "unexpected arguments: train"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--config.train.batchsize=4"],
+            "--config.train.batchsize=4: unknown config field 'train.batchsize'; did you mean 'train.batch_size'?",
+        ),
+        (
+            ["--config.train.batch_size=abc"],
+            "--config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'",
+        ),
+        (["--config=no/such/config.py"], "--config no/such/config.py: no such config file"),
+        (
+            ["--config", "configs/llama3_8b_instruct_sdpo.py:v9"],
+            "ValueError: config argument 'v9' is not one of ['8xh100', 'v4-32']",
+        ),
+        (["--config.checkpoint.every_steps=0"], "checkpoint.every_steps: must be >= 1, got 0"),
+        (["--config.train.batch_size=-4"], "train.batch_size: must be >= 1, got -4"),
+        (["--config.train.learning_rate=-1"], "train.learning_rate: must be > 0, got -1"),
+        (["--config.sdpo.stage_overrides=('7:dpo.beta=0.2',)"], "stage 7 does not exist (sdpo.num_stages is 2)"),
+        (
+            ["--config.sdpo.stage_overrides=('2:dpo.beta=abc',)"],
+            "stage 2: dpo.beta: expected a number, got string 'abc'",
+        ),
+        (["--num_proceses=2"], "Unknown command line flag 'num_proceses'"),
+        (["train"], "unexpected arguments: train"),
+    ],
+)
 def test_a_bad_command_line_fails_in_seconds_and_writes_nothing(tmp_path, args, message):
     run = tmp_path / "run"
     started = time.perf_counter()
-    result = subprocess.run([str(BIN / "sdpo-train"), f"--config.output_dir={run}", *args], capture_output=True, text=True,
-                            timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [str(BIN / "sdpo-train"), f"--config.output_dir={run}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     elapsed = time.perf_counter() - started
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
@@ -59,8 +84,20 @@ def test_a_bad_command_line_fails_in_seconds_and_writes_nothing(tmp_path, args, 
 
 
 def test_show_config_checks_and_lists_every_field(tmp_path):
-    result = subprocess.run([str(BIN / "sdpo-train"), "--config", "configs/tiny.py", "--config.train.seed=7", "--show_config",
-                             f"--config.output_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [
+            str(BIN / "sdpo-train"),
+            "--config",
+            "configs/tiny.py",
+            "--config.train.seed=7",
+            "--show_config",
+            f"--config.output_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert "train.seed = 7" in lines and "model.path = 'tiny-random-llama'" in lines and len(lines) > 60
@@ -70,10 +107,12 @@ def test_show_config_checks_and_lists_every_field(tmp_path):
 def test_a_missing_package_is_named_not_counted_as_bad_records(tmp_path):
     """Without jinja2 (transformers' chat templates need it) a conversational source is not 'no valid
     pairs (48 skipped)': the run stops at once naming the package."""
-    script = ("import sys; sys.modules['jinja2'] = None\n"
-              "from sdpo_jax.cli.train import main\n"
-              f"main(['sdpo-train', '--config', 'configs/tiny.py', '--config.output_dir={tmp_path / 'run'}',"
-              f" '--config.data.cache_dir={tmp_path / 'cache'}', '--config.eval.prompts=()', '--config.eval.choices='])\n")
+    script = (
+        "import sys; sys.modules['jinja2'] = None\n"
+        "from sdpo_jax.cli.train import main\n"
+        f"main(['sdpo-train', '--config', 'configs/tiny.py', '--config.output_dir={tmp_path / 'run'}',"
+        f" '--config.data.cache_dir={tmp_path / 'cache'}', '--config.eval.prompts=()', '--config.eval.choices='])\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-3000:]
@@ -85,7 +124,10 @@ def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(capsys, t
     with pytest.raises(SystemExit) as info, user_errors("sdpo-x"):
         open(tmp_path / "missing" / "file.jsonl", encoding="utf-8")
     assert info.value.code == 2
-    assert capsys.readouterr().err == f"sdpo-x: error: [Errno 2] No such file or directory: '{tmp_path / 'missing' / 'file.jsonl'}'\n"
+    assert (
+        capsys.readouterr().err
+        == f"sdpo-x: error: [Errno 2] No such file or directory: '{tmp_path / 'missing' / 'file.jsonl'}'\n"
+    )
     with pytest.raises(SystemExit), user_errors("sdpo-x"):
         raise PermissionError(13, "Permission denied", "/data/pairs.jsonl")
     assert capsys.readouterr().err == "sdpo-x: error: [Errno 13] Permission denied: '/data/pairs.jsonl'\n"
@@ -93,8 +135,10 @@ def test_environment_errors_are_one_line_and_bugs_keep_their_traceback(capsys, t
         raise KeyError("a bug")
     err = capsys.readouterr().err
     assert info.value.code == 70 and err.startswith("Traceback (most recent call last):")
-    assert err.splitlines()[-1] == ("sdpo-x: internal error: this is a bug in sdpo_jax, please report it with the "
-                                    "traceback above (KeyError: 'a bug')")
+    assert err.splitlines()[-1] == (
+        "sdpo-x: internal error: this is a bug in sdpo_jax, please report it with the "
+        "traceback above (KeyError: 'a bug')"
+    )
 
 
 def test_a_local_source_that_is_not_a_readable_file_is_a_config_error(tmp_path):
@@ -114,9 +158,13 @@ def test_the_loss_watch_stops_at_non_finite_and_warns_once_on_a_climb():
     watch = LossWatch(2, "train.learning_rate 10", warnings.append)
     for step, loss in enumerate([0.69, 0.71, 3.0, 25507.0, 30000.0], start=1):
         watch.observe(step, {"loss": loss, "grad_norm": 1.0})
-    assert warnings == ["warning: stage 2 step 4: loss 2.551e+04 is far above its first value 0.69; training may be "
-                        "diverging (train.learning_rate 10)"]
-    with pytest.raises(TrainingDiverged, match=r"^stage 2 step 6: the loss is 0.5 and the gradient norm inf: training diverged"):
+    assert warnings == [
+        "warning: stage 2 step 4: loss 2.551e+04 is far above its first value 0.69; training may be "
+        "diverging (train.learning_rate 10)"
+    ]
+    with pytest.raises(
+        TrainingDiverged, match=r"^stage 2 step 6: the loss is 0.5 and the gradient norm inf: training diverged"
+    ):
         watch.observe(6, {"loss": 0.5, "grad_norm": float("inf")})
     watch.check()  # nothing tracked yet
     for step, loss in ((7, 0.5), (8, np.nan), (9, np.inf)):  # folded on the device, read at check()
@@ -157,13 +205,22 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (not root in a container that allows it)")
     try:
-        command = [str(BIN / "sdpo-train"), "--config", "configs/tiny.py", f"--config.output_dir={mount / 'run'}",
-                   "--config.checkpoint.every_steps=1", f"--config.data.cache_dir={tmp_path / 'cache'}",
-                   "--config.eval.prompts=()", "--config.eval.choices="]
+        command = [
+            str(BIN / "sdpo-train"),
+            "--config",
+            "configs/tiny.py",
+            f"--config.output_dir={mount / 'run'}",
+            "--config.checkpoint.every_steps=1",
+            f"--config.data.cache_dir={tmp_path / 'cache'}",
+            "--config.eval.prompts=()",
+            "--config.eval.choices=",
+        ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-        assert lines[-1].startswith("sdpo-train: error: [Errno 28] no space left for the checkpoint of stage 1 step 1: it needs ~")
+        assert lines[-1].startswith(
+            "sdpo-train: error: [Errno 28] no space left for the checkpoint of stage 1 step 1: it needs ~"
+        )
         subprocess.run(["mount", "-o", "remount,size=200m", str(mount)], check=True)
         result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -209,7 +266,9 @@ print("ok")
 
 
 def test_checksums_of_sharded_arrays_equal_the_whole_arrays_and_gather_nothing():
-    result = subprocess.run([sys.executable, "-c", SHARDED_CHECKSUM], capture_output=True, text=True, timeout=120, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_CHECKSUM], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 

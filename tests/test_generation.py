@@ -4,6 +4,7 @@ sampling against transformers' rule; seeds; a 4-device mesh against one device.
 Run as a script (``python tests/test_generation.py FOLDER``, 4 host devices) it prints the mesh
 report that `test_mesh_decoding_equals_one_device` checks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,10 +39,16 @@ def _prompts(vocab: int) -> list[list[int]]:
 def _transformers_greedy(folder, prompt: list[int]) -> list[int]:
     model = load_torch_model(folder)
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("family", ["llama3", "mistral", "qwen2"])
@@ -53,7 +60,9 @@ def test_greedy_equals_transformers_generate(hf_checkpoint, family):
     folder = hf_checkpoint(family)
     config, params = load_hf_checkpoint(folder)
     prompts = _prompts(config.vocab_size)
-    ours = generate(LlamaForCausalLM(config), params, prompts, NEW_TOKENS, eos_token_id=None, batch_size=4, pad_multiple=8)
+    ours = generate(
+        LlamaForCausalLM(config), params, prompts, NEW_TOKENS, eos_token_id=None, batch_size=4, pad_multiple=8
+    )
     assert ours == [_transformers_greedy(folder, p) for p in prompts]
 
 
@@ -67,7 +76,7 @@ def test_cache_decoding_equals_full_forward_argmax(hf_checkpoint):
     for _ in range(NEW_TOKENS):
         logits = model.apply({"params": params}, jnp.asarray([tokens]))
         tokens.append(int(jnp.argmax(logits[0, -1])))
-    assert generate(model, params, [prompt], NEW_TOKENS, eos_token_id=None, batch_size=1) == [tokens[len(prompt):]]
+    assert generate(model, params, [prompt], NEW_TOKENS, eos_token_id=None, batch_size=1) == [tokens[len(prompt) :]]
 
 
 def test_eos_stops_a_row_and_sampling_is_seeded(hf_checkpoint):
@@ -77,9 +86,9 @@ def test_eos_stops_a_row_and_sampling_is_seeded(hf_checkpoint):
     greedy = generate(model, params, prompts, NEW_TOKENS, eos_token_id=None)
     eos = greedy[1][3]  # make the 4th greedy token of row 1 the EOS
     stopped = generate(model, params, prompts, NEW_TOKENS, eos_token_id=eos)
-    assert stopped[1] == greedy[1][:greedy[1].index(eos) + 1]
+    assert stopped[1] == greedy[1][: greedy[1].index(eos) + 1]
     for full, cut in zip(greedy, stopped):
-        assert cut == (full[:full.index(eos) + 1] if eos in full else full)
+        assert cut == (full[: full.index(eos) + 1] if eos in full else full)
     sampled = [generate(model, params, prompts, NEW_TOKENS, None, temperature=1.0, seed=s) for s in (0, 0, 1)]
     assert sampled[0] == sampled[1] and sampled[0] != sampled[2]
     assert sampled[0] != greedy  # temperature 1 on logits of order 1-10 departs from greedy
@@ -135,8 +144,11 @@ def test_top_p_sampling_stays_in_the_nucleus_with_its_probabilities():
     each as often as its renormalised probability says (within 5 standard deviations)."""
     logits = _fixed_logits()[0]
     draws = 4096
-    tokens = np.asarray(next_tokens(jnp.asarray(np.tile(logits, (draws, 1)), jnp.float32), jax.random.key(0),
-                                    temperature=0.7, top_p=0.8))
+    tokens = np.asarray(
+        next_tokens(
+            jnp.asarray(np.tile(logits, (draws, 1)), jnp.float32), jax.random.key(0), temperature=0.7, top_p=0.8
+        )
+    )
     nucleus = _transformers_top_p(logits[None] / 0.7, 0.8)[0]
     probs = np.where(np.isfinite(nucleus), np.exp(nucleus - nucleus.max()), 0.0)
     probs /= probs.sum()
@@ -186,14 +198,21 @@ def _mesh_report(folder: str) -> dict:
     model = LlamaForCausalLM(config)
     prompts = _prompts(config.vocab_size) * 2
     settings = {"greedy": {}, "sampled": dict(temperature=1.0, top_p=0.9, seed=5)}
-    report = {name: {"1 device": generate(model, jax.device_put(params, jax.devices()[0]), prompts, NEW_TOKENS, None,
-                                          batch_size=4, **kw)} for name, kw in settings.items()}
+    report = {
+        name: {
+            "1 device": generate(
+                model, jax.device_put(params, jax.devices()[0]), prompts, NEW_TOKENS, None, batch_size=4, **kw
+            )
+        }
+        for name, kw in settings.items()
+    }
     for shape in [(4, 1, 1), (1, 2, 2)]:
         mesh = build_mesh(*shape)
         placed = place(params, logical_to_shardings(logical_axes(model), mesh))
         for name, kw in settings.items():
-            report[name]["x".join(map(str, shape))] = generate(model, placed, prompts, NEW_TOKENS, None, batch_size=4,
-                                                                mesh=mesh, **kw)
+            report[name]["x".join(map(str, shape))] = generate(
+                model, placed, prompts, NEW_TOKENS, None, batch_size=4, mesh=mesh, **kw
+            )
     try:
         generate(model, params, prompts, NEW_TOKENS, None, batch_size=6, mesh=build_mesh(4, 1, 1))
     except ValueError as error:
@@ -206,16 +225,18 @@ def test_mesh_decoding_equals_one_device(hf_checkpoint):
     """Rows split over (data=4) and over (fsdp=2, tensor=2) with sharded params: greedy and seeded
     top-p sampling give the single-device tokens."""
     folder = hf_checkpoint("llama3")
-    result = subprocess.run([sys.executable, __file__, str(folder)], capture_output=True, text=True, env=cpu_env(4),
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, __file__, str(folder)], capture_output=True, text=True, env=cpu_env(4), timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     for name in ("greedy", "sampled"):
         assert set(report[name]) == {"1 device", "4x1x1", "1x2x2"}
         assert all(tokens == report[name]["1 device"] for tokens in report[name].values()), name
     assert report["sampled"]["1 device"] != report["greedy"]["1 device"]
-    assert report["error"] == ("generate: batch_size 6 does not split over the mesh's 4 batch devices (data x fsdp); "
-                               "use a multiple of 4")
+    assert report["error"] == (
+        "generate: batch_size 6 does not split over the mesh's 4 batch devices (data x fsdp); use a multiple of 4"
+    )
 
 
 if __name__ == "__main__":

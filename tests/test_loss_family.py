@@ -1,5 +1,6 @@
 """Every loss type of TRL 1.16's DPOTrainer, and combinations, against TRL itself; gradients against
 finite differences; sorted losses exact under gradient accumulation and sharding."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,10 +22,10 @@ from batch_fixtures import random_pair_batch
 from hf_fixtures import load_torch_model, make_hf_checkpoint
 from run_fixtures import cpu_env
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
+from sdpo_jax.evaluation import make_eval_step, pair_set_metrics
 from sdpo_jax.losses import LOSS_TYPES, METRIC_NAMES, DPOSettings, PairLogps, batch_loss_sum
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.prefix_sharing import pack_pairs
-from sdpo_jax.evaluation import make_eval_step, pair_set_metrics
 from sdpo_jax.reference import make_reference_step
 from sdpo_jax.train_step import TrainState, make_train_step
 
@@ -46,12 +47,22 @@ CASES = {
     "sft": dict(loss_type=["sft"]),
     "sigmoid_norm": dict(loss_type=["sigmoid_norm"], beta=2.0),
     "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
-    "js+wpo+ld": dict(loss_type=["sigmoid", "ipo", "discopop"], loss_weights=[1.0, 0.1, 0.5], f_divergence_type="js_divergence",
-                      use_weighting=True, ld_alpha=0.5),
+    "js+wpo+ld": dict(
+        loss_type=["sigmoid", "ipo", "discopop"],
+        loss_weights=[1.0, 0.1, 0.5],
+        f_divergence_type="js_divergence",
+        use_weighting=True,
+        ld_alpha=0.5,
+    ),
     # (TRL's discopop overflows to nan under forward_kl and alpha_divergence here: e^-z with z ~ -1e3)
     "forward_kl": dict(loss_type=["robust", "sigmoid_norm"], f_divergence_type="forward_kl", label_smoothing=0.1),
-    "alpha_divergence+ld": dict(loss_type=["hinge", "exo_pair", "sft"], f_divergence_type="alpha_divergence",
-                                f_alpha_divergence_coef=0.3, label_smoothing=1e-3, ld_alpha=0.7),  # sft: plain sums
+    "alpha_divergence+ld": dict(
+        loss_type=["hinge", "exo_pair", "sft"],
+        f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.3,
+        label_smoothing=1e-3,
+        ld_alpha=0.7,
+    ),  # sft: plain sums
     "wpo": dict(loss_type=["nca_pair", "apo_down", "sppo_hard"], use_weighting=True),
     "sorted+ld": dict(loss_type=["aot", "aot_unpaired", "bco_pair"], ld_alpha=0.0),
 }
@@ -64,16 +75,23 @@ def _settings(case: dict) -> DPOSettings:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("loss_family_models")
-    return make_hf_checkpoint("llama2", root / "policy", seed=0), make_hf_checkpoint("llama2", root / "reference", seed=1)
+    return make_hf_checkpoint("llama2", root / "policy", seed=0), make_hf_checkpoint(
+        "llama2", root / "reference", seed=1
+    )
 
 
 @pytest.fixture(scope="module")
 def rows():
     """12 pre-tokenized pairs; completion lengths differ within most pairs (LD-DPO has a tail to weigh)."""
     rng = np.random.default_rng(0)
-    return [{"prompt_ids": rng.integers(3, 160, rng.integers(2, 12)).tolist(),
-             "chosen_ids": rng.integers(3, 160, rng.integers(1, 9)).tolist() + [2],
-             "rejected_ids": rng.integers(3, 160, rng.integers(1, 9)).tolist() + [2]} for _ in range(12)]
+    return [
+        {
+            "prompt_ids": rng.integers(3, 160, rng.integers(2, 12)).tolist(),
+            "chosen_ids": rng.integers(3, 160, rng.integers(1, 9)).tolist() + [2],
+            "rejected_ids": rng.integers(3, 160, rng.integers(1, 9)).tolist() + [2],
+        }
+        for _ in range(12)
+    ]
 
 
 def _plain_batch(rows, length=24) -> dict[str, np.ndarray]:
@@ -83,7 +101,7 @@ def _plain_batch(rows, length=24) -> dict[str, np.ndarray]:
         ids, attention, loss = (np.zeros((len(rows), length), dtype) for dtype in (np.int32, np.int32, bool))
         for i, row in enumerate(rows):
             prompt, sequence = len(row["prompt_ids"]), row["prompt_ids"] + row[f"{side}_ids"]
-            ids[i, :len(sequence)], attention[i, :len(sequence)], loss[i, prompt:len(sequence)] = sequence, 1, True
+            ids[i, : len(sequence)], attention[i, : len(sequence)], loss[i, prompt : len(sequence)] = sequence, 1, True
         batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_loss_mask"] = ids, attention, loss
     return batch
 
@@ -119,12 +137,26 @@ def trl_metrics(checkpoints, rows, tmp_path_factory):
     tokenizer = transformers.AutoTokenizer.from_pretrained(policy)
 
     def metrics(case: dict) -> dict[str, float]:
-        args = DPOConfig(output_dir=str(out), per_device_eval_batch_size=len(rows), bf16=False, report_to="none", use_cpu=True,
-                         max_length=None, prediction_loss_only=True, **case)
+        args = DPOConfig(
+            output_dir=str(out),
+            per_device_eval_batch_size=len(rows),
+            bf16=False,
+            report_to="none",
+            use_cpu=True,
+            max_length=None,
+            prediction_loss_only=True,
+            **case,
+        )
         with pytest.MonkeyPatch.context() as patch:  # the rows are already TRL's tokenized layout
             patch.setattr(DPOTrainer, "_prepare_dataset", lambda self, data, *args, **kwargs: data)
-            trainer = DPOTrainer(model=load_torch_model(policy), ref_model=load_torch_model(reference), args=args,
-                                 train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer)
+            trainer = DPOTrainer(
+                model=load_torch_model(policy),
+                ref_model=load_torch_model(reference),
+                args=args,
+                train_dataset=dataset,
+                eval_dataset=dataset,
+                processing_class=tokenizer,
+            )
             result = trainer.evaluate()
         return {name: result[f"eval_{name}"] for name in METRIC_NAMES}
 
@@ -144,7 +176,9 @@ def test_matches_trl_dpo_trainer(name, ours, trl_metrics):
     for layout in layouts:
         got = ours(case, layout)
         for metric in METRIC_NAMES:
-            np.testing.assert_allclose(got[metric], expected[metric], rtol=rtol, atol=1e-6, err_msg=f"{layout} {metric}")
+            np.testing.assert_allclose(
+                got[metric], expected[metric], rtol=rtol, atol=1e-6, err_msg=f"{layout} {metric}"
+            )
 
 
 def test_every_loss_type_is_covered():
@@ -157,8 +191,13 @@ def _random_logps(settings: DPOSettings, pairs: int = 7, seed: int = 0) -> PairL
     policy = -rng.uniform(5, 40, (2, pairs))
     reference = policy + rng.normal(0, 2, (2, pairs))
     tokens = rng.integers(1, 20, (2, pairs)).astype(np.float64)
-    return PairLogps(*policy, *reference, *tokens, policy_chosen_plain=policy[0] * 1.3 if settings.ld_weighting else None,
-                     log_weight=-rng.uniform(0, 3, pairs) if settings.use_weighting else None)
+    return PairLogps(
+        *policy,
+        *reference,
+        *tokens,
+        policy_chosen_plain=policy[0] * 1.3 if settings.ld_weighting else None,
+        log_weight=-rng.uniform(0, 3, pairs) if settings.use_weighting else None,
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -171,8 +210,13 @@ def test_gradient_matches_finite_differences(name):
         valid = jnp.asarray([1, 1, 1, 0, 1, 1, 1], jnp.float64)
 
         def loss(values):
-            return batch_loss_sum(dataclasses.replace(logps, **values), valid, settings, jnp.sum(valid),
-                                  jnp.sum(valid * logps.chosen_tokens))
+            return batch_loss_sum(
+                dataclasses.replace(logps, **values),
+                valid,
+                settings,
+                jnp.sum(valid),
+                jnp.sum(valid * logps.chosen_tokens),
+            )
 
         point = {field: getattr(logps, field) for field in differentiable}
         grads = jax.grad(loss)(point)
@@ -198,8 +242,12 @@ def test_accumulated_sorted_loss_equals_full_batch(hf_checkpoint):
     batch = jax.tree_util.tree_map(jnp.asarray, random_pair_batch(8, 24, config.vocab_size, seed=4))
     batch["valid"] = batch["valid"].at[5].set(False)
     settings, optimizer = _settings(CASES["sorted+ld"]), optax.sgd(1.0)  # the update is minus the gradient
-    results = [jax.jit(make_train_step(model, settings, optimizer, grad_accum=accum, chunk_size=8))(
-        TrainState.create(params, optimizer), ref_params, batch) for accum in (1, 4)]
+    results = [
+        jax.jit(make_train_step(model, settings, optimizer, grad_accum=accum, chunk_size=8))(
+            TrainState.create(params, optimizer), ref_params, batch
+        )
+        for accum in (1, 4)
+    ]
     (full, full_metrics), (accum, accum_metrics) = results
     for metric in METRIC_NAMES:
         np.testing.assert_allclose(accum_metrics[metric], full_metrics[metric], rtol=1e-5, err_msg=metric)
@@ -212,8 +260,10 @@ def test_accumulated_sorted_loss_equals_full_batch(hf_checkpoint):
     valid = np.asarray(values.pop("valid")) > 0
     eval_metrics = pair_set_metrics({k: np.asarray(v)[valid] for k, v in values.items()}, settings)
     np.testing.assert_allclose(eval_metrics["loss"], full_metrics["loss"], rtol=1e-5)
-    per_micro = [pair_set_metrics({k: np.asarray(v)[valid & (np.arange(8) % 4 == m)] for k, v in values.items()}, settings)
-                 for m in range(4)]
+    per_micro = [
+        pair_set_metrics({k: np.asarray(v)[valid & (np.arange(8) % 4 == m)] for k, v in values.items()}, settings)
+        for m in range(4)
+    ]
     assert abs(float(np.mean([m["loss"] for m in per_micro])) - float(full_metrics["loss"])) > 1e-3
 
 

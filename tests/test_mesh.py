@@ -1,4 +1,5 @@
 """Mesh shapes from the config's mesh section, and the errors for shapes that cannot fit."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,7 @@ import pytest
 
 from configs.default import get_config
 from run_fixtures import free_port
-from sdpo_jax.sharding import (MeshError, build_mesh, global_mesh_shape, hybrid_mesh_shapes, mesh_shape,
-                               slice_count)
+from sdpo_jax.sharding import MeshError, build_mesh, global_mesh_shape, hybrid_mesh_shapes, mesh_shape, slice_count
 
 
 def test_default_mesh_uses_every_device():
@@ -20,38 +20,49 @@ def test_default_mesh_uses_every_device():
     assert mesh.axis_names == ("data", "fsdp", "tensor") and mesh.size == len(jax.devices())
 
 
-@pytest.mark.parametrize("sizes, devices, expected", [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((1, 4, -1), 8, (1, 4, 2))])
+@pytest.mark.parametrize(
+    "sizes, devices, expected", [((-1, 1, 1), 8, (8, 1, 1)), ((2, -1, 2), 8, (2, 2, 2)), ((1, 4, -1), 8, (1, 4, 2))]
+)
 def test_minus_one_fills_the_rest(sizes, devices, expected):
     assert mesh_shape(*sizes, devices) == expected
 
 
-@pytest.mark.parametrize("sizes, devices, message", [
-    ((2, 2, 1), 8, "data\\*fsdp\\*tensor = 4 but there are 8 devices"),
-    ((-1, -1, 1), 8, "at most one axis may be -1"),
-    ((3, -1, 1), 8, "8 devices cannot be split"),
-    ((0, 1, 1), 1, "must be positive or -1"),
-])
+@pytest.mark.parametrize(
+    "sizes, devices, message",
+    [
+        ((2, 2, 1), 8, "data\\*fsdp\\*tensor = 4 but there are 8 devices"),
+        ((-1, -1, 1), 8, "at most one axis may be -1"),
+        ((3, -1, 1), 8, "8 devices cannot be split"),
+        ((0, 1, 1), 1, "must be positive or -1"),
+    ],
+)
 def test_impossible_meshes_are_refused(sizes, devices, message):
     with pytest.raises(MeshError, match=message):
         mesh_shape(*sizes, devices)
 
 
-@pytest.mark.parametrize("sizes, dcn, devices, slices, ici, global_shape", [
-    ((-1, 4, 1), 2, 16, 2, (2, 4, 1), (4, 4, 1)),   # two 8-chip slices, FSDP 4 inside each
-    ((1, -1, 1), 4, 64, 4, (1, 16, 1), (4, 16, 1)),  # four v5p-32 slices
-    ((-1, 1, 1), 1, 8, 1, (8, 1, 1), (8, 1, 1)),    # one slice: the plain mesh
-])
+@pytest.mark.parametrize(
+    "sizes, dcn, devices, slices, ici, global_shape",
+    [
+        ((-1, 4, 1), 2, 16, 2, (2, 4, 1), (4, 4, 1)),  # two 8-chip slices, FSDP 4 inside each
+        ((1, -1, 1), 4, 64, 4, (1, 16, 1), (4, 16, 1)),  # four v5p-32 slices
+        ((-1, 1, 1), 1, 8, 1, (8, 1, 1), (8, 1, 1)),  # one slice: the plain mesh
+    ],
+)
 def test_multi_slice_shapes(sizes, dcn, devices, slices, ici, global_shape):
     assert hybrid_mesh_shapes(*sizes, dcn, devices, slices) == (ici, (dcn, 1, 1))
     assert global_mesh_shape(*sizes, devices, dcn_data=dcn) == global_shape
 
 
-@pytest.mark.parametrize("dcn, devices, slices, message", [
-    (3, 16, 2, "mesh.dcn_data=3 but the 16 devices form 2 slice\\(s\\)"),
-    (1, 16, 2, "mesh.dcn_data=1 but the 16 devices form 2 slice"),
-    (2, 15, 2, "15 devices do not split evenly into 2 slices"),
-    (0, 8, 1, "mesh.dcn_data must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "dcn, devices, slices, message",
+    [
+        (3, 16, 2, "mesh.dcn_data=3 but the 16 devices form 2 slice\\(s\\)"),
+        (1, 16, 2, "mesh.dcn_data=1 but the 16 devices form 2 slice"),
+        (2, 15, 2, "15 devices do not split evenly into 2 slices"),
+        (0, 8, 1, "mesh.dcn_data must be >= 1"),
+    ],
+)
 def test_impossible_multi_slice_meshes_are_refused(dcn, devices, slices, message):
     with pytest.raises(MeshError, match=message):
         hybrid_mesh_shapes(-1, 1, 1, dcn, devices, slices)
@@ -97,13 +108,23 @@ def test_two_processes_are_two_dcn_replicas(tmp_path):
     one data row (processes are the granules off TPU) and a batch split over (data, fsdp) adds up."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    workers = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS_MESH, str(i), str(port)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWO_PROCESS_MESH, str(i), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
     outputs = [w.communicate(timeout=240) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-2000:]
     report = json.loads(outputs[0][0].strip().splitlines()[-1])
-    assert report.pop("refused") == ("mesh {'data': 1, 'fsdp': 1, 'tensor': 8}: process 0's devices hold batch rows 0..7, not its "
-                                     "own block 0..3 of 8: the data and fsdp axes must split the rows over the 2 processes "
-                                     "(keep the tensor axis within a host)")
+    assert report.pop("refused") == (
+        "mesh {'data': 1, 'fsdp': 1, 'tensor': 8}: process 0's devices hold batch rows 0..7, not its "
+        "own block 0..3 of 8: the data and fsdp axes must split the rows over the 2 processes "
+        "(keep the tensor axis within a host)"
+    )
     assert report == {"shape": {"data": 2, "fsdp": 4, "tensor": 1}, "processes_per_data_row": [[0], [1]], "sum": 28.0}

@@ -1,4 +1,5 @@
 """The config's model section: folders, GGUF files, named GGUFs and clear errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,11 +22,14 @@ def test_folder_and_overrides(hf_checkpoint):
     assert module.remat == "full" and module.dtype.__name__ == "bfloat16" and module.config.qkv_bias
 
 
-@pytest.mark.parametrize("path, message", [
-    ("missing.gguf", "no such GGUF file"),
-    ("./not/here", "is not a folder, a .gguf file, a hub id"),
-    ("nobody-xyz/not-a-model-xyz", "could not fetch 'nobody-xyz/not-a-model-xyz' from the hub"),
-])
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        ("missing.gguf", "no such GGUF file"),
+        ("./not/here", "is not a folder, a .gguf file, a hub id"),
+        ("nobody-xyz/not-a-model-xyz", "could not fetch 'nobody-xyz/not-a-model-xyz' from the hub"),
+    ],
+)
 def test_unresolvable_paths(path, message, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match=message):
@@ -50,13 +54,19 @@ def test_tiny_random_model_is_a_real_checkpoint_written_once(tmp_path, monkeypat
     config.path = "tiny-random-llama"
     module, params, folder = load_model(config)
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model_folder("tiny-random-llama") == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (
+        resolve_model_folder("tiny-random-llama") == folder
+        and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    )
     torch_model = load_torch_model(folder)
     assert sum(p.numel() for p in torch_model.parameters()) == module.config.num_params
     np.testing.assert_array_equal(torch_model.model.embed_tokens.weight.detach().numpy(), params["embed_tokens"])
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    rendered = tokenizer.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                                             tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert rendered == "<s><<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] Hi [/INST]"

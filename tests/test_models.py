@@ -1,4 +1,5 @@
 """Flax Llama-family models against transformers' PyTorch classes on tiny local checkpoints."""
+
 from __future__ import annotations
 
 import jax
@@ -46,7 +47,9 @@ def test_bf16_forward_within_tolerance(hf_checkpoint):
     config, params = load_hf_checkpoint(hf_checkpoint("llama3"))
     ids, mask = _batch(config.vocab_size)
     run = lambda dtype: np.asarray(
-        LlamaForCausalLM(config, dtype=dtype).apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+        LlamaForCausalLM(config, dtype=dtype).apply(
+            {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)
+        )
     )
     full, half = run(jnp.float32), run(jnp.bfloat16)
     real = mask.astype(bool)

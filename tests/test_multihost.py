@@ -1,4 +1,5 @@
 """Two processes x 4 CPU devices (jax.distributed on 127.0.0.1) train exactly like one process x 8."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,21 @@ def _env():
 
 
 def test_two_processes_equal_one_process():
-    single = subprocess.run([sys.executable, str(SCRIPT), "single"], capture_output=True, text=True, timeout=300, env=_env())
+    single = subprocess.run(
+        [sys.executable, str(SCRIPT), "single"], capture_output=True, text=True, timeout=300, env=_env()
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     port = str(free_port())
-    workers = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), port], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=_env()) for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), str(i), port],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for i in range(2)
+    ]
     outputs = [w.communicate(timeout=300) for w in workers]
     for worker, (_, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]

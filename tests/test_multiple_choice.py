@@ -1,4 +1,5 @@
 """Multiple-choice eval: file layouts, log-likelihoods against transformers, the real SmolLM2, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,13 @@ import transformers
 from data_paths import ARC_EASY, OPENBOOKQA
 from hf_fixtures import load_torch_model, make_chat_checkpoint, make_hf_checkpoint
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
-from sdpo_jax.choice_eval import choice_loglikelihoods, choice_step, encode_choices, evaluate_choices, load_choice_questions
+from sdpo_jax.choice_eval import (
+    choice_loglikelihoods,
+    choice_step,
+    encode_choices,
+    evaluate_choices,
+    load_choice_questions,
+)
 from sdpo_jax.choice_eval.questions import ChoiceQuestion
 from sdpo_jax.choice_eval.score import choice_metrics
 from sdpo_jax.cli.choices import main as choices_main
@@ -24,6 +31,7 @@ ARC, OBQA = ARC_EASY, OPENBOOKQA
 
 
 # ---- reading -------------------------------------------------------------------------------
+
 
 def test_shipped_arc_easy_parses_every_row():
     raw = json.loads(ARC.read_text())
@@ -48,31 +56,42 @@ def test_shipped_openbookqa_parses_every_row():
 
 def test_generic_layout_takes_index_or_letter(tmp_path):
     path = tmp_path / "generic.jsonl"
-    path.write_text('{"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}\n\n'
-                    '{"question": "Sky?", "choices": ["green", "red", "blue"], "answer": "C"}\n')
+    path.write_text(
+        '{"question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}\n\n'
+        '{"question": "Sky?", "choices": ["green", "red", "blue"], "answer": "C"}\n'
+    )
     first, second = load_choice_questions(str(path))
     assert (first.choices, first.answer, second.answer, second.where.number) == (("3", "4", "5"), 1, 2, 3)
 
 
 GOOD_GENERIC = {"question": "Which?", "choices": ["a", "b", "c"], "answer": 0}
 GOOD_ARC = {"id": "x", "question": "Which?", "choices": {"text": ["a", "b"], "label": ["1", "2"]}, "answerKey": "2"}
-GOOD_OBQA = {"id": "y", "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
-             "answerKey": "A"}
+GOOD_OBQA = {
+    "id": "y",
+    "question": {"stem": "Which?", "choices": [{"text": "a", "label": "A"}, {"text": "b", "label": "B"}]},
+    "answerKey": "A",
+}
 
 
-@pytest.mark.parametrize("bad, field, detail", [
-    ({**GOOD_ARC, "answerKey": "E"}, "answerKey", "answer label 'E' is not among the choice labels 1, 2"),
-    ({**GOOD_ARC, "choices": {"text": ["a", "b"], "label": ["A"]}}, "choices.label", "2 texts but 1 labels"),
-    ({**GOOD_ARC, "choices": {"text": ["a", ""], "label": ["A", "B"]}}, "choices.text[1]", "empty string"),
-    ({**GOOD_OBQA, "question": {"stem": "Q", "choices": [{"text": "a", "label": "A"}, {"text": "b"}]}},
-     "question.choices[1].label", "missing"),
-    ({**GOOD_OBQA, "question": {"choices": []}}, "question.stem", "missing"),
-    ({**GOOD_GENERIC, "answer": 3}, "answer", "answer index 3 is outside 0..2"),
-    ({**GOOD_GENERIC, "answer": "D"}, "answer", "not among the choice labels A, B, C"),
-    ({**GOOD_GENERIC, "choices": "a, b"}, "choices", "expected a list of choice texts, got string"),
-    ({**GOOD_GENERIC, "choices": ["only one"]}, "choices", "expected at least 2 choices, got 1"),
-    ({"question": "Which?", "choices": ["a", "b"]}, "answer", "expected 'answer' (generic layout) or 'answerKey'"),
-])
+@pytest.mark.parametrize(
+    "bad, field, detail",
+    [
+        ({**GOOD_ARC, "answerKey": "E"}, "answerKey", "answer label 'E' is not among the choice labels 1, 2"),
+        ({**GOOD_ARC, "choices": {"text": ["a", "b"], "label": ["A"]}}, "choices.label", "2 texts but 1 labels"),
+        ({**GOOD_ARC, "choices": {"text": ["a", ""], "label": ["A", "B"]}}, "choices.text[1]", "empty string"),
+        (
+            {**GOOD_OBQA, "question": {"stem": "Q", "choices": [{"text": "a", "label": "A"}, {"text": "b"}]}},
+            "question.choices[1].label",
+            "missing",
+        ),
+        ({**GOOD_OBQA, "question": {"choices": []}}, "question.stem", "missing"),
+        ({**GOOD_GENERIC, "answer": 3}, "answer", "answer index 3 is outside 0..2"),
+        ({**GOOD_GENERIC, "answer": "D"}, "answer", "not among the choice labels A, B, C"),
+        ({**GOOD_GENERIC, "choices": "a, b"}, "choices", "expected a list of choice texts, got string"),
+        ({**GOOD_GENERIC, "choices": ["only one"]}, "choices", "expected at least 2 choices, got 1"),
+        ({"question": "Which?", "choices": ["a", "b"]}, "answer", "expected 'answer' (generic layout) or 'answerKey'"),
+    ],
+)
 def test_bad_rows_name_line_and_field(tmp_path, bad, field, detail):
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in (GOOD_ARC, GOOD_OBQA, bad, GOOD_GENERIC)))
@@ -86,7 +105,9 @@ def test_bad_rows_name_line_and_field(tmp_path, bad, field, detail):
 def test_bad_json_list_row_names_row_and_invalid_json_names_line(tmp_path):
     listed = tmp_path / "arc.json"
     listed.write_text(json.dumps([GOOD_ARC, {**GOOD_ARC, "answerKey": 2}]))
-    with pytest.raises(DataError, match=r"arc\.json row 1, field 'answerKey': expected a choice label \(string\), got int"):
+    with pytest.raises(
+        DataError, match=r"arc\.json row 1, field 'answerKey': expected a choice label \(string\), got int"
+    ):
         load_choice_questions(str(listed))
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(GOOD_GENERIC) + "\n{not json\n")
@@ -95,6 +116,7 @@ def test_bad_json_list_row_names_row_and_invalid_json_names_line(tmp_path):
 
 
 # ---- log-likelihoods against transformers --------------------------------------------------
+
 
 def _torch_choice_scores(folder, tokenizer, questions, chat_template: bool) -> tuple[np.ndarray, np.ndarray]:
     """(sum of continuation log-probs, characters of the choice text) per (question, choice), unpacked, with torch.
@@ -107,8 +129,9 @@ def _torch_choice_scores(folder, tokenizer, questions, chat_template: bool) -> t
     scores, lengths = [], []
     for q in questions:
         if chat_template:
-            context = tokenizer.apply_chat_template([{"role": "user", "content": q.question}], tokenize=False,
-                                                    add_generation_prompt=True)
+            context = tokenizer.apply_chat_template(
+                [{"role": "user", "content": q.question}], tokenize=False, add_generation_prompt=True
+            )
             continuations, special = list(q.choices), False
         else:
             context, continuations, special = f"Question: {q.question}\nAnswer:", [" " + c for c in q.choices], True
@@ -116,7 +139,7 @@ def _torch_choice_scores(folder, tokenizer, questions, chat_template: bool) -> t
         context_ids = tokenizer(stripped, add_special_tokens=special)["input_ids"]
         for choice, continuation in zip(q.choices, continuations):
             ids = tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
-            assert ids[:len(context_ids)] == context_ids
+            assert ids[: len(context_ids)] == context_ids
             with torch.no_grad():
                 logps = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), dim=-1)
             scores.append(sum(logps[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids))))
@@ -128,8 +151,8 @@ def _numpy_accuracies(questions, scores, lengths) -> tuple[float, float]:
     hits, norm_hits, row = [], [], 0
     for q in questions:
         n = len(q.choices)
-        hits.append(int(np.argmax(scores[row:row + n])) == q.answer)
-        norm_hits.append(int(np.argmax(scores[row:row + n] / lengths[row:row + n])) == q.answer)
+        hits.append(int(np.argmax(scores[row : row + n])) == q.answer)
+        norm_hits.append(int(np.argmax(scores[row : row + n] / lengths[row : row + n])) == q.answer)
         row += n
     return float(np.mean(hits)), float(np.mean(norm_hits))
 
@@ -148,7 +171,11 @@ def window_model(tmp_path_factory):
 def _questions():
     """ARC rows (one with 5 choices, one with 3) and OpenBookQA rows: uneven choice counts and lengths."""
     arc = load_choice_questions(str(ARC))
-    return [arc[i] for i in (0, 1, 2, 3, 4)] + [q for q in arc if len(q.choices) != 4] + load_choice_questions(str(OBQA), limit=3)
+    return (
+        [arc[i] for i in (0, 1, 2, 3, 4)]
+        + [q for q in arc if len(q.choices) != 4]
+        + load_choice_questions(str(OBQA), limit=3)
+    )
 
 
 @pytest.mark.parametrize("family, chat_template", [("llama2", False), ("llama2", True), ("mistral", False)])
@@ -158,9 +185,12 @@ def test_loglikelihoods_match_transformers(chat_model, window_model, family, cha
     model = LlamaForCausalLM(config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     questions = _questions()
-    encoded = encode_choices(tokenizer, questions, vocab_size=config.vocab_size, max_length=512,
-                             chat_template=chat_template)
-    ours = choice_loglikelihoods(choice_step(model, chunk_size=8), params, encoded, batch_size=4)  # 3 batches, padding rows
+    encoded = encode_choices(
+        tokenizer, questions, vocab_size=config.vocab_size, max_length=512, chat_template=chat_template
+    )
+    ours = choice_loglikelihoods(
+        choice_step(model, chunk_size=8), params, encoded, batch_size=4
+    )  # 3 batches, padding rows
     expected, lengths = _torch_choice_scores(folder, tokenizer, questions, chat_template)
     # The test template's generation prompt ends in a space, which SentencePiece joins to the choice.
     assert encoded.boundary_merges == (len(expected) if chat_template else 0) and encoded.truncated == 0
@@ -177,7 +207,9 @@ def test_acc_norm_divides_by_the_choice_characters_without_the_space(chat_model)
     """lm-eval's acc_norm: ll / len(choice). With the joining space counted ('a' 2, 'bbbb' 5) the other
     choice would win: -2/2 = -1.0 > -6/5 = -1.2, but -2/1 = -2.0 < -6/4 = -1.5."""
     question = ChoiceQuestion("Which?", ("a", "bbbb"), 1, Location("q.jsonl", "line", 1))
-    encoded = encode_choices(transformers.AutoTokenizer.from_pretrained(chat_model), [question], vocab_size=32000, max_length=64)
+    encoded = encode_choices(
+        transformers.AutoTokenizer.from_pretrained(chat_model), [question], vocab_size=32000, max_length=64
+    )
     assert encoded.choice_lengths.tolist() == [1, 4]
     metrics = choice_metrics(encoded, np.array([-2.0, -6.0]))
     assert (metrics["acc"], metrics["acc_norm"]) == (0.0, 1.0)
@@ -210,15 +242,20 @@ except ValueError as err:
 
 def test_mesh_sharded_scores_equal_one_device(chat_model):
     """Batches split over data=2 and parameters over tensor=2 (4 host devices) score like 1 device."""
-    result = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(chat_model), str(OBQA)], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", MESH_SCRIPT, str(chat_model), str(OBQA)], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     *_, scores_line, refusal = result.stdout.strip().splitlines()
     assert refusal == "batch size 3 must be a positive multiple of the 2 batch shards of the mesh"
     sharded = json.loads(scores_line)
     config, params = load_hf_checkpoint(chat_model)
-    encoded = encode_choices(transformers.AutoTokenizer.from_pretrained(chat_model), load_choice_questions(str(OBQA), limit=10),
-                             vocab_size=config.vocab_size, max_length=512)
+    encoded = encode_choices(
+        transformers.AutoTokenizer.from_pretrained(chat_model),
+        load_choice_questions(str(OBQA), limit=10),
+        vocab_size=config.vocab_size,
+        max_length=512,
+    )
     single = choice_loglikelihoods(choice_step(LlamaForCausalLM(config)), params, encoded, 4)
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-4)
 
@@ -237,7 +274,9 @@ def test_truncated_rows_score_as_their_truncated_sequence(chat_model):
         ids, start = encoded.row(r)
         with torch.no_grad():
             logps = torch.log_softmax(torch_model(torch.tensor([ids])).logits[0].double(), dim=-1)
-        np.testing.assert_allclose(score, sum(logps[i - 1, ids[i]].item() for i in range(start, len(ids))), rtol=1e-5, atol=2e-4)
+        np.testing.assert_allclose(
+            score, sum(logps[i - 1, ids[i]].item() for i in range(start, len(ids))), rtol=1e-5, atol=2e-4
+        )
     with pytest.raises(DataError, match=r"field 'choices': the choices take \d+ tokens, more than max_length 12"):
         encode_choices(tokenizer, questions, vocab_size=config.vocab_size, max_length=12)
 
@@ -251,6 +290,7 @@ def test_token_ids_outside_the_model_vocabulary_are_refused(hf_checkpoint):
 
 
 # ---- the real SmolLM2 ----------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_smollm2_is_clearly_above_chance_on_arc_easy(smollm2_hf):
@@ -269,21 +309,33 @@ def test_smollm2_is_clearly_above_chance_on_arc_easy(smollm2_hf):
 
 # ---- the CLI -------------------------------------------------------------------------------
 
+
 def test_cli_writes_the_metrics(chat_model, tmp_path):
     out = tmp_path / "choices.json"
-    assert choices_main(["--model", str(chat_model), "--data", str(OBQA), "--limit", "6", "--batch-size", "4",
-                         "--out", str(out)]) == 0
+    assert (
+        choices_main(
+            ["--model", str(chat_model), "--data", str(OBQA), "--limit", "6", "--batch-size", "4", "--out", str(out)]
+        )
+        == 0
+    )
     written = json.loads(out.read_text())
     config, params = load_hf_checkpoint(chat_model)
-    expected = evaluate_choices(LlamaForCausalLM(config), params, transformers.AutoTokenizer.from_pretrained(chat_model),
-                                load_choice_questions(str(OBQA), limit=6), batch_size=2)
+    expected = evaluate_choices(
+        LlamaForCausalLM(config),
+        params,
+        transformers.AutoTokenizer.from_pretrained(chat_model),
+        load_choice_questions(str(OBQA), limit=6),
+        batch_size=2,
+    )
     assert written.keys() == expected.keys() and written["num_questions"] == 6
     for name, value in expected.items():
         np.testing.assert_allclose(written[name], value, err_msg=name)
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "sdpo_jax.cli.choices", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sdpo_jax.cli.choices", *map(str, args)], capture_output=True, text=True
+    )
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(chat_model, tmp_path):
@@ -291,8 +343,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(chat_model, tmp_path):
     bad.write_text(json.dumps(GOOD_OBQA) + "\n" + json.dumps({**GOOD_ARC, "answerKey": "Z"}) + "\n")
     result = _run_cli("--model", chat_model, "--data", bad, "--out", tmp_path / "o.json")
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"sdpo-choices: error: data error: {bad} line 2, field 'answerKey': "
-                                     "answer label 'Z' is not among the choice labels 1, 2")
+    assert result.stderr.strip() == (
+        f"sdpo-choices: error: data error: {bad} line 2, field 'answerKey': "
+        "answer label 'Z' is not among the choice labels 1, 2"
+    )
     result = _run_cli("--model", tmp_path / "missing", "--data", OBQA, "--out", tmp_path / "o.json")
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and "missing" in result.stderr
     assert not (tmp_path / "o.json").exists()

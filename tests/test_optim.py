@@ -1,4 +1,5 @@
 """The optimizer: AdamW on the warmup/decay schedule, whose numbers are state, not compiled code."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +8,13 @@ import pytest
 
 from sdpo_jax.optim import OptimizerSettings, make_optimizer, weight_decay_mask
 
-PARAMS = {"embed_tokens": jnp.ones((6, 4)), "layers": {"mlp": {"up_proj_kernel": jnp.full((4, 5), 0.5, jnp.float32)},
-                                                        "input_layernorm": {"scale": jnp.ones(4)}}}
+PARAMS = {
+    "embed_tokens": jnp.ones((6, 4)),
+    "layers": {
+        "mlp": {"up_proj_kernel": jnp.full((4, 5), 0.5, jnp.float32)},
+        "input_layernorm": {"scale": jnp.ones(4)},
+    },
+}
 
 
 def _grads(seed: int):
@@ -33,14 +39,19 @@ def _reference(s: OptimizerSettings) -> optax.GradientTransformation:
         return floor + (s.learning_rate - floor) * shape
 
     table = jnp.asarray([lr(t) for t in range(s.total_steps + 2)], jnp.float32)
-    adamw = optax.adamw(lambda t: table[t], b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay, mask=weight_decay_mask)
+    adamw = optax.adamw(
+        lambda t: table[t], b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay, mask=weight_decay_mask
+    )
     return optax.chain(optax.clip_by_global_norm(s.max_grad_norm), adamw)
 
 
-@pytest.mark.parametrize("settings", [
-    OptimizerSettings(learning_rate=1e-2, total_steps=6, warmup_steps=2, weight_decay=0.1, max_grad_norm=0.5),
-    OptimizerSettings(learning_rate=3e-3, total_steps=5, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=10.0),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        OptimizerSettings(learning_rate=1e-2, total_steps=6, warmup_steps=2, weight_decay=0.1, max_grad_norm=0.5),
+        OptimizerSettings(learning_rate=3e-3, total_steps=5, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=10.0),
+    ],
+)
 def test_updates_follow_the_schedule(settings):
     ours, reference = make_optimizer(settings), _reference(settings)
     state_a, state_b, params_a, params_b = ours.init(PARAMS), reference.init(PARAMS), PARAMS, PARAMS
@@ -57,7 +68,9 @@ def test_stages_with_other_numbers_share_one_compiled_step():
     second = OptimizerSettings(learning_rate=4e-3, total_steps=37, warmup_steps=0, min_lr_ratio=0.2)
     assert first.compiled() == second.compiled()
     optimizer = make_optimizer(first)
-    step = jax.jit(lambda state, grads: optimizer.update(grads, state, PARAMS))  # compiled with the first stage's optimizer
+    step = jax.jit(
+        lambda state, grads: optimizer.update(grads, state, PARAMS)
+    )  # compiled with the first stage's optimizer
     step(_on_device(optimizer.init(PARAMS)), _on_device(_grads(0)))
     own = make_optimizer(second)
     state = _on_device(own.init(PARAMS))

@@ -1,4 +1,5 @@
 """Stage partitioning: sizes, order, determinism, every pair exactly once, and refusals."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -53,12 +54,19 @@ def test_single_stage_is_plain_dpo_over_everything():
     assert plan.indices[0].tolist() == list(range(15))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [  # (the config check rules out all but too few pairs)
-    (dict(partition="datasets", num_stages=3), ValueError, "one source per stage: data.train has 2 sources, sdpo.num_stages is 3"),
-    (dict(partition="weird", num_stages=2), ValueError, "sdpo.partition 'weird'"),
-    (dict(partition="random", num_stages=2, fractions=(1, 2, 3)), ValueError, "stage_fractions must hold 2"),
-    (dict(partition="random", num_stages=20), ConfigError, "^sdpo.num_stages: 15 pairs cannot fill 20 stages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [  # (the config check rules out all but too few pairs)
+        (
+            dict(partition="datasets", num_stages=3),
+            ValueError,
+            "one source per stage: data.train has 2 sources, sdpo.num_stages is 3",
+        ),
+        (dict(partition="weird", num_stages=2), ValueError, "sdpo.partition 'weird'"),
+        (dict(partition="random", num_stages=2, fractions=(1, 2, 3)), ValueError, "stage_fractions must hold 2"),
+        (dict(partition="random", num_stages=20), ConfigError, "^sdpo.num_stages: 15 pairs cannot fill 20 stages"),
+    ],
+)
 def test_bad_partitions_are_refused(kwargs, error, message):
     with pytest.raises(error, match=message):
         plan_stages(source_id=SOURCE_ID, source_names=SOURCES, gamma=np.zeros(15), **kwargs)

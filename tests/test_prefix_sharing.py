@@ -1,4 +1,5 @@
 """Prefix sharing: one packed row per pair gives the plain layout's log-probs, loss and gradients."""
+
 from __future__ import annotations
 
 import json
@@ -15,18 +16,20 @@ import pytest
 
 from batch_fixtures import random_pair_batch
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
+from sdpo_jax.evaluation import make_eval_step
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
-from sdpo_jax.prefix_sharing import CHOSEN, PAD, PROMPT, REJECTED, pack_pairs, packed_attention_mask
-from sdpo_jax.evaluation import make_eval_step
 from sdpo_jax.pair_logps import completion_logps
+from sdpo_jax.prefix_sharing import CHOSEN, PAD, PROMPT, REJECTED, pack_pairs, packed_attention_mask
 from sdpo_jax.train_step import TrainState, make_train_step
 
 
 def _tiny_plain_batch():
     """Two pairs (prompt 3, chosen 2, rejected 1; prompt 1, chosen 1, rejected 3) and a padding pair."""
-    ids = {"chosen": [[5, 6, 7, 10, 11, 0], [8, 12, 0, 0, 0, 0], [0] * 6],
-           "rejected": [[5, 6, 7, 20, 0, 0], [8, 21, 22, 23, 0, 0], [0] * 6]}
+    ids = {
+        "chosen": [[5, 6, 7, 10, 11, 0], [8, 12, 0, 0, 0, 0], [0] * 6],
+        "rejected": [[5, 6, 7, 20, 0, 0], [8, 21, 22, 23, 0, 0], [0] * 6],
+    }
     prompt, lengths = [3, 1, 0], {"chosen": [5, 2, 0], "rejected": [4, 4, 0]}
     batch = {"valid": np.array([True, True, False]), "pair_index": np.array([4, 9, -1], np.int32)}
     j = np.arange(6)[None]
@@ -51,10 +54,14 @@ def test_packed_layout_by_hand():
     assert packed["rejected_labels"].tolist() == [[20, 0, 0, 0], [21, 22, 23, 0], [0] * 4]
     assert packed["rejected_label_mask"].sum(-1).tolist() == [1, 3, 0]
     assert packed["pair_index"].tolist() == [4, 9, -1] and "chosen_input_ids" not in packed
-    mask = np.asarray(packed_attention_mask(jnp.asarray(packed["segment_ids"]), jnp.asarray(packed["positions"]), None))[0, 0]
+    mask = np.asarray(
+        packed_attention_mask(jnp.asarray(packed["segment_ids"]), jnp.asarray(packed["positions"]), None)
+    )[0, 0]
     assert mask[5].tolist() == [True, True, True, False, False, True, False]  # rejected: prompt + itself, never chosen
     assert mask[4].tolist() == [True] * 5 + [False] * 2
-    window = np.asarray(packed_attention_mask(jnp.asarray(packed["segment_ids"]), jnp.asarray(packed["positions"]), 2))[0, 0]
+    window = np.asarray(packed_attention_mask(jnp.asarray(packed["segment_ids"]), jnp.asarray(packed["positions"]), 2))[
+        0, 0
+    ]
     assert window[5].tolist() == [False, False, True, False, False, True, False]  # position 3 sees positions 2, 3
 
 
@@ -110,7 +117,9 @@ def test_packed_train_and_eval_steps_equal_plain(hf_checkpoint):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()))
     evaluate = jax.jit(make_eval_step(model, settings, chunk_size=8))
     for name, value in evaluate(params, ref_params, plain).items():
-        np.testing.assert_allclose(evaluate(params, ref_params, packed)[name], value, rtol=1e-5, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            evaluate(params, ref_params, packed)[name], value, rtol=1e-5, atol=1e-5, err_msg=name
+        )
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """The real-model configs validate on their target device counts with sdpo-plan (no weights), and
 configs that cannot run are refused with one line."""
+
 from __future__ import annotations
 
 import re
@@ -12,14 +13,22 @@ import pytest
 from configs import llama3_8b_instruct_sdpo, mistral_7b_instruct_sdpo, solar_10_7b_sdpo
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"solar_10_7b_sdpo": solar_10_7b_sdpo, "llama3_8b_instruct_sdpo": llama3_8b_instruct_sdpo,
-           "mistral_7b_instruct_sdpo": mistral_7b_instruct_sdpo}
+CONFIGS = {
+    "solar_10_7b_sdpo": solar_10_7b_sdpo,
+    "llama3_8b_instruct_sdpo": llama3_8b_instruct_sdpo,
+    "mistral_7b_instruct_sdpo": mistral_7b_instruct_sdpo,
+}
 TARGETS = [(name, target) for name, module in CONFIGS.items() for target in module.TARGETS]
 
 
 def _plan(config: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sdpo_jax.cli.plan", f"--config=configs/{config}", *flags],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "sdpo_jax.cli.plan", f"--config=configs/{config}", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 def _gib(stdout: str, item: str) -> float:
@@ -43,7 +52,9 @@ def test_each_real_config_fits_its_target(name, target):
 
 def test_a_mesh_that_does_not_split_the_heads_is_refused():
     # Llama-3-8B has 8 key/value heads: a tensor axis of 16 cannot split them.
-    result = _plan("llama3_8b_instruct_sdpo.py:8xh100", "--devices=16", "--config.mesh.fsdp=1", "--config.mesh.tensor=16")
+    result = _plan(
+        "llama3_8b_instruct_sdpo.py:8xh100", "--devices=16", "--config.mesh.fsdp=1", "--config.mesh.tensor=16"
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sdpo-plan: error: mesh data=1 fsdp=1 tensor=16")
@@ -53,8 +64,10 @@ def test_a_mesh_that_does_not_split_the_heads_is_refused():
 def test_a_batch_that_does_not_split_over_the_devices_is_refused():
     result = _plan("mistral_7b_instruct_sdpo.py:v5litepod-64", "--config.train.grad_accum=4")
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["sdpo-plan: error: train.batch_size: 128 pairs / grad_accum 4 = 32 per micro-batch, "
-                                          "not a multiple of the 64 devices the batch splits over (dcn_data x data x fsdp)"]
+    assert result.stderr.splitlines() == [
+        "sdpo-plan: error: train.batch_size: 128 pairs / grad_accum 4 = 32 per micro-batch, "
+        "not a multiple of the 64 devices the batch splits over (dcn_data x data x fsdp)"
+    ]
 
 
 def test_too_little_memory_is_a_one_line_refusal():
@@ -82,8 +95,12 @@ def test_compiled_step_arguments_match_the_state_rows():
 def test_multi_slice_mesh_is_planned_over_its_global_shape():
     # Two v5p-32 slices: data-parallel across slices, FSDP 16 inside each; 32 devices in all.
     result = _plan("solar_10_7b_sdpo.py:v5p-32", "--devices=32", "--config.mesh.dcn_data=2")
-    assert result.returncode == 2 and "eval.choices_batch_size: 16 questions do not split over the 32 devices" in result.stderr
-    result = _plan("solar_10_7b_sdpo.py:v5p-32", "--devices=32", "--config.mesh.dcn_data=2",
-                   "--config.eval.choices_batch_size=32")
+    assert (
+        result.returncode == 2
+        and "eval.choices_batch_size: 16 questions do not split over the 32 devices" in result.stderr
+    )
+    result = _plan(
+        "solar_10_7b_sdpo.py:v5p-32", "--devices=32", "--config.mesh.dcn_data=2", "--config.eval.choices_batch_size=32"
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "mesh {'data': 2, 'fsdp': 16, 'tensor': 1} (dcn_data 2)" in result.stdout

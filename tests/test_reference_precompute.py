@@ -1,4 +1,5 @@
 """Reference log-probs precomputed over a whole chunk give the same training as in-step ones."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from sdpo_jax.data.load import load_pairs
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
-from sdpo_jax.reference import attach_reference, jit_reference_step, precompute_reference_logps
 from sdpo_jax.placement import place, state_shardings
+from sdpo_jax.reference import attach_reference, jit_reference_step, precompute_reference_logps
 from sdpo_jax.sharding import build_mesh
 from sdpo_jax.train_step import TrainState, jit_train_step
 
@@ -25,27 +26,38 @@ from sdpo_jax.train_step import TrainState, jit_train_step
 def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
     folder = hf_checkpoint("llama2")
     rng = np.random.default_rng(0)
-    rows = [{"prompt_ids": rng.integers(3, 160, rng.integers(2, 30)).tolist(),
-             "chosen_ids": rng.integers(3, 160, rng.integers(1, 20)).tolist() + [2],
-             "rejected_ids": rng.integers(3, 160, rng.integers(1, 20)).tolist() + [2]} for _ in range(11)]
+    rows = [
+        {
+            "prompt_ids": rng.integers(3, 160, rng.integers(2, 30)).tolist(),
+            "chosen_ids": rng.integers(3, 160, rng.integers(1, 20)).tolist() + [2],
+            "rejected_ids": rng.integers(3, 160, rng.integers(1, 20)).tolist() + [2],
+        }
+        for _ in range(11)
+    ]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config, params = load_hf_checkpoint(folder)
     data_config = get_data_config()
     data_config.cache_dir = str(tmp_path / "cache")
-    pairs = load_pairs([str(tmp_path / "pairs.jsonl")], transformers.AutoTokenizer.from_pretrained(folder), data_config,
-                       vocab_size=config.vocab_size)
+    pairs = load_pairs(
+        [str(tmp_path / "pairs.jsonl")],
+        transformers.AutoTokenizer.from_pretrained(folder),
+        data_config,
+        vocab_size=config.vocab_size,
+    )
     batcher = PairBatcher(pairs, batch_size=4, seed=3, buckets=(16, 32, 64))
     model = LlamaForCausalLM(config)
     mesh = build_mesh(data=-1)
     optimizer = make_optimizer(OptimizerSettings(learning_rate=1e-3, total_steps=3))
     shardings, _ = state_shardings(model, optimizer, mesh)
     ref = place(params, shardings.params)
-    chosen, rejected = precompute_reference_logps(jit_reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0),
-                                                  len(pairs), mesh)
+    chosen, rejected = precompute_reference_logps(
+        jit_reference_step(model, mesh, shardings.params), ref, batcher.epoch_batches(0), len(pairs), mesh
+    )
     assert chosen.shape == (11,) and np.all(chosen < 0)
     packed = PairBatcher(pairs, batch_size=4, seed=3, buckets=(16, 32, 64), prefix_sharing=True)
-    packed_logps = precompute_reference_logps(jit_reference_step(model, mesh, shardings.params), ref, packed.epoch_batches(0),
-                                              len(pairs), mesh)
+    packed_logps = precompute_reference_logps(
+        jit_reference_step(model, mesh, shardings.params), ref, packed.epoch_batches(0), len(pairs), mesh
+    )
     np.testing.assert_allclose(packed_logps, (chosen, rejected), rtol=1e-5, atol=1e-4)  # prefix sharing: same numbers
 
     settings = DPOSettings(beta=0.1)

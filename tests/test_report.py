@@ -1,4 +1,5 @@
 """report.md and the PNG plots from synthetic run directories (no training, no model)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,11 @@ from matplotlib.image import imread  # noqa: E402
 from sdpo_jax.cli.report import main  # noqa: E402
 from sdpo_jax.report import short_source, write_report  # noqa: E402
 
-SOURCES = ["/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "sample:orca_dpo_pairs/validation-100.jsonl",
-           "HuggingFaceH4/ultrafeedback_binarized@train_prefs"]
+SOURCES = [
+    "/data/samples/hh_rlhf/helpful-base-test.jsonl.gz",
+    "sample:orca_dpo_pairs/validation-100.jsonl",
+    "HuggingFaceH4/ultrafeedback_binarized@train_prefs",
+]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -22,53 +26,110 @@ def _metrics(index: int, eval_set: bool) -> dict:
     """Held-out metrics of M_index: accuracy, margin up and loss down with the index."""
     if not eval_set:
         return {}
-    return {"loss": 0.6931 - 0.05 * index, "rewards/chosen": 0.01 * index, "rewards/rejected": -0.02 * index,
-            "rewards/accuracies": min(1.0, 0.5 + 0.2 * index), "rewards/margins": 0.03 * index,
-            "logps/chosen": -100.0, "logps/rejected": -110.0, "num_pairs": 16}
+    return {
+        "loss": 0.6931 - 0.05 * index,
+        "rewards/chosen": 0.01 * index,
+        "rewards/rejected": -0.02 * index,
+        "rewards/accuracies": min(1.0, 0.5 + 0.2 * index),
+        "rewards/margins": 0.03 * index,
+        "logps/chosen": -100.0,
+        "logps/rejected": -110.0,
+        "num_pairs": 16,
+    }
 
 
 def _train_row(stage: int, step: int) -> dict:
     loss = 0.69 * math.exp(-0.01 * step) / stage
-    return {"split": "train", "stage": stage, "step": step, "loss": loss, "rewards/chosen": 0.0, "rewards/rejected": 0.0,
-            "rewards/accuracies": 0.5, "rewards/margins": 0.69 - loss, "logps/chosen": -50.0, "logps/rejected": -60.0,
-            "num_pairs": 4.0, "grad_norm": 1.0}
+    return {
+        "split": "train",
+        "stage": stage,
+        "step": step,
+        "loss": loss,
+        "rewards/chosen": 0.0,
+        "rewards/rejected": 0.0,
+        "rewards/accuracies": 0.5,
+        "rewards/margins": 0.69 - loss,
+        "logps/chosen": -50.0,
+        "logps/rejected": -60.0,
+        "num_pairs": 4.0,
+        "grad_norm": 1.0,
+    }
 
 
 def _answers(model_index: int) -> list[dict]:
-    return [{"prompt": "Capital of France?", "completion": f"answer {model_index}:\n Paris"},
-            {"prompt": "Two study tips?", "completion": "" if model_index == 0 else "Sleep |and| breaks."}]
+    return [
+        {"prompt": "Capital of France?", "completion": f"answer {model_index}:\n Paris"},
+        {"prompt": "Two study tips?", "completion": "" if model_index == 0 else "Sleep |and| breaks."},
+    ]
 
 
 def _choices(model_index: int) -> dict:
     return {"acc": 0.4 + 0.01 * model_index, "acc_norm": 0.3, "num_questions": 100}
 
 
-def make_run(root: Path, num_stages: int, finished: int, steps: int, gammas: list[float], eval_set: bool = True,
-             in_progress_steps: int = 0) -> Path:
+def make_run(
+    root: Path,
+    num_stages: int,
+    finished: int,
+    steps: int,
+    gammas: list[float],
+    eval_set: bool = True,
+    in_progress_steps: int = 0,
+) -> Path:
     """A run directory as sdpo-train leaves it: `finished` stages done, the next one `in_progress_steps` in."""
     out = root / "run"
     out.mkdir()
-    config = {"model": {"path": "tiny-llama"}, "output_dir": str(out),
-              "sdpo": {"num_stages": num_stages, "partition": "easy_to_hard", "difficulty": "source_accuracy",
-                       "stage_overrides": []},
-              "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0, "reference_free": False},
-              "train": {"batch_size": 4, "grad_accum": 1, "learning_rate": 5e-6, "lr_schedule": "linear",
-                        "warmup_ratio": 0.1, "steps_per_stage": steps},
-              "data": {"train": SOURCES[:num_stages], "eval": [], "eval_fraction": 0.1 if eval_set else 0.0}}
+    config = {
+        "model": {"path": "tiny-llama"},
+        "output_dir": str(out),
+        "sdpo": {
+            "num_stages": num_stages,
+            "partition": "easy_to_hard",
+            "difficulty": "source_accuracy",
+            "stage_overrides": [],
+        },
+        "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "rpo_alpha": 0.0, "reference_free": False},
+        "train": {
+            "batch_size": 4,
+            "grad_accum": 1,
+            "learning_rate": 5e-6,
+            "lr_schedule": "linear",
+            "warmup_ratio": 0.1,
+            "steps_per_stage": steps,
+        },
+        "data": {"train": SOURCES[:num_stages], "eval": [], "eval_fraction": 0.1 if eval_set else 0.0},
+    }
     stage_sources = [[SOURCES[t % len(SOURCES)]] for t in range(num_stages)]
-    partition = {"partition": "easy_to_hard", "difficulty": "source_accuracy",
-                 "source_scores": {s[0]: 0.7 - 0.1 * t for t, s in enumerate(stage_sources)},
-                 "stages": [{"stage": t + 1, "num_pairs": 40 + t, "sources": s} for t, s in enumerate(stage_sources)]}
+    partition = {
+        "partition": "easy_to_hard",
+        "difficulty": "source_accuracy",
+        "source_scores": {s[0]: 0.7 - 0.1 * t for t, s in enumerate(stage_sources)},
+        "stages": [{"stage": t + 1, "num_pairs": 40 + t, "sources": s} for t, s in enumerate(stage_sources)],
+    }
     rows, report = [], []
     for t in range(1, finished + 1):
-        rows += ([{"split": "eval", "when": "before", "stage": t, "step": 0, **_metrics(t - 1, True)}] if eval_set else [])
+        rows += (
+            [{"split": "eval", "when": "before", "stage": t, "step": 0, **_metrics(t - 1, True)}] if eval_set else []
+        )
         rows += [_train_row(t, s) for s in range(1, steps + 1)]
-        rows += ([{"split": "eval", "when": "after", "stage": t, "step": steps, **_metrics(t, True)}] if eval_set else [])
-        report.append({"stage": t, "num_pairs": 40 + t - 1, "sources": stage_sources[t - 1], "steps": steps,
-                       "ref_logratio_mean": gammas[t - 1], "eval_before": _metrics(t - 1, eval_set),
-                       "eval_after": _metrics(t, eval_set), "dpo": config["dpo"], "learning_rate": 5e-6,
-                       "generations_before": _answers(t - 1) if t == 1 else [], "generations_after": _answers(t),
-                       "choices_before": _choices(t - 1) if t == 1 else {}, "choices_after": _choices(t)})
+        rows += [{"split": "eval", "when": "after", "stage": t, "step": steps, **_metrics(t, True)}] if eval_set else []
+        report.append(
+            {
+                "stage": t,
+                "num_pairs": 40 + t - 1,
+                "sources": stage_sources[t - 1],
+                "steps": steps,
+                "ref_logratio_mean": gammas[t - 1],
+                "eval_before": _metrics(t - 1, eval_set),
+                "eval_after": _metrics(t, eval_set),
+                "dpo": config["dpo"],
+                "learning_rate": 5e-6,
+                "generations_before": _answers(t - 1) if t == 1 else [],
+                "generations_after": _answers(t),
+                "choices_before": _choices(t - 1) if t == 1 else {},
+                "choices_after": _choices(t),
+            }
+        )
     rows += [_train_row(finished + 1, s) for s in range(1, in_progress_steps + 1)]
     (out / "config.json").write_text(json.dumps(config))
     (out / "partition.json").write_text(json.dumps(partition))
@@ -91,14 +152,25 @@ def test_two_stages_with_eval(tmp_path):
     for path in written[:-1]:
         assert_png(path)
     text = (out / "report.md").read_text()
-    for expected in ("-14.512", "-0.023", "γ rose from -14.512 (stage 1) to -0.023 (stage 2)",
-                     "from 0.500 (M0) to 0.900 (M2)", "0.6931 → 0.6431", "0.500 → 0.700",
-                     "![Training loss and reward margin](plots/train_curves.png)", "(plots/eval_accuracy.png)",
-                     "(plots/ref_logratio.png)", "hh_rlhf/helpful-base-test", "orca_dpo_pairs/validation-100",
-                     "| 1 | hh_rlhf/helpful-base-test | 40 | 0.700 | finished |", "2 (2 finished)", "on 16 pairs"):
+    for expected in (
+        "-14.512",
+        "-0.023",
+        "γ rose from -14.512 (stage 1) to -0.023 (stage 2)",
+        "from 0.500 (M0) to 0.900 (M2)",
+        "0.6931 → 0.6431",
+        "0.500 → 0.700",
+        "![Training loss and reward margin](plots/train_curves.png)",
+        "(plots/eval_accuracy.png)",
+        "(plots/ref_logratio.png)",
+        "hh_rlhf/helpful-base-test",
+        "orca_dpo_pairs/validation-100",
+        "| 1 | hh_rlhf/helpful-base-test | 40 | 0.700 | finished |",
+        "2 (2 finished)",
+        "on 16 pairs",
+    ):
         assert expected in text, expected
     assert "/data/samples" not in text and "unfinished" not in text
-    answers = text[text.index("## Answers to fixed prompts"):text.index("## Reading")]
+    answers = text[text.index("## Answers to fixed prompts") : text.index("## Reading")]
     assert "**Capital of France?**\n\n- M0: answer 0: Paris\n- M1: answer 1: Paris\n- M2: answer 2: Paris" in answers
     assert "- M0: (empty)\n- M1: Sleep |and| breaks." in answers
     assert "| M0 | 0.400 | 0.300 |\n| M1 | 0.410 | 0.300 |\n| M2 | 0.420 | 0.300 |" in text and "100 questions" in text
@@ -142,11 +214,14 @@ def test_missing_config_is_an_error(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("sdpo-report: error: ") and "no config.json" in err[0]
 
 
-@pytest.mark.parametrize("name, short", [
-    ("/home/user/sdpo_jax/sdpo_jax/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "hh_rlhf/helpful-base-test"),
-    ("sample:orca_dpo_pairs/validation-100.jsonl", "orca_dpo_pairs/validation-100"),
-    ("Intel/orca_dpo_pairs", "orca_dpo_pairs"),
-    ("pairs.parquet", "pairs"),
-])
+@pytest.mark.parametrize(
+    "name, short",
+    [
+        ("/home/user/sdpo_jax/sdpo_jax/data/samples/hh_rlhf/helpful-base-test.jsonl.gz", "hh_rlhf/helpful-base-test"),
+        ("sample:orca_dpo_pairs/validation-100.jsonl", "orca_dpo_pairs/validation-100"),
+        ("Intel/orca_dpo_pairs", "orca_dpo_pairs"),
+        ("pairs.parquet", "pairs"),
+    ],
+)
 def test_short_source(name, short):
     assert short_source(name) == short

@@ -7,6 +7,7 @@ into the new layout: `RunCheckpoints.restore_step` hands Orbax the abstract stat
 mesh's shardings; the data position carries over because the batches do not depend on the number
 of processes.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,8 +40,13 @@ def test_mid_stage_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(tm
     rng = np.random.default_rng(3)
     sources = tuple(write_token_pairs(tmp_path / f"{n}.jsonl", 64, rng) for n in ("a", "b"))
     flags = token_pair_run_flags(model, sources, tmp_path / "cache", eval_fraction=0.1, every_steps=2)
-    baseline = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'baseline'}"], capture_output=True,
-                              text=True, timeout=600, env=ENV)
+    baseline = subprocess.run(
+        ["sdpo-train", *flags, f"--config.output_dir={tmp_path / 'baseline'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert baseline.returncode == 0, baseline.stderr[-3000:]
 
     run = tmp_path / "run"
@@ -54,9 +60,20 @@ def test_mid_stage_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(tm
         _, stderr = worker.communicate(timeout=400)
         assert worker.returncode == 143, stderr[-3000:]  # both saved mid-stage at the same step boundary
     # The same command as one process on a 2x2x2 mesh: the mesh is among the fields a resume may change.
-    second = subprocess.run(["sdpo-train", *flags, f"--config.output_dir={run}", "--config.mesh.data=2",
-                             "--config.mesh.fsdp=2", "--config.mesh.tensor=2"],
-                            capture_output=True, text=True, timeout=600, env=ENV)
+    second = subprocess.run(
+        [
+            "sdpo-train",
+            *flags,
+            f"--config.output_dir={run}",
+            "--config.mesh.data=2",
+            "--config.mesh.fsdp=2",
+            "--config.mesh.tensor=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     log = second.stdout + second.stderr
     step, steps = map(int, re.search(r"stage 1: resuming at step (\d+)/(\d+)", log).groups())
@@ -65,6 +82,8 @@ def test_mid_stage_checkpoint_of_two_processes_resumes_in_one_on_another_mesh(tm
     ours, reference = _train_rows(run), _train_rows(tmp_path / "baseline")
     assert [(r["stage"], r["step"]) for r in ours] == [(r["stage"], r["step"]) for r in reference]
     np.testing.assert_allclose([r["loss"] for r in ours], [r["loss"] for r in reference], rtol=1e-5)
-    for stage_ours, stage_reference in zip(*([stage_params(r, model, t) for t in (1, 2)] for r in (run, tmp_path / "baseline"))):
+    for stage_ours, stage_reference in zip(
+        *([stage_params(r, model, t) for t in (1, 2)] for r in (run, tmp_path / "baseline"))
+    ):
         for a, b in zip(jax.tree_util.tree_leaves(stage_ours), jax.tree_util.tree_leaves(stage_reference)):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,5 @@
 """Reward models (*ForSequenceClassification) in Flax and the reward-model scorer, against transformers."""
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,22 @@ from sdpo_jax.reward_scorer import RewardModelScorer, render_texts
 
 MESH_SCRIPT = Path(__file__).resolve().parent / "reward_mesh_script.py"
 # Six pairs of 4 to ~200 tokens: two batches of 4 rows, of two padded widths.
-PROMPTS = ["Hi", "What is the capital of France? Answer briefly.", "Name a colour.", "Tell me a story " * 12, "ok",
-           "Why is the sky blue?"]
-COMPLETIONS = ["Hello!", "Paris.", "Blue", "Once upon a time there was a fox. " * 5, "fine",
-               "Light scatters off the air, and blue scatters the most."]
+PROMPTS = [
+    "Hi",
+    "What is the capital of France? Answer briefly.",
+    "Name a colour.",
+    "Tell me a story " * 12,
+    "ok",
+    "Why is the sky blue?",
+]
+COMPLETIONS = [
+    "Hello!",
+    "Paris.",
+    "Blue",
+    "Once upon a time there was a fox. " * 5,
+    "fine",
+    "Light scatters off the air, and blue scatters the most.",
+]
 
 
 def transformers_rewards(folder: Path, ids: list[list[int]], padding_side: str) -> np.ndarray:
@@ -32,10 +45,14 @@ def transformers_rewards(folder: Path, ids: list[list[int]], padding_side: str) 
     width = max(map(len, ids))
     pad = [[0] * (width - len(row)) for row in ids]
     rows = [p + row if padding_side == "left" else row + p for row, p in zip(ids, pad)]
-    masks = [[0] * len(p) + [1] * len(row) if padding_side == "left" else [1] * len(row) + [0] * len(p)
-             for row, p in zip(ids, pad)]
+    masks = [
+        [0] * len(p) + [1] * len(row) if padding_side == "left" else [1] * len(row) + [0] * len(p)
+        for row, p in zip(ids, pad)
+    ]
     with torch.no_grad():
-        logits = load_torch_reward_model(folder)(input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks)).logits
+        logits = load_torch_reward_model(folder)(
+            input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks)
+        ).logits
     return logits[:, 0].numpy()
 
 
@@ -74,13 +91,19 @@ def test_reward_params_have_a_score_head_and_no_lm_head(tmp_path):
 
 def test_not_a_reward_model_is_a_one_line_error(tmp_path):
     causal = make_hf_checkpoint("llama2", tmp_path / "causal")
-    with pytest.raises(UnsupportedModelError, match=r"causal/config.json: architecture 'LlamaForCausalLM' is not "
-                       r"supported; supported: LlamaForSequenceClassification, MistralForSequenceClassification, "
-                       r"Qwen2ForSequenceClassification$"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"causal/config.json: architecture 'LlamaForCausalLM' is not "
+        r"supported; supported: LlamaForSequenceClassification, MistralForSequenceClassification, "
+        r"Qwen2ForSequenceClassification$",
+    ):
         reward_model_config(causal)
     two_labels = make_reward_checkpoint("llama2", tmp_path / "two", num_labels=2)
-    with pytest.raises(CheckpointError, match=r"two: config.json gives the score head 2 labels; a reward model has "
-                       r"exactly one$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"two: config.json gives the score head 2 labels; a reward model has "
+        r"exactly one$",
+    ):
         reward_model_config(two_labels)
     reward = make_reward_checkpoint("llama2", tmp_path / "reward")
     with pytest.raises(UnsupportedModelError, match=r"architecture 'LlamaForSequenceClassification' is not supported"):
@@ -95,24 +118,30 @@ def test_long_texts_lose_their_first_tokens_and_are_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sdpo_jax.reward"):
         rewards = scorer(PROMPTS, COMPLETIONS, [None] * len(PROMPTS))
     assert [r.getMessage() for r in caplog.records] == [
-        "reward model: 3 of 6 texts were longer than max_length=12 tokens and lost their first tokens"]
-    expected = transformers_rewards(folder, [ids[-12:] for ids in pair_ids(scorer.tokenizer, PROMPTS, COMPLETIONS)],
-                                    "right")
+        "reward model: 3 of 6 texts were longer than max_length=12 tokens and lost their first tokens"
+    ]
+    expected = transformers_rewards(
+        folder, [ids[-12:] for ids in pair_ids(scorer.tokenizer, PROMPTS, COMPLETIONS)], "right"
+    )
     np.testing.assert_allclose(rewards, expected, atol=1e-4, rtol=0)
 
 
 def test_token_ids_outside_the_vocabulary_are_an_error(tmp_path):
     scorer = RewardModelScorer(make_reward_checkpoint("llama2", tmp_path, vocab_size=160))
-    with pytest.raises(CheckpointError, match=r"text 0: token id \d+ is outside the vocabulary \(size 160\); the tokenizer "
-                       r"does not fit the model$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"text 0: token id \d+ is outside the vocabulary \(size 160\); the tokenizer "
+        r"does not fit the model$",
+    ):
         scorer(["What is the capital of France?"], ["Paris."], [None])
 
 
 @pytest.mark.slow
 def test_a_mesh_gives_the_rewards_of_one_device(tmp_path):
     folder = make_reward_checkpoint("qwen2", tmp_path, chat_template=True)
-    done = subprocess.run([sys.executable, str(MESH_SCRIPT), str(folder)], capture_output=True, text=True,
-                          env=cpu_env(4), timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(MESH_SCRIPT), str(folder)], capture_output=True, text=True, env=cpu_env(4), timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     single = report.pop("single")

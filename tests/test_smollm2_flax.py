@@ -1,4 +1,5 @@
 """Our Flax model on the real SmolLM2-135M-Instruct (imported from GGUF) against transformers."""
+
 from __future__ import annotations
 
 import jax

@@ -4,6 +4,7 @@ Only real (non-padding) query rows are compared: padding queries attend to paddi
 splash path and to real keys in the XLA path, and never reach a loss either way. The kernel under
 shard_map on an 8-device mesh runs in a subprocess (tests/splash_sharded_script.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -105,7 +106,9 @@ def test_model_logits_with_splash_equal_xla():
 def test_splash_refuses_what_it_cannot_compute():
     q, k, v = _qkv(16, 2, 2, head_dim=8, batch=1)
     valid = jnp.ones((1, 16), jnp.int32)
-    with pytest.raises(ConfigError, match="model.attention: splash attention is a TPU kernel"):  # not on TPU, not interpreting
+    with pytest.raises(
+        ConfigError, match="model.attention: splash attention is a TPU kernel"
+    ):  # not on TPU, not interpreting
         grouped_query_attention(q, k, v, PaddedCausalMask(valid), "splash")
     dense = causal_attention_mask(valid, jnp.arange(16)[None])
     with interpret_mode(), pytest.raises(ValueError, match="dense mask"):
@@ -132,12 +135,16 @@ def test_auto_picks_splash_only_on_tpu_with_the_default_mask(monkeypatch):
     assert resolve_implementation("auto", jnp.float32) == "xla"
 
 
-@pytest.mark.parametrize("mesh_shape, batch, heads, kv_heads, expected", [
-    ((2, 2, 2), 4, 4, 2, ("P(('data', 'fsdp'), None, 'tensor', None)", "P(('data', 'fsdp'), None)")),
-    ((1, 4, 1), 2, 2, 2, ("P(None, None, 'tensor', None)", "P(None, None)")),  # 2 rows, 4 row shards
-    ((1, 1, 4), 2, 6, 2, ("P(('data', 'fsdp'), None, None, None)", "P(('data', 'fsdp'), None)")),  # 6 query heads
-    ((1, 1, 4), 2, 8, 2, ("P(('data', 'fsdp'), None, None, None)", "P(('data', 'fsdp'), None)")),  # 2 kv heads
-], ids=["even", "rows_whole", "query_heads_whole", "kv_heads_fewer_than_tensor"])
+@pytest.mark.parametrize(
+    "mesh_shape, batch, heads, kv_heads, expected",
+    [
+        ((2, 2, 2), 4, 4, 2, ("P(('data', 'fsdp'), None, 'tensor', None)", "P(('data', 'fsdp'), None)")),
+        ((1, 4, 1), 2, 2, 2, ("P(None, None, 'tensor', None)", "P(None, None)")),  # 2 rows, 4 row shards
+        ((1, 1, 4), 2, 6, 2, ("P(('data', 'fsdp'), None, None, None)", "P(('data', 'fsdp'), None)")),  # 6 query heads
+        ((1, 1, 4), 2, 8, 2, ("P(('data', 'fsdp'), None, None, None)", "P(('data', 'fsdp'), None)")),  # 2 kv heads
+    ],
+    ids=["even", "rows_whole", "query_heads_whole", "kv_heads_fewer_than_tensor"],
+)
 def test_shard_specs_split_only_what_divides(mesh_shape, batch, heads, kv_heads, expected):
     mesh = jax.sharding.AbstractMesh(mesh_shape, MESH_AXES)  # the specs depend on the axis sizes only
     assert tuple(map(str, shard_specs(mesh, batch, heads, kv_heads))) == expected
@@ -191,4 +198,5 @@ def test_model_on_a_mesh_runs_splash_under_shard_map(sharded_report):
     assert model["logits_max_diff"] < 1e-5 and model["logits_max_abs"] > 1e-2, model
     assert sharded_report["kv_heads_refused"] == (
         "mesh: parameter ['layers']['self_attn']['k_proj_kernel'] has a dimension of 2, which does not split "
-        "over mesh axes ('tensor',) of total size 4")
+        "over mesh axes ('tensor',) of total size 4"
+    )

@@ -1,4 +1,5 @@
 """The sDPO stage driver end to end: report, stage chaining, export, and exact resume."""
+
 from __future__ import annotations
 
 import json
@@ -18,17 +19,26 @@ import numpy as np
 import pytest
 import torch
 
-from configs.default import get_config
 from batch_fixtures import write_token_pairs
+from configs.default import get_config
 from hf_fixtures import load_torch_model, make_hf_checkpoint
 from run_fixtures import stage_params
 from sdpo_jax.checkpoint.hf_import import load_hf_checkpoint
-from sdpo_jax.cli.export import export, main as export_main
+from sdpo_jax.cli.export import export
+from sdpo_jax.cli.export import main as export_main
 from sdpo_jax.stages import train
 
 pytestmark = [pytest.mark.slow]
 
-CONTRACT_METRICS = {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"}
+CONTRACT_METRICS = {
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +48,21 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     sources = [write_token_pairs(root / f"{name}.jsonl", count, rng) for name, count in (("easy", 14), ("hard", 18))]
     overrides = {
-        "model.path": str(model), "data.train": tuple(sources), "data.limit": 0, "data.max_length": 64,
-        "data.max_prompt_length": 32, "data.length_buckets": (64,), "data.eval_fraction": 0.125,
-        "data.cache_dir": str(root / "data_cache"), "sdpo.partition": "datasets",
-        "train.batch_size": 2, "train.learning_rate": 1e-3, "checkpoint.every_steps": 2,
-        "eval.prompts": (), "eval.choices": "", "log.progress": "never",
+        "model.path": str(model),
+        "data.train": tuple(sources),
+        "data.limit": 0,
+        "data.max_length": 64,
+        "data.max_prompt_length": 32,
+        "data.length_buckets": (64,),
+        "data.eval_fraction": 0.125,
+        "data.cache_dir": str(root / "data_cache"),
+        "sdpo.partition": "datasets",
+        "train.batch_size": 2,
+        "train.learning_rate": 1e-3,
+        "checkpoint.every_steps": 2,
+        "eval.prompts": (),
+        "eval.choices": "",
+        "log.progress": "never",
     }
     return root, model, overrides
 
@@ -56,11 +76,18 @@ def _config(overrides: dict, output_dir: Path | str) -> ml_collections.ConfigDic
 
 
 def _flags(overrides: dict, output_dir: Path) -> list[str]:
-    return [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in {**overrides, "output_dir": output_dir}.items()]
+    return [
+        f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}"
+        for k, v in {**overrides, "output_dir": output_dir}.items()
+    ]
 
 
 def _train_rows(output_dir: Path) -> list[dict]:
-    return [row for row in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines()) if row["split"] == "train"]
+    return [
+        row
+        for row in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())
+        if row["split"] == "train"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +105,7 @@ def _torch_logps(model, pairs_rows):
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
             targets = ids[0, 1:]
-            out.append(logp[torch.arange(len(targets)), targets][len(row["prompt_ids"]) - 1:].sum().item())
+            out.append(logp[torch.arange(len(targets)), targets][len(row["prompt_ids"]) - 1 :].sum().item())
     return np.array(chosen), np.array(rejected)
 
 
@@ -90,8 +117,8 @@ def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
     for path in folder.glob("events.out.tfevents.*"):
         data, offset = path.read_bytes(), 0
         while offset < len(data):
-            length = int.from_bytes(data[offset:offset + 8], "little")
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
             offset += 12 + length + 4
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
@@ -112,14 +139,22 @@ def test_two_stage_run_writes_the_contract_files(baseline):
     assert {r["stage"] for r in rows} == {1, 2} and all({"loss", "stage", "step"} <= set(r) for r in rows)
     assert json.loads((output_dir / "config.json").read_text())["sdpo"]["num_stages"] == 2
     assert (output_dir / "report.md").is_file()
-    assert {p.name for p in (output_dir / "plots").iterdir()} == {"train_curves.png", "eval_accuracy.png", "ref_logratio.png"}
+    assert {p.name for p in (output_dir / "plots").iterdir()} == {
+        "train_curves.png",
+        "eval_accuracy.png",
+        "ref_logratio.png",
+    }
     # TensorBoard mirrors metrics.jsonl at run-wide steps: stage 2 continues where stage 1 ended.
     scalars = _tensorboard_scalars(output_dir / "tensorboard")
     offset = report[0]["steps"]
     expected = {(offset if r["stage"] == 2 else 0) + r["step"]: r["loss"] for r in rows}
     assert scalars["train/loss"] == pytest.approx(expected, rel=1e-6)
     assert scalars["eval_after/rewards/accuracies"] == pytest.approx(
-        {offset: report[0]["eval_after"]["rewards/accuracies"], offset + report[1]["steps"]: report[1]["eval_after"]["rewards/accuracies"]})
+        {
+            offset: report[0]["eval_after"]["rewards/accuracies"],
+            offset + report[1]["steps"]: report[1]["eval_after"]["rewards/accuracies"],
+        }
+    )
 
 
 def test_stage_two_reference_is_stage_one_and_gamma_is_exact(setup, baseline, tmp_path):
@@ -162,8 +197,13 @@ def test_every_stage_exports_and_loads_in_transformers(setup, baseline, tmp_path
 
 
 def _start(overrides, output_dir, env=None):
-    return subprocess.Popen([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, output_dir)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, output_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for(predicate, process, timeout=240):
@@ -179,8 +219,10 @@ def _wait_for(predicate, process, timeout=240):
 
 def _rows_logged(output_dir, stage, step):
     path = output_dir / "metrics.jsonl"
-    return path.exists() and any(r["stage"] == stage and r["step"] >= step and r["split"] == "train"
-                                 for r in map(json.loads, path.read_text().splitlines()))
+    return path.exists() and any(
+        r["stage"] == stage and r["step"] >= step and r["split"] == "train"
+        for r in map(json.loads, path.read_text().splitlines())
+    )
 
 
 def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_path):
@@ -190,10 +232,10 @@ def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_p
     baseline_dir, _ = baseline
     run = tmp_path / "run"
     kills = [
-        (signal.SIGKILL, lambda: _rows_logged(run, 1, 3)),                                   # mid-stage 1
+        (signal.SIGKILL, lambda: _rows_logged(run, 1, 3)),  # mid-stage 1
         (signal.SIGKILL, lambda: any((run / "checkpoints" / "stage_1" / "steps").glob("*"))),  # around a save
-        (signal.SIGKILL, lambda: (run / "checkpoints" / "stage_1" / "final").is_dir()),      # stage boundary
-        (signal.SIGTERM, lambda: _rows_logged(run, 2, 3)),                                   # preemption
+        (signal.SIGKILL, lambda: (run / "checkpoints" / "stage_1" / "final").is_dir()),  # stage boundary
+        (signal.SIGTERM, lambda: _rows_logged(run, 2, 3)),  # preemption
     ]
     interrupted, codes = 0, []
     for sig, when in kills:
@@ -214,17 +256,27 @@ def test_killed_and_preempted_runs_resume_bit_identically(setup, baseline, tmp_p
         ours, reference = stage_params(run, model_folder, stage), stage_params(baseline_dir, model_folder, stage)
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
             np.testing.assert_array_equal(a, b)
-    assert (run / "metrics.jsonl").read_text() == (baseline_dir / "metrics.jsonl").read_text()  # eval rows too, none twice
-    assert _tensorboard_scalars(run / "tensorboard")["train/loss"] == _tensorboard_scalars(baseline_dir / "tensorboard")["train/loss"]
-    assert json.loads((run / "stage_report.json").read_text()) == json.loads((baseline_dir / "stage_report.json").read_text())
+    assert (run / "metrics.jsonl").read_text() == (
+        baseline_dir / "metrics.jsonl"
+    ).read_text()  # eval rows too, none twice
+    assert (
+        _tensorboard_scalars(run / "tensorboard")["train/loss"]
+        == _tensorboard_scalars(baseline_dir / "tensorboard")["train/loss"]
+    )
+    assert json.loads((run / "stage_report.json").read_text()) == json.loads(
+        (baseline_dir / "stage_report.json").read_text()
+    )
 
 
 def test_resume_with_another_config_is_refused(setup, baseline):
     _, _, overrides = setup
     output_dir, _ = baseline
-    result = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train",
-                             *_flags({**overrides, "train.learning_rate": 2e-3}, output_dir)],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "sdpo_jax.cli.train", *_flags({**overrides, "train.learning_rate": 2e-3}, output_dir)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("sdpo-train: error: the config differs") and "train.learning_rate: 0.001 -> 0.002" in last
@@ -240,8 +292,16 @@ def test_plain_dpo_is_one_stage(setup, tmp_path, monkeypatch):
 
 def test_dpo_probe_partition_and_stage_overrides(setup, tmp_path):
     _, _, overrides = setup
-    config = _config({**overrides, "sdpo.partition": "easy_to_hard", "sdpo.difficulty": "dpo_probe", "sdpo.probe_steps": 3,
-                      "sdpo.stage_overrides": ("2:dpo.beta=0.3", "2:train.steps_per_stage=2")}, tmp_path / "probe")
+    config = _config(
+        {
+            **overrides,
+            "sdpo.partition": "easy_to_hard",
+            "sdpo.difficulty": "dpo_probe",
+            "sdpo.probe_steps": 3,
+            "sdpo.stage_overrides": ("2:dpo.beta=0.3", "2:train.steps_per_stage=2"),
+        },
+        tmp_path / "probe",
+    )
     report = train(config)
     partition = json.loads((tmp_path / "probe" / "partition.json").read_text())
     assert partition["difficulty"] == "dpo_probe" and [s["num_pairs"] for s in partition["stages"]] == [14, 14]
@@ -264,7 +324,10 @@ def test_policy_init_from_sft_keeps_the_chained_reference(setup, baseline, tmp_p
     baseline_dir, baseline_report = baseline
     report = train(_config({**overrides, "sdpo.policy_init": "sft"}, tmp_path / "ablation"))
     assert report[1]["ref_logratio_mean"] == pytest.approx(baseline_report[1]["ref_logratio_mean"], rel=1e-6)
-    first = {run: next(r for r in _train_rows(run) if r["stage"] == 2 and r["step"] == 1) for run in (baseline_dir, tmp_path / "ablation")}
+    first = {
+        run: next(r for r in _train_rows(run) if r["stage"] == 2 and r["step"] == 1)
+        for run in (baseline_dir, tmp_path / "ablation")
+    }
     assert abs(first[baseline_dir]["rewards/chosen"]) < 1e-5 and abs(first[baseline_dir]["rewards/rejected"]) < 1e-5
     assert abs(first[tmp_path / "ablation"]["rewards/chosen"]) > 1e-3
     with pytest.raises(ValueError, match="sdpo.policy_init: expected one of previous, sft, got 'm0'"):
@@ -288,18 +351,31 @@ def test_tiny_config_smoke_run_then_export(tmp_path):
     orca + hh-rlhf samples, chat template, easy-to-hard, eval, generation, multiple choice) and `sdpo-export`."""
     run = tmp_path / "run"
     env = {**os.environ, "SDPO_JAX_CACHE": str(tmp_path / "cache")}
-    flags = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"), "--config.eval.choices_limit=16",
-             f"--config.data.cache_dir={tmp_path / 'data_cache'}", f"--config.output_dir={run}"]
+    flags = [
+        "--config",
+        str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"),
+        "--config.eval.choices_limit=16",
+        f"--config.data.cache_dir={tmp_path / 'data_cache'}",
+        f"--config.output_dir={run}",
+    ]
     result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     # stderr is a pipe, not a terminal: a plain log (the summary, one line per step), no progress bars
     assert "tokenizing" not in result.stderr and "%|" not in result.stderr and "stage 1 step 1/" in result.stderr
     report = json.loads((run / "stage_report.json").read_text())["stages"]
-    assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {"validation-100.jsonl", "helpful-base-test.jsonl.gz"}
+    assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {
+        "validation-100.jsonl",
+        "helpful-base-test.jsonl.gz",
+    }
     assert all(s["eval_after"]["num_pairs"] > 0 and s["choices_after"]["num_questions"] == 16 for s in report)
     assert report[0]["choices_before"]["num_questions"] == 16 and len(report[1]["generations_after"]) == 3
-    result = subprocess.run(["sdpo-export", "--run", str(run), "--out", str(tmp_path / "hf")], capture_output=True, text=True,
-                            timeout=300, env=env)
+    result = subprocess.run(
+        ["sdpo-export", "--run", str(run), "--out", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exported = load_torch_model(tmp_path / "hf")
     assert exported.config.vocab_size == 32000
@@ -310,9 +386,14 @@ def test_embedded_default_shortened(tmp_path, smollm2_gguf):
     SFT model), cut to a few pairs per source: every output a user is promised, and M0's greedy answer
     to the fixed capital-of-France prompt, decoded with the KV cache through the chat template, is right."""
     run = tmp_path / "run"
-    flags = ["--config.data.limit=10", "--config.data.length_buckets=(192,)", "--config.eval.max_new_tokens=12",
-             "--config.eval.choices_limit=16",
-             f"--config.data.cache_dir={tmp_path / 'cache'}", f"--config.output_dir={run}"]
+    flags = [
+        "--config.data.limit=10",
+        "--config.data.length_buckets=(192,)",
+        "--config.eval.max_new_tokens=12",
+        "--config.eval.choices_limit=16",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+        f"--config.output_dir={run}",
+    ]
     result = subprocess.run(["sdpo-train", *flags], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "easy-to-hard by SFT preference accuracy" in result.stderr and "stage 1: " in result.stderr
@@ -322,14 +403,22 @@ def test_embedded_default_shortened(tmp_path, smollm2_gguf):
         assert CONTRACT_METRICS <= set(entry["eval_before"]) and CONTRACT_METRICS <= set(entry["eval_after"])
         assert len(entry["generations_after"]) == 3
     assert "Paris" in report[0]["generations_before"][0]["completion"]
-    for name in ("config.json", "metrics.jsonl", "partition.json", "report.md", "plots/train_curves.png",
-                 "plots/eval_accuracy.png", "plots/ref_logratio.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "partition.json",
+        "report.md",
+        "plots/train_curves.png",
+        "plots/eval_accuracy.png",
+        "plots/ref_logratio.png",
+    ):
         assert (run / name).is_file(), name
     assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     assert "- M0: " in (run / "report.md").read_text()
 
 
 # ---- a stranger's first hour: disk, corruption, divergence, a second trainer, a moved folder ----
+
 
 def _largest_file(folder: Path) -> Path:
     return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
@@ -371,7 +460,9 @@ def test_a_corrupt_checkpoint_falls_back_and_a_copied_folder_resumes(setup, base
     process = _start({**overrides, "checkpoint.keep_stages": 1}, copied)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-2000:]
-    assert f"the checkpoint {copied / 'checkpoints' / 'stage_1' / 'steps' / str(steps[-1])}: its contents differ" in stderr
+    assert (
+        f"the checkpoint {copied / 'checkpoints' / 'stage_1' / 'steps' / str(steps[-1])}: its contents differ" in stderr
+    )
     assert f"resuming from step {steps[0]}" in stderr and f"stage 1: resuming at step {steps[0]}/" in stderr
     ours, reference = stage_params(copied, model_folder, 2), stage_params(baseline_dir, model_folder, 2)
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(reference)):
@@ -394,12 +485,20 @@ def test_a_damaged_stage_snapshot_is_one_line(baseline, tmp_path, capsys):
         export_main(["--run", str(run), "--stage", "1", "--out", str(tmp_path / "m1")])
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1, err
-    assert err[0].startswith("sdpo-export: error: the snapshot of stage 1 in ") and "its contents differ from what was saved" in err[0]
+    assert (
+        err[0].startswith("sdpo-export: error: the snapshot of stage 1 in ")
+        and "its contents differ from what was saved" in err[0]
+    )
     params.write_bytes(params.read_bytes()[:64])  # truncated
     with pytest.raises(SystemExit) as info:
         export_main(["--run", str(run), "--stage", "1", "--out", str(tmp_path / "m1")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert info.value.code == 2 and len(err) == 1 and "the snapshot of stage 1 in " in err[0] and "cannot be read" in err[0], err
+    assert (
+        info.value.code == 2
+        and len(err) == 1
+        and "the snapshot of stage 1 in " in err[0]
+        and "cannot be read" in err[0]
+    ), err
     assert not (tmp_path / "m1").exists()
 
 
@@ -408,13 +507,24 @@ def test_a_diverged_stage_stops_and_is_never_saved(setup, tmp_path):
     one line naming it and the step, exit 2, and no snapshot or checkpoint holds a non-finite number."""
     _, _, overrides = setup
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train",
-                             *_flags({**overrides, "train.learning_rate": 1e10, "train.max_grad_norm": 0.0}, run)],
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sdpo_jax.cli.train",
+            *_flags({**overrides, "train.learning_rate": 1e10, "train.max_grad_norm": 0.0}, run),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"sdpo-train: error: stage 1 step \d+: the loss is nan and the gradient norm \S+: training diverged "
-                        r"\(train.learning_rate 1e\+10, train.max_grad_norm 0\); the stage was not saved as finished", last), last
+    assert re.fullmatch(
+        r"sdpo-train: error: stage 1 step \d+: the loss is nan and the gradient norm \S+: training diverged "
+        r"\(train.learning_rate 1e\+10, train.max_grad_norm 0\); the stage was not saved as finished",
+        last,
+    ), last
     assert "Traceback" not in result.stderr
     assert not (run / "checkpoints" / "stage_1" / "final").exists() and not (run / "stage_report.json").exists()
     diverged = int(re.search(r"step (\d+)", last).group(1))
@@ -429,17 +539,25 @@ def test_a_second_trainer_on_the_same_folder_is_refused(setup, tmp_path):
     run = tmp_path / "run"
     first = _start({**overrides, "train.steps_per_stage": 60}, run)
     assert _wait_for(lambda: _rows_logged(run, 1, 1), first)
-    second = subprocess.run([sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, run)], capture_output=True,
-                            text=True, timeout=240)
+    second = subprocess.run(
+        [sys.executable, "-m", "sdpo_jax.cli.train", *_flags(overrides, run)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     still_running = first.poll() is None
     first.send_signal(signal.SIGTERM)
     _, stderr = first.communicate(timeout=240)
     assert still_running and first.returncode == 143, stderr[-2000:]
     err = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(err) == 1, second.stderr[-2000:]
-    assert err[0].startswith(f"sdpo-train: error: output_dir {run} is in use by another sdpo-train (pid {first.pid} on "
-                             f"{socket.gethostname()}, started ") and err[0].endswith("wait for it to finish or use another output_dir")
-    rows = [(r["split"], r["stage"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert err[0].startswith(
+        f"sdpo-train: error: output_dir {run} is in use by another sdpo-train (pid {first.pid} on "
+        f"{socket.gethostname()}, started "
+    ) and err[0].endswith("wait for it to finish or use another output_dir")
+    rows = [
+        (r["split"], r["stage"], r["step"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    ]
     assert len(rows) == len(set(rows)) and ("train", 1, 1) in rows  # nothing written twice
 
 
@@ -457,20 +575,38 @@ def test_the_loss_family_trains_through_the_driver(setup, tmp_path):
     throughout: the precomputed reference log-probs (LD-weighted) give the same training as the reference
     run inside every step. And WPO-weighted sigmoid + bco_pair trains to finite numbers."""
     _, _, overrides = setup
-    losses = {**overrides, "dpo.loss_type": "sigmoid,bco_pair,sft", "dpo.loss_weights": "0.8,0.2,1.0", "dpo.ld_alpha": 0.5,
-              "train.batch_size": 4, "train.grad_accum": 2, "sdpo.stage_overrides": ("2:dpo.loss_type=aot", "2:dpo.loss_weights=",
-                                                                                     "2:train.steps_per_stage=2")}
+    losses = {
+        **overrides,
+        "dpo.loss_type": "sigmoid,bco_pair,sft",
+        "dpo.loss_weights": "0.8,0.2,1.0",
+        "dpo.ld_alpha": 0.5,
+        "train.batch_size": 4,
+        "train.grad_accum": 2,
+        "sdpo.stage_overrides": ("2:dpo.loss_type=aot", "2:dpo.loss_weights=", "2:train.steps_per_stage=2"),
+    }
     runs = {}
     for precompute in (True, False):
         folder = tmp_path / f"precompute_{precompute}"
-        report = train(_config({**losses, "train.precompute_reference": precompute, "dpo.use_weighting": False}, folder))
+        report = train(
+            _config({**losses, "train.precompute_reference": precompute, "dpo.use_weighting": False}, folder)
+        )
         runs[precompute] = _train_rows(folder)
         assert [e["dpo"]["loss_type"] for e in report] == [["sigmoid", "bco_pair", "sft"], ["aot"]]
     assert [(r["stage"], r["step"]) for r in runs[True]] == [(r["stage"], r["step"]) for r in runs[False]]
     for a, b in zip(runs[True], runs[False]):
         assert np.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=2e-5, abs=1e-6), (a, b)
-    weighted = train(_config({**losses, "dpo.use_weighting": True, "dpo.loss_type": "sigmoid,bco_pair", "dpo.loss_weights": "0.8,0.2",
-                              "sdpo.stage_overrides": ("2:train.steps_per_stage=2",)}, tmp_path / "wpo"))
+    weighted = train(
+        _config(
+            {
+                **losses,
+                "dpo.use_weighting": True,
+                "dpo.loss_type": "sigmoid,bco_pair",
+                "dpo.loss_weights": "0.8,0.2",
+                "sdpo.stage_overrides": ("2:train.steps_per_stage=2",),
+            },
+            tmp_path / "wpo",
+        )
+    )
     assert all(np.isfinite(e["eval_after"]["loss"]) for e in weighted)
 
 
@@ -517,8 +653,13 @@ def test_a_moving_reference_follows_tr_dpo_and_resumes_bit_identically(setup, tm
     0.6 * policy + 0.4 * the reference before, from M0; preempted mid-stage 1, the same command ends with the
     uninterrupted run's snapshots and metrics, bit for bit."""
     _, model_folder, overrides = setup
-    moving = {**overrides, "sdpo.ref_sync_steps": 2, "sdpo.ref_mixup_alpha": 0.6, "checkpoint.keep": 10,
-              "train.steps_per_stage": 16}  # (long enough that the SIGTERM lands inside stage 1)
+    moving = {
+        **overrides,
+        "sdpo.ref_sync_steps": 2,
+        "sdpo.ref_mixup_alpha": 0.6,
+        "checkpoint.keep": 10,
+        "train.steps_per_stage": 16,
+    }  # (long enough that the SIGTERM lands inside stage 1)
     uninterrupted = tmp_path / "uninterrupted"
     report = train(_config(moving, uninterrupted))
     assert all(e["reference"]["moved"] and e["reference"]["sync_steps"] == 2 for e in report)
@@ -532,16 +673,20 @@ def test_a_moving_reference_follows_tr_dpo_and_resumes_bit_identically(setup, tm
     steps = report[0]["steps"]
     p2, r2 = _checkpoint(run, model_folder, 1, 2, steps)
     p4, r4 = _checkpoint(run, model_folder, 1, 4, steps)
-    for expected, got in ((jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p2, m0), r2),
-                          (jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p4, r2), r4)):
+    for expected, got in (
+        (jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p2, m0), r2),
+        (jax.tree_util.tree_map(lambda p, r: 0.6 * p + 0.4 * r, p4, r2), r4),
+    ):
         for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
             np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
     process = _start(moving, run)
     _, stderr = process.communicate(timeout=240)
     assert process.returncode == 0, stderr[-2000:]
     for stage in (1, 2):
-        for a, b in zip(jax.tree_util.tree_leaves(stage_params(run, model_folder, stage)),
-                        jax.tree_util.tree_leaves(stage_params(uninterrupted, model_folder, stage))):
+        for a, b in zip(
+            jax.tree_util.tree_leaves(stage_params(run, model_folder, stage)),
+            jax.tree_util.tree_leaves(stage_params(uninterrupted, model_folder, stage)),
+        ):
             np.testing.assert_array_equal(a, b)
     assert (run / "metrics.jsonl").read_text() == (uninterrupted / "metrics.jsonl").read_text()
 
@@ -558,7 +703,9 @@ def test_an_on_policy_stage_pairs_scored_samples_and_resumes_without_sampling_ag
     the same command keeps the saved batches and ends with the uninterrupted run's pairs and snapshots; the
     held-out reward prompts are scored before and after each stage."""
     _, _, overrides = setup
-    model_folder = make_hf_checkpoint("llama2", tmp_path / "model", seed=0, vocab_size=32000)  # (text prompts need the vocabulary)
+    model_folder = make_hf_checkpoint(
+        "llama2", tmp_path / "model", seed=0, vocab_size=32000
+    )  # (text prompts need the vocabulary)
     overrides = {**overrides, "model.path": str(model_folder)}
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "stage_scorers.py").write_text(SCORERS)
@@ -566,9 +713,15 @@ def test_an_on_policy_stage_pairs_scored_samples_and_resumes_without_sampling_ag
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "lib"), os.environ.get("PYTHONPATH", "")])}
     prompts = tmp_path / "reward_prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Hello there", "Count to three", "Why?")))
-    generated = {**overrides, "generate.scorer": "stage_scorers:length", "generate.samples_per_prompt": 3,
-                 "generate.max_new_tokens": 8, "generate.batch_size": 1, "eval.reward_prompts": str(prompts),
-                 "sdpo.stage_overrides": ("2:sdpo.stage_data=generated",)}
+    generated = {
+        **overrides,
+        "generate.scorer": "stage_scorers:length",
+        "generate.samples_per_prompt": 3,
+        "generate.max_new_tokens": 8,
+        "generate.batch_size": 1,
+        "eval.reward_prompts": str(prompts),
+        "sdpo.stage_overrides": ("2:sdpo.stage_data=generated",),
+    }
     first = tmp_path / "first"
     report = train(_config(generated, first))
     summary = report[1]["generated"]
@@ -581,7 +734,10 @@ def test_an_on_policy_stage_pairs_scored_samples_and_resumes_without_sampling_ag
         assert line["chosen_score"] == len(line["chosen"]) and line["rejected_score"] == len(line["rejected"])
     assert all(e["reward_before"]["num_prompts"] == 3 and "mean" in e["reward_after"] for e in report)
     assert report[1]["reward_before"] == report[0]["reward_after"]
-    assert "## Reward on held-out prompts" in (first / "report.md").read_text() and (first / "plots" / "reward.png").is_file()
+    assert (
+        "## Reward on held-out prompts" in (first / "report.md").read_text()
+        and (first / "plots" / "reward.png").is_file()
+    )
     again = tmp_path / "again"
     train(_config(generated, again))
     assert (again / "generated" / "stage_2.jsonl").read_bytes() == (first / "generated" / "stage_2.jsonl").read_bytes()
@@ -599,6 +755,8 @@ def test_an_on_policy_stage_pairs_scored_samples_and_resumes_without_sampling_ag
     assert process.returncode == 0, stderr[-2000:]
     assert f"stage 2: {saved} of 16 sampled batches saved by an earlier run are reused" in stderr
     assert (killed / "generated" / "stage_2.jsonl").read_bytes() == (first / "generated" / "stage_2.jsonl").read_bytes()
-    for a, b in zip(jax.tree_util.tree_leaves(stage_params(killed, model_folder, 2)),
-                    jax.tree_util.tree_leaves(stage_params(first, model_folder, 2))):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(stage_params(killed, model_folder, 2)),
+        jax.tree_util.tree_leaves(stage_params(first, model_folder, 2)),
+    ):
         np.testing.assert_array_equal(a, b)

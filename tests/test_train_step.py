@@ -1,4 +1,5 @@
 """The pure DPO train step: reference modes, gradient accumulation, learning, sharded = single."""
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,12 @@ def test_precomputed_reference_equals_in_step_reference(hf_checkpoint):
 def test_gradient_accumulation_equals_full_batch(hf_checkpoint):
     model, optimizer, params, ref_params, batch, settings = _setup(hf_checkpoint, rpo_alpha=0.3)
     batch = {**batch, "valid": jnp.array([True, True, False, True])}
-    full, m_full = jax.jit(make_train_step(model, settings, optimizer, grad_accum=1))(TrainState.create(params, optimizer), ref_params, batch)
-    accum, m_accum = jax.jit(make_train_step(model, settings, optimizer, grad_accum=2))(TrainState.create(params, optimizer), ref_params, batch)
+    full, m_full = jax.jit(make_train_step(model, settings, optimizer, grad_accum=1))(
+        TrainState.create(params, optimizer), ref_params, batch
+    )
+    accum, m_accum = jax.jit(make_train_step(model, settings, optimizer, grad_accum=2))(
+        TrainState.create(params, optimizer), ref_params, batch
+    )
     _assert_close_trees(full.params, accum.params, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m_full["loss"], m_accum["loss"], rtol=1e-5)
     assert float(m_full["num_pairs"]) == 3.0
@@ -76,12 +81,25 @@ def test_policy_learns_the_preference(hf_checkpoint):
 
 def test_schedule_and_decay_mask():
     linear = OptimizerSettings(learning_rate=1.0, total_steps=10, warmup_steps=2, schedule="linear")
-    np.testing.assert_allclose([scheduled_lr(t, "linear", **linear.schedule_numbers()) for t in (0, 1, 2, 6, 10)],
-                               [0.0, 0.5, 1.0, 0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(
+        [scheduled_lr(t, "linear", **linear.schedule_numbers()) for t in (0, 1, 2, 6, 10)],
+        [0.0, 0.5, 1.0, 0.5, 0.0],
+        atol=1e-6,
+    )
     cosine = OptimizerSettings(learning_rate=1.0, total_steps=4, schedule="cosine", min_lr_ratio=0.1)
     np.testing.assert_allclose(scheduled_lr(2, "cosine", **cosine.schedule_numbers()), 0.1 + 0.9 * 0.5, rtol=1e-6)
-    mask = weight_decay_mask({"embed_tokens": 0, "layers": {"mlp": {"up_proj_kernel": 0}, "input_layernorm": {"scale": 0}}, "norm": {"scale": 0}})
-    assert mask == {"embed_tokens": True, "layers": {"mlp": {"up_proj_kernel": True}, "input_layernorm": {"scale": False}}, "norm": {"scale": False}}
+    mask = weight_decay_mask(
+        {
+            "embed_tokens": 0,
+            "layers": {"mlp": {"up_proj_kernel": 0}, "input_layernorm": {"scale": 0}},
+            "norm": {"scale": 0},
+        }
+    )
+    assert mask == {
+        "embed_tokens": True,
+        "layers": {"mlp": {"up_proj_kernel": True}, "input_layernorm": {"scale": False}},
+        "norm": {"scale": False},
+    }
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ What the conversion undoes:
 * The tokenizer is rebuilt with the ``tokenizers`` library from the GGUF vocabulary, merges,
   token types and ``tokenizer.ggml.pre`` (see :func:`build_tokenizer`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -43,9 +45,19 @@ QType = gguf.GGMLQuantizationType
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TENSOR_TYPES = (
-    QType.F32, QType.F16, QType.BF16,
-    QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0,
-    QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
+    QType.F32,
+    QType.F16,
+    QType.BF16,
+    QType.Q4_0,
+    QType.Q4_1,
+    QType.Q5_0,
+    QType.Q5_1,
+    QType.Q8_0,
+    QType.Q2_K,
+    QType.Q3_K,
+    QType.Q4_K,
+    QType.Q5_K,
+    QType.Q6_K,
 )
 GGUF_MAGIC = b"GGUF"
 
@@ -119,7 +131,7 @@ class LlamaShape:
     head_dim: int
 
     @classmethod
-    def from_metadata(cls, metadata: dict[str, Any], path: Path) -> "LlamaShape":
+    def from_metadata(cls, metadata: dict[str, Any], path: Path) -> LlamaShape:
         """Read the sizes; ``head_dim`` is ``attention.key_length``, else ``hidden_size / heads``."""
         hidden = int(_required(metadata, "llama.embedding_length", path))
         heads = int(_required(metadata, "llama.attention.head_count", path))
@@ -134,7 +146,9 @@ class LlamaShape:
         tokens = metadata.get("tokenizer.ggml.tokens")
         vocab = metadata.get("llama.vocab_size", len(tokens) if tokens else None)
         if vocab is None:
-            raise GGUFImportError(f"{path}: neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens' gives the vocabulary size")
+            raise GGUFImportError(
+                f"{path}: neither 'llama.vocab_size' nor 'tokenizer.ggml.tokens' gives the vocabulary size"
+            )
         return cls(
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -159,7 +173,10 @@ class LlamaShape:
             "input_layernorm.weight": (self.hidden_size,),
             "post_attention_layernorm.weight": (self.hidden_size,),
         }
-        shapes = {"model.embed_tokens.weight": (self.vocab_size, self.hidden_size), "model.norm.weight": (self.hidden_size,)}
+        shapes = {
+            "model.embed_tokens.weight": (self.vocab_size, self.hidden_size),
+            "model.norm.weight": (self.hidden_size,),
+        }
         for layer in range(self.num_layers):
             shapes.update({f"model.layers.{layer}.{name}": shape for name, shape in per_layer.items()})
         return shapes
@@ -182,7 +199,9 @@ def _rope_scaling(metadata: dict[str, Any], path: Path) -> dict[str, Any] | None
 def _special_token_ids(metadata: dict[str, Any]) -> dict[str, int]:
     """``{"bos_token_id": ..., "eos_token_id": ..., "pad_token_id": ...}`` for the ids the file states."""
     keys = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "pad_token_id": "padding_token_id"}
-    return {hf: int(metadata[f"tokenizer.ggml.{key}"]) for hf, key in keys.items() if f"tokenizer.ggml.{key}" in metadata}
+    return {
+        hf: int(metadata[f"tokenizer.ggml.{key}"]) for hf, key in keys.items() if f"tokenizer.ggml.{key}" in metadata
+    }
 
 
 def llama_config(metadata: dict[str, Any], shape: LlamaShape, tied: bool, dtype: str, path: Path) -> dict[str, Any]:
@@ -294,7 +313,9 @@ def plan_tensors(
     for tensor in reader.tensors:
         hf_name = hf_tensor_name(tensor.name)
         if hf_name is None or hf_name not in expected:
-            raise GGUFImportError(f"{path}: tensor {tensor.name!r} has no counterpart in a {shape.num_layers}-layer Hugging Face Llama")
+            raise GGUFImportError(
+                f"{path}: tensor {tensor.name!r} has no counterpart in a {shape.num_layers}-layer Hugging Face Llama"
+            )
         if tensor.tensor_type not in SUPPORTED_TENSOR_TYPES:
             raise GGUFImportError(
                 f"{path}: tensor {tensor.name!r} has type {tensor.tensor_type.name}, which is not supported; "
@@ -374,7 +395,9 @@ def build_tokenizer(metadata: dict[str, Any], path: Path) -> tuple[Tokenizer, di
         )
     pre = metadata.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in BPE_PRE_TOKENIZERS:
-        raise GGUFImportError(f"{path}: tokenizer pre-type {pre!r} is not supported; supported: {', '.join(BPE_PRE_TOKENIZERS)}")
+        raise GGUFImportError(
+            f"{path}: tokenizer pre-type {pre!r} is not supported; supported: {', '.join(BPE_PRE_TOKENIZERS)}"
+        )
     tokens = list(_required(metadata, "tokenizer.ggml.tokens", path))
     if len(set(tokens)) != len(tokens):
         raise GGUFImportError(f"{path}: tokenizer.ggml.tokens lists {len(tokens) - len(set(tokens))} duplicate tokens")
@@ -384,9 +407,15 @@ def build_tokenizer(metadata: dict[str, Any], path: Path) -> tuple[Tokenizer, di
     tokenizer.decoder = decoders.ByteLevel()
     _add_special_tokens(tokenizer, tokens, metadata.get("tokenizer.ggml.token_type") or [])
 
-    special = {name: _token_at(tokens, metadata, key, path) for name, key in (
-        ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-        ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
+    special = {
+        name: _token_at(tokens, metadata, key, path)
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"),
+            ("pad_token", "padding_token_id"),
+        )
+    }
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False)) and special["bos_token"] is not None
     add_eos = bool(metadata.get("tokenizer.ggml.add_eos_token", False)) and special["eos_token"] is not None
     tokenizer.post_processor = _template_processor(
@@ -464,7 +493,6 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     tokenizer.save(str(out / "tokenizer.json"))
     _write_json(out / "tokenizer_config.json", tokenizer_config)
     return out
-
 
 
 def file_identity(path: Path) -> str:

@@ -5,6 +5,7 @@ Writes config.json, generation_config.json, ``model.safetensors`` (or shards of 
 and the tokenizer files of the source model folder. Tensors are produced and written one at a
 time (`safetensors_io.LazyTensor`), so host memory holds one tensor beyond the parameters.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,6 +42,7 @@ def hf_tensors(params: Any, config: ModelConfig, dtype: str = "float32") -> list
     for spec in tensor_specs(config):
         leaf = get_leaf(params, spec.path)
         for layer, name in hf_names(spec, config):
+
             def compute(leaf=leaf, layer=layer, spec=spec):
                 value = np.asarray(jax.device_get(leaf if layer is None else leaf[layer]))
                 return spec.to_hf(value)

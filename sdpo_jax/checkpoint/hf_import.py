@@ -14,6 +14,7 @@ names a missing shard. Buffers that older checkpoints carry but that are not par
 (``rotary_emb.inv_freq``) are ignored; so is a ``lm_head.weight`` stored beside tied embeddings when
 it equals them (an unequal one is an error).
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,8 +23,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import ml_dtypes  # noqa: F401  (registers the dtype name "bfloat16", by which the library builds BF16 arrays)
@@ -64,8 +66,9 @@ def weight_files(folder: str) -> list[str]:
     raise CheckpointError(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors checkpoints load)")
 
 
-def load_hf_checkpoint(folder: str | os.PathLike, param_dtype: Any = np.float32,
-                       shardings: Any = None, config: ModelConfig | None = None) -> tuple[ModelConfig, dict]:
+def load_hf_checkpoint(
+    folder: str | os.PathLike, param_dtype: Any = np.float32, shardings: Any = None, config: ModelConfig | None = None
+) -> tuple[ModelConfig, dict]:
     """Read config.json and every weight of a Hugging Face Llama-family checkpoint folder.
 
     ``config`` is the architecture to read: by default the folder's config.json as a causal LM (a
@@ -181,8 +184,10 @@ class HFTensors:
         if shape != y.get_shape():
             return False
         rows = _rows_per_read(math.prod(shape[1:]))
-        return all(np.array_equal(np.asarray(x[start:stop], np.float32), np.asarray(y[start:stop], np.float32))
-                   for start, stop in _chunks([(0, shape[0])], rows))
+        return all(
+            np.array_equal(np.asarray(x[start:stop], np.float32), np.asarray(y[start:stop], np.float32))
+            for start, stop in _chunks([(0, shape[0])], rows)
+        )
 
     def check_unexpected(self) -> None:
         """No tensor beyond the expected ones, except known non-parameters and a tied copy of the embeddings."""
@@ -195,8 +200,9 @@ class HFTensors:
                 raise CheckpointError(
                     f"{path}: 'lm_head.weight' differs from the embeddings although config.json sets tie_word_embeddings"
                 )
-            raise CheckpointError(f"{path}: unexpected tensor {name!r} for {self.config.architecture} "
-                                  f"(config.json in {self.folder})")
+            raise CheckpointError(
+                f"{path}: unexpected tensor {name!r} for {self.config.architecture} (config.json in {self.folder})"
+            )
 
 
 def _open(path: str, stack: ExitStack) -> Any:
@@ -236,8 +242,8 @@ def _runs(shape: list[int], bounds: list[tuple[int, int]]) -> list[tuple[int, in
     """
     partial = [k for k, (start, stop) in enumerate(bounds) if (start, stop) != (0, shape[k])]
     last = partial[-1] if partial else 0
-    inner = math.prod(shape[last + 1:])
-    strides = [math.prod(shape[k + 1:]) for k in range(last)]
+    inner = math.prod(shape[last + 1 :])
+    strides = [math.prod(shape[k + 1 :]) for k in range(last)]
     start, stop = bounds[last]
     runs = []
     for outer in itertools.product(*(range(*b) for b in bounds[:last])):
@@ -262,7 +268,8 @@ def _pieces(runs: list[list[tuple[int, int]]]) -> Iterator[tuple[tuple[slice, ..
     placed = []
     for axis in runs:
         offsets = itertools.accumulate((stop - start for start, stop in axis), initial=0)
-        placed.append([(slice(offset, offset + stop - start), slice(start, stop))
-                       for offset, (start, stop) in zip(offsets, axis)])
+        placed.append(
+            [(slice(offset, offset + stop - start), slice(start, stop)) for offset, (start, stop) in zip(offsets, axis)]
+        )
     for combination in itertools.product(*placed):
         yield tuple(target for target, _ in combination), tuple(source for _, source in combination)

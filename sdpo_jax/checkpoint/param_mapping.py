@@ -11,10 +11,11 @@ layers are stacked: our leaf under ``layers`` has a leading [num_hidden_layers] 
 comes from ``model.layers.{i}.<name>``. A sequence classifier (a reward model) has a ``score``
 [hidden, num_labels] kernel from ``score.weight`` [num_labels, hidden] and no ``lm_head``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -54,8 +55,9 @@ class TensorSpec:
 
 def _linear(path, hf_name, shape, input_dims) -> TensorSpec:
     inputs, outputs = int(np.prod(shape[:input_dims])), int(np.prod(shape[input_dims:]))
-    return TensorSpec(path, hf_name, shape, (outputs, inputs), transpose=True,
-                      dims_per_hf_axis=(len(shape) - input_dims, input_dims))
+    return TensorSpec(
+        path, hf_name, shape, (outputs, inputs), transpose=True, dims_per_hf_axis=(len(shape) - input_dims, input_dims)
+    )
 
 
 def _vector(path, hf_name, shape) -> TensorSpec:
@@ -68,17 +70,24 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     h, k = c.num_attention_heads, c.num_key_value_heads
     layer = "model.layers.{layer}."
-    specs = [TensorSpec(("embed_tokens",), "model.embed_tokens.weight", (v, d), (v, d), transpose=False,
-                        dims_per_hf_axis=(1, 1))]
+    specs = [
+        TensorSpec(
+            ("embed_tokens",), "model.embed_tokens.weight", (v, d), (v, d), transpose=False, dims_per_hf_axis=(1, 1)
+        )
+    ]
     specs.append(_vector(("layers", "input_layernorm", "scale"), layer + "input_layernorm.weight", (d,)))
     for name, heads in (("q_proj", h), ("k_proj", k), ("v_proj", k)):
-        specs.append(_linear(("layers", "self_attn", f"{name}_kernel"), f"{layer}self_attn.{name}.weight", (d, heads, hd), 1))
+        specs.append(
+            _linear(("layers", "self_attn", f"{name}_kernel"), f"{layer}self_attn.{name}.weight", (d, heads, hd), 1)
+        )
         if c.qkv_bias:
             specs.append(_vector(("layers", "self_attn", f"{name}_bias"), f"{layer}self_attn.{name}.bias", (heads, hd)))
     specs.append(_linear(("layers", "self_attn", "o_proj_kernel"), layer + "self_attn.o_proj.weight", (h, hd, d), 2))
     if c.o_bias:
         specs.append(_vector(("layers", "self_attn", "o_proj_bias"), layer + "self_attn.o_proj.bias", (d,)))
-    specs.append(_vector(("layers", "post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", (d,)))
+    specs.append(
+        _vector(("layers", "post_attention_layernorm", "scale"), layer + "post_attention_layernorm.weight", (d,))
+    )
     for name, shape in (("gate_proj", (d, f)), ("up_proj", (d, f)), ("down_proj", (f, d))):
         specs.append(_linear(("layers", "mlp", f"{name}_kernel"), f"{layer}mlp.{name}.weight", shape, 1))
         if c.mlp_bias:

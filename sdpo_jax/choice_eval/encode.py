@@ -34,10 +34,12 @@ instead of once per choice. A packed row longer than ``max_length`` loses tokens
 of the prefix (counted in ``truncated``, per question); choices that alone do not fit are an
 error.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -78,13 +80,20 @@ def prompt_texts(tokenizer: Any, question: ChoiceQuestion, chat_template: bool) 
         return PLAIN_CONTEXT.format(question=question.question), [f" {choice}" for choice in question.choices]
     if not tokenizer.chat_template:
         raise DataError("tokenizer", "the chat-template prompt needs a chat template, and this tokenizer has none")
-    context = tokenizer.apply_chat_template([{"role": "user", "content": question.question}], tokenize=False,
-                                            add_generation_prompt=True)
+    context = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question.question}], tokenize=False, add_generation_prompt=True
+    )
     return context, list(question.choices)
 
 
-def encode_choices(tokenizer: Any, questions: Sequence[ChoiceQuestion], *, vocab_size: int, max_length: int,
-                   chat_template: bool = False) -> EncodedChoices:
+def encode_choices(
+    tokenizer: Any,
+    questions: Sequence[ChoiceQuestion],
+    *,
+    vocab_size: int,
+    max_length: int,
+    chat_template: bool = False,
+) -> EncodedChoices:
     """Tokenize and pack every question of ``questions`` (at most ``max_length`` tokens each)."""
     if not questions:
         raise DataError("questions", "no questions to score")
@@ -96,7 +105,7 @@ def encode_choices(tokenizer: Any, questions: Sequence[ChoiceQuestion], *, vocab
     merges = truncated = 0
     for q, (question, (_, continuations)) in enumerate(zip(questions, texts)):
         context = context_ids[q]
-        wholes = whole_ids[len(segments):len(segments) + len(continuations)]
+        wholes = whole_ids[len(segments) : len(segments) + len(continuations)]
         starts = [_common_prefix(context, whole) for whole in wholes]
         merges += sum(start < len(context) for start in starts)
         for choice, (whole, start) in enumerate(zip(wholes, starts)):
@@ -107,21 +116,37 @@ def encode_choices(tokenizer: Any, questions: Sequence[ChoiceQuestion], *, vocab
                 raise DataError(question.where, problem, f"choices[{choice}]", reason="bad choice")
         shared = min(starts) - 1  # the last shared context token opens every segment
         if shared < 0:
-            raise DataError(question.where, "the context and context + choice differ from the first token", "choices",
-                            reason="bad choice")
+            raise DataError(
+                question.where,
+                "the context and context + choice differ from the first token",
+                "choices",
+                reason="bad choice",
+            )
         own = [whole[shared:] for whole in wholes]
         excess = shared + sum(map(len, own)) - max_length
         if excess > shared:
-            raise DataError(question.where, f"the choices take {sum(map(len, own))} tokens, more than max_length "
-                            f"{max_length}", "choices", reason="too long")
+            raise DataError(
+                question.where,
+                f"the choices take {sum(map(len, own))} tokens, more than max_length {max_length}",
+                "choices",
+                reason="too long",
+            )
         truncated += excess > 0
-        prefixes.append(context[max(excess, 0):shared])
+        prefixes.append(context[max(excess, 0) : shared])
         segments.extend(own)
         scored.extend(start - shared for start in starts)
         choice_lengths.extend(len(choice) for choice in question.choices)
         question_of.extend([q] * len(continuations))
-    return EncodedChoices(prefixes, segments, np.asarray(scored), np.asarray(choice_lengths), np.asarray(question_of),
-                          np.asarray([q.answer for q in questions]), merges, truncated)
+    return EncodedChoices(
+        prefixes,
+        segments,
+        np.asarray(scored),
+        np.asarray(choice_lengths),
+        np.asarray(question_of),
+        np.asarray([q.answer for q in questions]),
+        merges,
+        truncated,
+    )
 
 
 def _added_prefix(tokenizer: Any) -> list[int]:

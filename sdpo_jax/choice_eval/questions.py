@@ -15,6 +15,7 @@ are. Every problem is a one-line `DataError` naming the file, line (row for .jso
 field, e.g. ``data error: arc.json row 3, field 'answerKey': answer label 'E' is not among the
 choice labels A, B, C, D``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,26 +56,40 @@ def parse_question(row: dict, where: Location) -> ChoiceQuestion:
         return _labelled(row, where)
     if "answer" in row:
         return _generic(row, where)
-    raise DataError(where, "missing: expected 'answer' (generic layout) or 'answerKey' (ARC/OpenBookQA layout)",
-                    "answer", reason="missing field")
+    raise DataError(
+        where,
+        "missing: expected 'answer' (generic layout) or 'answerKey' (ARC/OpenBookQA layout)",
+        "answer",
+        reason="missing field",
+    )
 
 
 def _generic(row: dict, where: Location) -> ChoiceQuestion:
     question = require_text(_get(row, "question", where), where, "question")
     choices = _get(row, "choices", where)
     if not isinstance(choices, list):
-        raise DataError(where, f"expected a list of choice texts, got {type_name(choices)}", "choices", reason="wrong type")
+        raise DataError(
+            where, f"expected a list of choice texts, got {type_name(choices)}", "choices", reason="wrong type"
+        )
     texts = tuple(require_text(text, where, f"choices[{i}]") for i, text in enumerate(choices))
     _require_two(texts, where, "choices")
     answer = row["answer"]
     if isinstance(answer, int) and not isinstance(answer, bool):
         if not 0 <= answer < len(texts):
-            raise DataError(where, f"answer index {answer} is outside 0..{len(texts) - 1}", "answer", reason="bad answer")
+            raise DataError(
+                where, f"answer index {answer} is outside 0..{len(texts) - 1}", "answer", reason="bad answer"
+            )
         return ChoiceQuestion(question, texts, answer, where)
     if isinstance(answer, str):
-        return ChoiceQuestion(question, texts, _label_index(answer, _letters(len(texts), where), where, "answer"), where)
-    raise DataError(where, f"expected a choice index (int) or letter (string), got {type_name(answer)}", "answer",
-                    reason="wrong type")
+        return ChoiceQuestion(
+            question, texts, _label_index(answer, _letters(len(texts), where), where, "answer"), where
+        )
+    raise DataError(
+        where,
+        f"expected a choice index (int) or letter (string), got {type_name(answer)}",
+        "answer",
+        reason="wrong type",
+    )
 
 
 def _labelled(row: dict, where: Location) -> ChoiceQuestion:
@@ -88,8 +103,9 @@ def _labelled(row: dict, where: Location) -> ChoiceQuestion:
     texts, labels = _labelled_choices(choices, where, field)
     answer_key = row["answerKey"]
     if not isinstance(answer_key, str):
-        raise DataError(where, f"expected a choice label (string), got {type_name(answer_key)}", "answerKey",
-                        reason="wrong type")
+        raise DataError(
+            where, f"expected a choice label (string), got {type_name(answer_key)}", "answerKey", reason="wrong type"
+        )
     return ChoiceQuestion(text, texts, _label_index(answer_key, labels, where, "answerKey"), where)
 
 
@@ -99,18 +115,32 @@ def _labelled_choices(choices: Any, where: Location, field: str) -> tuple[tuple[
         texts, labels = _get(choices, "text", where, f"{field}.text"), _get(choices, "label", where, f"{field}.label")
         for name, value in (("text", texts), ("label", labels)):
             if not isinstance(value, list):
-                raise DataError(where, f"expected a list, got {type_name(value)}", f"{field}.{name}", reason="wrong type")
+                raise DataError(
+                    where, f"expected a list, got {type_name(value)}", f"{field}.{name}", reason="wrong type"
+                )
         if len(texts) != len(labels):
-            raise DataError(where, f"{len(texts)} texts but {len(labels)} labels", f"{field}.label", reason="bad choices")
+            raise DataError(
+                where, f"{len(texts)} texts but {len(labels)} labels", f"{field}.label", reason="bad choices"
+            )
         pairs = [(t, lab, f"{field}.text[{i}]", f"{field}.label[{i}]") for i, (t, lab) in enumerate(zip(texts, labels))]
     elif isinstance(choices, list):
         pairs = []
         for i, choice in enumerate(choices):
             if not isinstance(choice, dict):
-                raise DataError(where, f"expected a {{text, label}} object, got {type_name(choice)}", f"{field}[{i}]",
-                                reason="wrong type")
-            pairs.append((_get(choice, "text", where, f"{field}[{i}].text"), _get(choice, "label", where, f"{field}[{i}].label"),
-                          f"{field}[{i}].text", f"{field}[{i}].label"))
+                raise DataError(
+                    where,
+                    f"expected a {{text, label}} object, got {type_name(choice)}",
+                    f"{field}[{i}]",
+                    reason="wrong type",
+                )
+            pairs.append(
+                (
+                    _get(choice, "text", where, f"{field}[{i}].text"),
+                    _get(choice, "label", where, f"{field}[{i}].label"),
+                    f"{field}[{i}].text",
+                    f"{field}[{i}].label",
+                )
+            )
     else:
         raise DataError(where, f"expected labelled choices, got {type_name(choices)}", field, reason="wrong type")
     texts = tuple(require_text(text, where, text_field) for text, _, text_field, _ in pairs)
@@ -123,15 +153,20 @@ def _labelled_choices(choices: Any, where: Location, field: str) -> tuple[tuple[
 
 def _label_index(label: str, labels: tuple[str, ...], where: Location, field: str) -> int:
     if label.strip() not in labels:
-        raise DataError(where, f"answer label {label!r} is not among the choice labels {', '.join(labels)}", field,
-                        reason="bad answer")
+        raise DataError(
+            where,
+            f"answer label {label!r} is not among the choice labels {', '.join(labels)}",
+            field,
+            reason="bad answer",
+        )
     return labels.index(label.strip())
 
 
 def _letters(count: int, where: Location) -> tuple[str, ...]:
     if count > len(string.ascii_uppercase):
-        raise DataError(where, f"{count} choices have no letter labels; give the answer as an index", "answer",
-                        reason="bad answer")
+        raise DataError(
+            where, f"{count} choices have no letter labels; give the answer as an index", "answer", reason="bad answer"
+        )
     return tuple(string.ascii_uppercase[:count])
 
 

@@ -22,9 +22,11 @@ one is filled with padding rows, so a question set compiles at most four shapes.
 each global batch is split over the mesh's batch axes (each process feeds its own rows of it,
 as with training batches) and the parameters stay where the caller placed them.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,19 +57,35 @@ def choice_step(model: LlamaForCausalLM, mesh: jax.sharding.Mesh | None = None, 
         segment = batch["segment"]
         own_or_shared = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])
         mask = causal_attention_mask(batch["attention_mask"], batch["positions"], model.config.sliding_window)
-        hidden = model.apply({"params": params}, batch["input_ids"], attention_mask=batch["attention_mask"],
-                             positions=batch["positions"], mask=mask & own_or_shared[:, None], return_hidden=True)
+        hidden = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            positions=batch["positions"],
+            mask=mask & own_or_shared[:, None],
+            return_hidden=True,
+        )
         scored = batch["loss_mask"][:, 1:].astype(bool)
-        logps = token_logps(hidden[:, :-1], output_embedding(params, model.config), batch["input_ids"][:, 1:],
-                            chunk_size, needed=scored)
+        logps = token_logps(
+            hidden[:, :-1], output_embedding(params, model.config), batch["input_ids"][:, 1:], chunk_size, needed=scored
+        )
         return jnp.where(scored, logps, 0.0)
 
     return jax.jit(step) if mesh is None else jax.jit(step, out_shardings=replicated(mesh))
 
 
-def evaluate_choices(model: LlamaForCausalLM, params: Any, tokenizer: Any, questions: Sequence[ChoiceQuestion], *,
-                     batch_size: int = 16, max_length: int = 512, chat_template: bool = False,
-                     mesh: jax.sharding.Mesh | None = None, step: Callable | None = None) -> dict:
+def evaluate_choices(
+    model: LlamaForCausalLM,
+    params: Any,
+    tokenizer: Any,
+    questions: Sequence[ChoiceQuestion],
+    *,
+    batch_size: int = 16,
+    max_length: int = 512,
+    chat_template: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    step: Callable | None = None,
+) -> dict:
     """``acc``, ``acc_norm``, ``num_questions`` (and ``num_rows``, ``boundary_merges``, ``truncated``).
 
     ``batch_size`` questions go through the model per forward pass (one packed row each, at most
@@ -77,14 +95,16 @@ def evaluate_choices(model: LlamaForCausalLM, params: Any, tokenizer: Any, quest
     already be on it (e.g. the train state's params) and ``batch_size`` a multiple of its
     data x fsdp size and of the process count.
     """
-    encoded = encode_choices(tokenizer, questions, vocab_size=model.config.vocab_size, max_length=max_length,
-                             chat_template=chat_template)
+    encoded = encode_choices(
+        tokenizer, questions, vocab_size=model.config.vocab_size, max_length=max_length, chat_template=chat_template
+    )
     step = step or choice_step(model, mesh)
     return choice_metrics(encoded, choice_loglikelihoods(step, params, encoded, batch_size, mesh))
 
 
-def choice_loglikelihoods(step: Callable, params: Any, encoded: EncodedChoices, batch_size: int,
-                          mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+def choice_loglikelihoods(
+    step: Callable, params: Any, encoded: EncodedChoices, batch_size: int, mesh: jax.sharding.Mesh | None = None
+) -> np.ndarray:
     """float64 [rows]: ll of every (question, choice) row of ``encoded``; ``batch_size`` questions per forward."""
     parts = batch_row_multiple(mesh)
     if batch_size < 1 or batch_size % parts:
@@ -94,7 +114,7 @@ def choice_loglikelihoods(step: Callable, params: Any, encoded: EncodedChoices, 
         logps = step(params, batch if mesh is None else whole_batch_on_mesh(batch, mesh))
         logps = np.asarray(jax.device_get(logps), np.float64)
         for r, (b, first, end) in spans.items():  # token j is predicted at logps column j - 1
-            scores[r] = logps[b, first - 1:end - 1].sum()
+            scores[r] = logps[b, first - 1 : end - 1].sum()
     return scores
 
 
@@ -155,8 +175,13 @@ def packed_rows(encoded: EncodedChoices) -> list[dict]:
     rows_of = np.split(np.arange(len(encoded.segments)), np.cumsum(np.bincount(encoded.question_of))[:-1])
     packed = []
     for prefix, rows in zip(encoded.prefixes, rows_of):
-        row = {"input_ids": list(prefix), "positions": list(range(len(prefix))), "segment": [0] * len(prefix),
-               "loss_mask": [0] * len(prefix), "spans": {}}
+        row = {
+            "input_ids": list(prefix),
+            "positions": list(range(len(prefix))),
+            "segment": [0] * len(prefix),
+            "loss_mask": [0] * len(prefix),
+            "spans": {},
+        }
         for choice, r in enumerate(rows):
             segment, scored, begin = encoded.segments[r], int(encoded.scored[r]), len(row["input_ids"])
             row["input_ids"] += segment
@@ -173,18 +198,20 @@ def _batches(encoded: EncodedChoices, batch_size: int) -> Iterator[tuple[dict, d
     packed = packed_rows(encoded)
     lengths = np.asarray([len(row["input_ids"]) for row in packed])
     order = np.argsort(lengths, kind="stable")
-    groups = [order[begin:begin + batch_size] for begin in range(0, len(order), batch_size)]
+    groups = [order[begin : begin + batch_size] for begin in range(0, len(order), batch_size)]
     buckets = length_buckets([lengths[questions].max() for questions in groups])
     for questions in groups:
         width = int(buckets[np.searchsorted(buckets, lengths[questions].max())])
-        batch = {name: np.zeros((batch_size, width), np.int32)
-                 for name in ("input_ids", "attention_mask", "positions", "segment", "loss_mask")}
-        batch["attention_mask"][len(questions):, 0] = 1  # padding rows: one visible token, nothing scored
+        batch = {
+            name: np.zeros((batch_size, width), np.int32)
+            for name in ("input_ids", "attention_mask", "positions", "segment", "loss_mask")
+        }
+        batch["attention_mask"][len(questions) :, 0] = 1  # padding rows: one visible token, nothing scored
         spans = {}
         for b, q in enumerate(questions):
             row = packed[q]
             for name in ("input_ids", "positions", "segment", "loss_mask"):
-                batch[name][b, :len(row[name])] = row[name]
-            batch["attention_mask"][b, :len(row["input_ids"])] = 1
+                batch[name][b, : len(row[name])] = row[name]
+            batch["attention_mask"][b, : len(row["input_ids"])] = 1
             spans.update({r: (b, first, end) for r, (first, end) in row["spans"].items()})
         yield spans, batch

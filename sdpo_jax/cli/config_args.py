@@ -8,12 +8,13 @@ the overrides against that config's fields (a misspelt field is named with the n
 then the overrides with config_flags' own value parsing (a value of the wrong type names the flag).
 Any of them raises `ConfigError`; `-h`/`--help` prints the command's help and exits 0.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 from absl import flags
 from ml_collections import config_flags
@@ -30,8 +31,9 @@ def wants_help(argv: list[str]) -> bool:
     return any(arg in HELP_ARGS for arg in argv[1:])
 
 
-def parse_command_line(argv: list[str], default_config: str, define_flags: Callable[[flags.FlagValues], None]
-                       ) -> tuple[object, flags.FlagValues]:
+def parse_command_line(
+    argv: list[str], default_config: str, define_flags: Callable[[flags.FlagValues], None]
+) -> tuple[object, flags.FlagValues]:
     """(the config with its overrides applied, the parsed FlagValues of ``define_flags``' flags)."""
     spec, rest = _split_config_spec(argv)
     config = _load(spec or default_config)
@@ -43,8 +45,9 @@ def parse_command_line(argv: list[str], default_config: str, define_flags: Calla
             raise ConfigError(unknown_field_message(match.group(1), where=f"{arg}: "))
     flag_values = flags.FlagValues()
     define_flags(flag_values)
-    config_flags.DEFINE_config_dict("config", config, "the config (--config PATH[:ARG])", flag_values=flag_values,
-                                    sys_argv=rest)
+    config_flags.DEFINE_config_dict(
+        "config", config, "the config (--config PATH[:ARG])", flag_values=flag_values, sys_argv=rest
+    )
     try:
         unparsed = flag_values(rest)
     except flags.Error as err:
@@ -60,10 +63,10 @@ def _split_config_spec(argv: list[str]) -> tuple[str | None, list[str]]:
     for i, arg in enumerate(argv[1:], start=1):
         if _CONFIG_SPEC.match(arg):
             if "=" in arg:
-                return arg.split("=", 1)[1], argv[:i] + argv[i + 1:]
+                return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
             if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
                 raise ConfigError("--config needs a PATH (a config file, e.g. configs/tiny.py)")
-            return argv[i + 1], argv[:i] + argv[i + 2:]
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
     return None, list(argv)
 
 
@@ -75,8 +78,9 @@ def _load(spec: str):
         raise ConfigError(f"{where}: no such config file")
     flag_values = flags.FlagValues()
     try:  # (config_flags runs get_config when the flag is defined, its default being the file)
-        config_flags.DEFINE_config_file("config", spec, "ml_collections config file", flag_values=flag_values,
-                                        sys_argv=["load"])
+        config_flags.DEFINE_config_file(
+            "config", spec, "ml_collections config file", flag_values=flag_values, sys_argv=["load"]
+        )
         flag_values(["load"])
         return flag_values["config"].value
     except flags.Error as err:  # config_flags reports an error inside the file with its traceback: keep the last line

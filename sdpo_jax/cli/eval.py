@@ -17,6 +17,7 @@ JSON holds the means over pairs of loss, rewards/chosen, rewards/rejected, rewar
 rewards/margins, logps/chosen, logps/rejected (TRL DPOTrainer definitions) and num_pairs.
 Bad input: one line on stderr naming the file, line and field, exit status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,12 @@ if TYPE_CHECKING:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo-eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        prog="sdpo-eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     parser.add_argument("--policy", required=True, help="Hugging Face folder of the policy model")
     parser.add_argument("--reference", required=True, help="Hugging Face folder of the reference model")
     parser.add_argument("--data", required=True, help="pairs: .jsonl/.json/.parquet[.gz] file or dataset name")
@@ -38,18 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss-type", default="sigmoid", help="a loss type or a comma list of them (default sigmoid)")
     parser.add_argument("--loss-weights", default="", help="comma list, one weight per loss type (default all 1.0)")
     parser.add_argument("--label-smoothing", type=float, default=0.0)
-    parser.add_argument("--f-divergence-type", default="reverse_kl",
-                        help="reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO)")
+    parser.add_argument(
+        "--f-divergence-type",
+        default="reverse_kl",
+        help="reverse_kl | forward_kl | js_divergence | alpha_divergence (f-DPO)",
+    )
     parser.add_argument("--f-alpha-divergence-coef", type=float, default=0.5)
     parser.add_argument("--use-weighting", action="store_true", help="WPO pair weights")
-    parser.add_argument("--ld-alpha", type=float, default=1.0, help="LD-DPO weight of tokens beyond the shared length (1: off)")
+    parser.add_argument(
+        "--ld-alpha", type=float, default=1.0, help="LD-DPO weight of tokens beyond the shared length (1: off)"
+    )
     parser.add_argument("--discopop-tau", type=float, default=0.05)
     parser.add_argument("--rpo-alpha", type=float, default=0.0, help="weight of the chosen NLL added to the loss (RPO)")
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass (default 8)")
     parser.add_argument("--max-length", type=int, default=1024, help="truncate prompt+completion to this many tokens")
-    parser.add_argument("--max-prompt-length", type=int, default=512, help="truncate prompts to this many tokens (0: off)")
+    parser.add_argument(
+        "--max-prompt-length", type=int, default=512, help="truncate prompts to this many tokens (0: off)"
+    )
     parser.add_argument("--limit", type=int, default=0, help="score only the first N rows of the file (0: all)")
-    parser.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (counts are reported) instead of failing")
+    parser.add_argument(
+        "--skip-invalid", action="store_true", help="skip invalid rows (counts are reported) instead of failing"
+    )
     parser.add_argument("--out", required=True, help="where to write the JSON metrics")
     return parser
 
@@ -58,10 +72,18 @@ def settings_from_args(args: argparse.Namespace) -> DPOSettings:
     """The DPOSettings of the command line (a bad combination is a ConfigError naming dpo.<field>)."""
     from sdpo_jax.losses import DPOSettings
 
-    return DPOSettings(beta=args.beta, loss_type=args.loss_type, loss_weights=args.loss_weights,
-                       label_smoothing=args.label_smoothing, rpo_alpha=args.rpo_alpha,
-                       f_divergence_type=args.f_divergence_type, f_alpha_divergence_coef=args.f_alpha_divergence_coef,
-                       use_weighting=args.use_weighting, ld_alpha=args.ld_alpha, discopop_tau=args.discopop_tau)
+    return DPOSettings(
+        beta=args.beta,
+        loss_type=args.loss_type,
+        loss_weights=args.loss_weights,
+        label_smoothing=args.label_smoothing,
+        rpo_alpha=args.rpo_alpha,
+        f_divergence_type=args.f_divergence_type,
+        f_alpha_divergence_coef=args.f_alpha_divergence_coef,
+        use_weighting=args.use_weighting,
+        ld_alpha=args.ld_alpha,
+        discopop_tau=args.discopop_tau,
+    )
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -78,14 +100,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
+    import optax
+
     from sdpo_jax.checkpoint.hf_import import CheckpointError, load_hf_checkpoint
     from sdpo_jax.data.batching import PairBatcher, resolve_buckets
     from sdpo_jax.data.config import get_data_config
     from sdpo_jax.data.load import load_pairs
     from sdpo_jax.errors import ConfigError
     from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
-    import optax
-
     from sdpo_jax.models import LlamaForCausalLM
     from sdpo_jax.models.loading import load_tokenizer
     from sdpo_jax.placement import place, state_shardings
@@ -94,7 +116,9 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     config, params = load_hf_checkpoint(args.policy)
     ref_config, ref_params = load_hf_checkpoint(args.reference)
     if ref_config != config:
-        raise CheckpointError(f"{args.reference}: the reference's architecture differs from the policy's ({args.policy})")
+        raise CheckpointError(
+            f"{args.reference}: the reference's architecture differs from the policy's ({args.policy})"
+        )
     data_config = get_data_config()
     data_config.max_length, data_config.max_prompt_length = args.max_length, args.max_prompt_length
     data_config.skip_invalid, data_config.limit = args.skip_invalid, args.limit
@@ -107,8 +131,14 @@ def run(args: argparse.Namespace, settings: DPOSettings) -> dict:
     shardings, _ = state_shardings(model, optax.identity(), mesh)
     batcher = PairBatcher(pairs, args.batch_size, seed=0, buckets=resolve_buckets((), args.max_length), shuffle=False)
     step = jit_eval_step(model, settings, mesh, shardings.params, with_reference_params=True)
-    return evaluate_pairs(step, place(params, shardings.params), place(ref_params, shardings.params),
-                          batcher.epoch_batches(0), settings, mesh)
+    return evaluate_pairs(
+        step,
+        place(params, shardings.params),
+        place(ref_params, shardings.params),
+        batcher.epoch_batches(0),
+        settings,
+        mesh,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

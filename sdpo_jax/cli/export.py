@@ -9,6 +9,7 @@ pass); vLLM and lm-eval-harness read the same Hugging Face layout, but neither w
 export in this project's tests. A snapshot whose files were altered since it was saved, or
 whose parameters are not finite, is refused in one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,12 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdpo-export", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        prog="sdpo-export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     parser.add_argument("--run", required=True, help="a run's output_dir")
     parser.add_argument("--stage", type=int, default=None, help="stage to export (default: the last finished one)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))

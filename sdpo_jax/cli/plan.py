@@ -21,6 +21,7 @@ Exit status: 0 fits; 1 does not fit (one line on stderr: how much over, and the 
 2 the config cannot run on that mesh at all (one line naming the field); 70 a bug in sdpo_jax (its
 traceback, then a line saying so).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,19 +35,29 @@ DOES_NOT_FIT_EXIT_CODE = 1
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-    flags.DEFINE_integer("devices", None, "device count to plan for (default: config.hardware.devices)", flag_values=flag_values)
-    flags.DEFINE_float("device_memory_gib", None, "usable memory per device in GiB (default: config.hardware)",
-                       flag_values=flag_values)
-    flags.DEFINE_enum("platform", None, ["tpu", "gpu", "cpu"], "target platform (default: config.hardware)",
-                      flag_values=flag_values)
-    flags.DEFINE_bool("compile", False, "also compile the step for CPU and print XLA's memory figures", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "devices", None, "device count to plan for (default: config.hardware.devices)", flag_values=flag_values
+    )
+    flags.DEFINE_float(
+        "device_memory_gib", None, "usable memory per device in GiB (default: config.hardware)", flag_values=flag_values
+    )
+    flags.DEFINE_enum(
+        "platform", None, ["tpu", "gpu", "cpu"], "target platform (default: config.hardware)", flag_values=flag_values
+    )
+    flags.DEFINE_bool(
+        "compile", False, "also compile the step for CPU and print XLA's memory figures", flag_values=flag_values
+    )
 
 
 def _reexec(devices: int, argv: list[str]) -> int:
     """Run this command again with ``devices`` fake CPU devices; returns its exit status."""
     xla_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    env = {**os.environ, _CHILD: str(devices), "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"])}
+    env = {
+        **os.environ,
+        _CHILD: str(devices),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([*xla_flags, f"--xla_force_host_platform_device_count={devices}"]),
+    }
     return subprocess.run([sys.executable, "-m", "sdpo_jax.cli.plan", *argv[1:]], env=env).returncode
 
 
@@ -102,36 +113,57 @@ def plan(config, devices: int, memory_gib: float | None, platform: str, compile_
         optimizer = make_optimizer(first.optimizer(100))
         shardings, abstract = state_shardings(model, optimizer, mesh)
     except MeshError as err:
-        raise MeshError(f"mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} dcn_data={dcn_data} on {devices} devices: "
-                        f"{err}") from None
+        raise MeshError(
+            f"mesh data={m.data} fsdp={m.fsdp} tensor={m.tensor} dcn_data={dcn_data} on {devices} devices: {err}"
+        ) from None
     budget = estimate(model_config, config, dict(mesh.shape), abstract, shardings, platform)
 
     precompute = config.train.precompute_reference
-    step = jit_train_step(model, first.dpo, optimizer, mesh, shardings, with_reference_params=not precompute,
-                          grad_accum=config.train.grad_accum, chunk_size=config.model.logprob_chunk)
+    step = jit_train_step(
+        model,
+        first.dpo,
+        optimizer,
+        mesh,
+        shardings,
+        with_reference_params=not precompute,
+        grad_accum=config.train.grad_accum,
+        chunk_size=config.model.logprob_chunk,
+    )
     state = abstract_with_shardings(abstract, shardings)
-    lowered = step.lower(state, None if precompute else state.params, _abstract_batch(config, batch_sharding(mesh), jnp))
+    lowered = step.lower(
+        state, None if precompute else state.params, _abstract_batch(config, batch_sharding(mesh), jnp)
+    )
 
     memory = int(memory_gib * GIB) if memory_gib else None
     name = config.get("hardware", {}).get("name", f"{devices} devices")
-    print(f"sdpo-plan: {model_config.architecture} {model_config.num_params / 1e9:.2f}B ({source}) on {name}: "
-          f"{devices} devices, mesh {dict(mesh.shape)} (dcn_data {dcn_data}), {platform}")
-    print(f"batch {batch} pairs = {accum} micro-batch(es) of {batch // accum}; {config.model.dtype} compute, "
-          f"remat {config.model.remat}, attention {config.model.attention}, logprob_chunk {config.model.logprob_chunk}, "
-          f"reference {'precomputed' if precompute else 'in-step'}; train step traced and lowered")
+    print(
+        f"sdpo-plan: {model_config.architecture} {model_config.num_params / 1e9:.2f}B ({source}) on {name}: "
+        f"{devices} devices, mesh {dict(mesh.shape)} (dcn_data {dcn_data}), {platform}"
+    )
+    print(
+        f"batch {batch} pairs = {accum} micro-batch(es) of {batch // accum}; {config.model.dtype} compute, "
+        f"remat {config.model.remat}, attention {config.model.attention}, logprob_chunk {config.model.logprob_chunk}, "
+        f"reference {'precomputed' if precompute else 'in-step'}; train step traced and lowered"
+    )
     print(budget.table(memory))
     needed, basis = budget.total, "estimate"
     if compile_step:
         xla = compiled_memory(lowered.compile())
         kept = budget.size(KEPT_MODELS)
-        print("XLA (CPU backend) per device: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in xla.items())
-              + f"; with the {kept / GIB:.2f} GiB of models the driver keeps: {(xla['total'] + kept) / GIB:.2f} GiB")
+        print(
+            "XLA (CPU backend) per device: "
+            + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in xla.items())
+            + f"; with the {kept / GIB:.2f} GiB of models the driver keeps: {(xla['total'] + kept) / GIB:.2f} GiB"
+        )
         if xla["total"] + kept > needed:
             needed, basis = xla["total"] + kept, "XLA's compiled step + kept models"
     if memory and needed > memory:
         item, size = budget.largest()
-        print(f"sdpo-plan: does not fit: {needed / GIB:.1f} GiB per device ({basis}) > {memory / GIB:.1f} GiB "
-              f"(largest estimated item: {item}, {size / GIB:.1f} GiB)", file=sys.stderr)
+        print(
+            f"sdpo-plan: does not fit: {needed / GIB:.1f} GiB per device ({basis}) > {memory / GIB:.1f} GiB "
+            f"(largest estimated item: {item}, {size / GIB:.1f} GiB)",
+            file=sys.stderr,
+        )
         return False
     return True
 

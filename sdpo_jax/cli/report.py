@@ -1,4 +1,5 @@
 """sdpo-report: report.md and plots of a finished or partial sdpo-train run."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,9 +9,12 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     from sdpo_jax import report
 
-    parser = argparse.ArgumentParser(prog="sdpo-report", description=report.__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=report.__doc__.split("\n\n", 2)[2])
+    parser = argparse.ArgumentParser(
+        prog="sdpo-report",
+        description=report.__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=report.__doc__.split("\n\n", 2)[2],
+    )
     parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="a run's output_dir (only config.json is required)")
     return parser
 

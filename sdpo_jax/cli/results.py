@@ -1,4 +1,5 @@
 """How the scoring commands hand back their result: a JSON file, and the same object on stdout."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """sdpo-train: run stepwise DPO from an ml_collections config."""
+
 from __future__ import annotations
 
 import sys
@@ -40,7 +41,9 @@ sdpo_jax (its traceback, then a line saying so: please report it).
 
 
 def _define_flags(flag_values: flags.FlagValues) -> None:
-    flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 for explicit multi-host runs", flag_values=flag_values)
+    flags.DEFINE_string(
+        "coordinator", None, "HOST:PORT of process 0 for explicit multi-host runs", flag_values=flag_values
+    )
     flags.DEFINE_integer("num_processes", None, "number of processes (explicit multi-host)", flag_values=flag_values)
     flags.DEFINE_integer("process_id", None, "this process's index (explicit multi-host)", flag_values=flag_values)
     flags.DEFINE_bool("show_config", False, "check the config, print every field and exit", flag_values=flag_values)

@@ -12,11 +12,22 @@ Modules: config (defaults), sources (reading), formats (shapes and normalization
 truncation, pairs (the tokenized store), batching (iterator), load (the pipeline, one shard per
 process), errors.
 """
+
 from sdpo_jax.data.batching import PairBatcher, default_buckets, resolve_buckets
 from sdpo_jax.data.config import get_data_config
 from sdpo_jax.data.errors import DataError, exit_on_data_error
 from sdpo_jax.data.load import load_datasets, load_pairs, split_eval
 from sdpo_jax.data.pairs import TokenizedPairs
 
-__all__ = ["DataError", "PairBatcher", "TokenizedPairs", "default_buckets", "exit_on_data_error",
-           "get_data_config", "load_datasets", "load_pairs", "resolve_buckets", "split_eval"]
+__all__ = [
+    "DataError",
+    "PairBatcher",
+    "TokenizedPairs",
+    "default_buckets",
+    "exit_on_data_error",
+    "get_data_config",
+    "load_datasets",
+    "load_pairs",
+    "resolve_buckets",
+    "split_eval",
+]

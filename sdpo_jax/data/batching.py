@@ -33,10 +33,11 @@ pairs interleaved by holder (for one process: in order), so their batches rarely
 `state()` is {'epoch', 'position', ...}; `restore(state)` continues with exactly the batch an
 uninterrupted run would have produced next (the process count may differ on restore).
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -60,8 +61,7 @@ def resolve_buckets(length_buckets: Sequence[int], max_length: int) -> tuple[int
     """`data.length_buckets` (empty: `default_buckets`), checked to reach `max_length`."""
     buckets = tuple(sorted(set(int(b) for b in length_buckets))) or default_buckets(max_length)
     if buckets[0] <= 0 or buckets[-1] < max_length:
-        raise ConfigError(f"data.length_buckets {buckets} must be positive and reach "
-                          f"max_length {max_length}")
+        raise ConfigError(f"data.length_buckets {buckets} must be positive and reach max_length {max_length}")
     return buckets
 
 
@@ -98,12 +98,21 @@ def staging_layout(indices: np.ndarray, owner: np.ndarray, process_count: int) -
 class PairBatcher:
     """Iterator over this process's slice of bucketed global batches (see module docstring)."""
 
-    def __init__(self, pairs: TokenizedPairs, batch_size: int, seed: int, buckets: Sequence[int],
-                 process_index: int = 0, process_count: int = 1, shuffle: bool = True,
-                 prefix_sharing: bool = False):
+    def __init__(
+        self,
+        pairs: TokenizedPairs,
+        batch_size: int,
+        seed: int,
+        buckets: Sequence[int],
+        process_index: int = 0,
+        process_count: int = 1,
+        shuffle: bool = True,
+        prefix_sharing: bool = False,
+    ):
         if batch_size <= 0 or batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} must be a positive multiple of the "
-                             f"process count {process_count}")
+            raise ValueError(
+                f"batch size {batch_size} must be a positive multiple of the process count {process_count}"
+            )
         if not len(pairs):
             raise ValueError("no pairs to batch")
         self.pairs = pairs
@@ -114,22 +123,20 @@ class PairBatcher:
         self.prefix_sharing = prefix_sharing
         self.local_size = batch_size // process_count
         self.process_index, self.process_count = process_index, process_count
-        self.local_rows = slice(process_index * self.local_size,
-                                (process_index + 1) * self.local_size)
+        self.local_rows = slice(process_index * self.local_size, (process_index + 1) * self.local_size)
         lengths = self.row_lengths(pairs, prefix_sharing)
         self.buckets = self.completion_buckets
         while prefix_sharing and lengths.max() > self.buckets[-1]:
             self.buckets = np.append(self.buckets, 2 * self.buckets[-1])
         if lengths.max() > self.buckets[-1]:
-            raise ValueError(f"a pair of {lengths.max()} tokens exceeds the largest bucket "
-                             f"{self.buckets[-1]}")
+            raise ValueError(f"a pair of {lengths.max()} tokens exceeds the largest bucket {self.buckets[-1]}")
         self.bucket_of = np.searchsorted(self.buckets, lengths)
         self.epoch, self.position = 0, 0
         self._plan_epoch, self._plan = -1, []
         self.lengths = lengths
-        self._identity = hashlib.sha256(lengths.tobytes() + self.buckets.tobytes()
-                                        + bytes([shuffle]) + (b"prefix" if prefix_sharing else b"")
-                                        ).hexdigest()[:16]
+        self._identity = hashlib.sha256(
+            lengths.tobytes() + self.buckets.tobytes() + bytes([shuffle]) + (b"prefix" if prefix_sharing else b"")
+        ).hexdigest()[:16]
 
     @staticmethod
     def row_lengths(pairs: TokenizedPairs, prefix_sharing: bool) -> np.ndarray:
@@ -195,7 +202,7 @@ class PairBatcher:
         for indices in self.plan(epoch):
             yield self.make_batch(indices)
 
-    def __iter__(self) -> "PairBatcher":
+    def __iter__(self) -> PairBatcher:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -208,18 +215,24 @@ class PairBatcher:
 
     def state(self) -> dict:
         """JSON-able position: the next batch is batch `position` of epoch `epoch`."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "num_pairs": len(self.pairs),
-                "data_id": self._identity}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "num_pairs": len(self.pairs),
+            "data_id": self._identity,
+        }
 
     def restore(self, state: dict) -> None:
         """Continues from `state()`; refuses a state taken with other data or settings."""
         mine = self.state()
         for key in ("seed", "batch_size", "num_pairs", "data_id"):
             if state.get(key) != mine[key]:
-                raise SdpoError(f"cannot restore the data iterator: {key} was {state.get(key)!r}, "
-                                f"now {mine[key]!r}")
+                raise SdpoError(f"cannot restore the data iterator: {key} was {state.get(key)!r}, now {mine[key]!r}")
         if not 0 <= state["position"] < self.steps_per_epoch:
-            raise SdpoError(f"cannot restore the data iterator: position {state['position']} "
-                            f"outside an epoch of {self.steps_per_epoch} steps")
+            raise SdpoError(
+                f"cannot restore the data iterator: position {state['position']} "
+                f"outside an epoch of {self.steps_per_epoch} steps"
+            )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

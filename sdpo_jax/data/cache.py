@@ -7,6 +7,7 @@ boundary-merged pairs, so a cache hit reports what the first load did). Entries 
 a temporary folder and renamed into place, so concurrent writers (several hosts on a shared
 disk) never see half an entry. Truncation is not part of the key: it is cheap and applied after.
 """
+
 from __future__ import annotations
 
 import hashlib

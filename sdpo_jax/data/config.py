@@ -43,6 +43,7 @@ prefix_sharing   batch each pair as one row, prompt + chosen + rejected, so the 
                  through the model once (exact; sdpo_jax.prefix_sharing). Needs a dense
                  attention mask: the XLA path, or cuDNN on GPU, not TPU splash.
 """
+
 from __future__ import annotations
 
 import ml_collections

@@ -8,12 +8,13 @@ Files read line by line (.jsonl, .jsonl.gz) are located by 1-based line number (
 shows); everything else (.json lists, .parquet, hub datasets) by 0-based row index (what
 `dataset[i]` takes).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 from sdpo_jax.errors import SdpoError
 
@@ -41,8 +42,7 @@ class DataError(SdpoError, ValueError):
     when `data.skip_invalid` is on.
     """
 
-    def __init__(self, where: Location | str, detail: str, field: str | None = None,
-                 reason: str = "invalid"):
+    def __init__(self, where: Location | str, detail: str, field: str | None = None, reason: str = "invalid"):
         self.where = where
         self.field = field
         self.detail = " ".join(str(detail).split())  # keep it on one line

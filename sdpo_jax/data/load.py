@@ -13,6 +13,7 @@ pair's metadata and its own pairs' tokens (`TokenizedPairs.owner`). Warnings (sk
 per reason, identical chosen/rejected, boundary merges, truncation, pairs dropped for an empty
 completion) are logged on process 0 and kept in `pairs.report`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,8 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -46,13 +48,27 @@ def source_list(value: str | Sequence[str]) -> list[str]:
     return [s.strip() for s in items if s and s.strip()]
 
 
-def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int, process_index: int = 0,
-                  process_count: int = 1, progress_bars: bool = True, log_sources: bool = True
-                  ) -> tuple[TokenizedPairs, TokenizedPairs | None]:
+def load_datasets(
+    config: Any,
+    tokenizer: Any,
+    *,
+    vocab_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress_bars: bool = True,
+    log_sources: bool = True,
+) -> tuple[TokenizedPairs, TokenizedPairs | None]:
     """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any."""
-    load = functools.partial(load_pairs, tokenizer=tokenizer, config=config, vocab_size=vocab_size,
-                             process_index=process_index, process_count=process_count,
-                             progress_bars=progress_bars, log_sources=log_sources)
+    load = functools.partial(
+        load_pairs,
+        tokenizer=tokenizer,
+        config=config,
+        vocab_size=vocab_size,
+        process_index=process_index,
+        process_count=process_count,
+        progress_bars=progress_bars,
+        log_sources=log_sources,
+    )
     train = load(source_list(config.train))
     eval_sources = source_list(config.eval)
     if eval_sources:
@@ -65,8 +81,9 @@ def load_datasets(config: Any, tokenizer: Any, *, vocab_size: int, process_index
 def split_eval(pairs: TokenizedPairs, fraction: float, seed: int):
     """Holds out a seeded `fraction` (at least one pair) of `pairs`: (train, eval)."""
     if not 0 < fraction < 1 or len(pairs) < 2:
-        raise DataError("data.eval_fraction", f"expected a fraction in (0, 1) of at least 2 "
-                        f"pairs, got {fraction} of {len(pairs)}")
+        raise DataError(
+            "data.eval_fraction", f"expected a fraction in (0, 1) of at least 2 pairs, got {fraction} of {len(pairs)}"
+        )
     order = np.random.default_rng(seed).permutation(len(pairs))
     k = max(1, int(round(len(pairs) * fraction)))
     return pairs.subset(np.sort(order[k:])), pairs.subset(np.sort(order[:k]))
@@ -76,9 +93,9 @@ def split_eval(pairs: TokenizedPairs, fraction: float, seed: int):
 class Shard:
     """What one process read of the sources: its pairs (tokens included) and per-source counts."""
 
-    pairs: TokenizedPairs | None     # truncated; None after an error
-    metas: list[dict]                # per source: name, format, pairs, skipped, ... and its cache `key`
-    error: Exception | None = None   # what stopped the shard (a DataError for bad data), in source len(metas)
+    pairs: TokenizedPairs | None  # truncated; None after an error
+    metas: list[dict]  # per source: name, format, pairs, skipped, ... and its cache `key`
+    error: Exception | None = None  # what stopped the shard (a DataError for bad data), in source len(metas)
 
     def summary(self) -> dict:
         """The JSON-able part the other processes need (besides `pair_fields`)."""
@@ -99,9 +116,17 @@ class Shard:
 PAIR_FIELDS = ("source_id", "number", "head", "prompt_len", "chosen_len", "rejected_len")
 
 
-def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
-               process_index: int = 0, process_count: int = 1,
-               progress_bars: bool = True, log_sources: bool = True) -> TokenizedPairs:
+def load_pairs(
+    sources: Sequence[str],
+    tokenizer: Any,
+    config: Any,
+    *,
+    vocab_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    progress_bars: bool = True,
+    log_sources: bool = True,
+) -> TokenizedPairs:
     """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`.
 
     Each of the `process_count` processes reads and tokenizes only its shard of every source
@@ -116,12 +141,24 @@ def load_pairs(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
         raise DataError("data.train", "no sources given")
     if process_count != jax.process_count():
         raise ValueError(f"load_pairs: process_count={process_count} but this run has {jax.process_count()} processes")
-    shard = read_shard(sources, tokenizer, config, vocab_size=vocab_size, shard=(process_index, process_count),
-                       bars=process_index == 0 and progress_bars)
+    shard = read_shard(
+        sources,
+        tokenizer,
+        config,
+        vocab_size=vocab_size,
+        shard=(process_index, process_count),
+        bars=process_index == 0 and progress_bars,
+    )
     if shard.error is not None and process_count == 1:
         raise shard.error
-    pairs = combine_shards(shard, allgather_json(shard.summary()), allgather_arrays(shard.pair_fields()),
-                           process_index, sources, truncation_id(config, tokenizer.bos_token_id))
+    pairs = combine_shards(
+        shard,
+        allgather_json(shard.summary()),
+        allgather_arrays(shard.pair_fields()),
+        process_index,
+        sources,
+        truncation_id(config, tokenizer.bos_token_id),
+    )
     if process_index == 0 and log_sources:
         for meta in pairs.report["sources"]:
             _log_source(meta)
@@ -135,8 +172,15 @@ def truncation_id(config: Any, bos_id: int | None) -> list:
     return [config.max_length, config.max_prompt_length, config.truncation_mode, bos_id]
 
 
-def read_shard(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_size: int,
-               shard: tuple[int, int] = (0, 1), bars: bool = False) -> Shard:
+def read_shard(
+    sources: Sequence[str],
+    tokenizer: Any,
+    config: Any,
+    *,
+    vocab_size: int,
+    shard: tuple[int, int] = (0, 1),
+    bars: bool = False,
+) -> Shard:
     """Shard `shard = (i, n)` of every source: read, checked, tokenized (cached per shard), truncated.
 
     A bad record (the first, unless `data.skip_invalid`) ends the shard with its `DataError`; any
@@ -155,13 +199,18 @@ def read_shard(sources: Sequence[str], tokenizer: Any, config: Any, *, vocab_siz
     except Exception as err:  # noqa: BLE001 (reported to every process by combine_shards, re-raised here)
         return Shard(None, metas, err)
     pairs = TokenizedPairs.from_tables(tables, names)
-    pairs = pairs.truncated(config.max_length, config.max_prompt_length, config.truncation_mode,
-                            tokenizer.bos_token_id)
+    pairs = pairs.truncated(config.max_length, config.max_prompt_length, config.truncation_mode, tokenizer.bos_token_id)
     return Shard(pairs, metas)
 
 
-def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, np.ndarray]],
-                   process_index: int, sources: Sequence[str], truncation: list) -> TokenizedPairs:
+def combine_shards(
+    local: Shard,
+    summaries: list[dict],
+    fields: list[dict[str, np.ndarray]],
+    process_index: int,
+    sources: Sequence[str],
+    truncation: list,
+) -> TokenizedPairs:
     """All pairs, in source order and within a source in record order, from every shard's summary
     and pair fields (in process order); the tokens are `local`'s, the shard of `process_index`.
 
@@ -178,7 +227,9 @@ def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, n
         if "data" in error:
             where, detail, field, reason = error["data"]
             raise DataError(where, detail, field, reason=reason)
-        where = sources[error["source"]] if error["source"] < len(sources) else ", ".join(sources)  # (after the last source)
+        where = (
+            sources[error["source"]] if error["source"] < len(sources) else ", ".join(sources)
+        )  # (after the last source)
         raise RuntimeError(f"process {index} could not read its shard of {where}: {error['other']}")
     metas = [_merge_metas([summary["metas"][k] for summary in summaries]) for k in range(len(sources))]
     for meta in metas:
@@ -197,12 +248,15 @@ def combine_shards(local: Shard, summaries: list[dict], fields: list[dict[str, n
         starts[name][mine] = getattr(local.pairs, name)
     keys = [meta["key"] for meta in metas]
     return TokenizedPairs(
-        tokens=local.pairs.tokens, **starts,
+        tokens=local.pairs.tokens,
+        **starts,
         **{name: merged[name][order].astype(np.int32 if name == "source_id" else np.int64) for name in PAIR_FIELDS},
         sources=[(meta["name"], meta["unit"]) for meta in metas],
         report={"sources": metas, **_merge_truncation([summary["report"] for summary in summaries])},
-        owner=owner[order], process_index=process_index,
-        content_id=cache.cache_key(keys, truncation)[:16])
+        owner=owner[order],
+        process_index=process_index,
+        content_id=cache.cache_key(keys, truncation)[:16],
+    )
 
 
 def _no_pairs_detail(meta: dict) -> str:
@@ -210,14 +264,23 @@ def _no_pairs_detail(meta: dict) -> str:
     if not meta["skipped"]:
         return "no valid pairs"
     reason, count = max(meta["skipped"].items(), key=lambda item: (item[1], item[0]))
-    return (f"no valid pairs ({sum(meta['skipped'].values())} skipped; most for {reason}: {count}, first: "
-            f"{_example(meta, reason)})")
+    return (
+        f"no valid pairs ({sum(meta['skipped'].values())} skipped; most for {reason}: {count}, first: "
+        f"{_example(meta, reason)})"
+    )
 
 
 def _merge_metas(shards: list[dict]) -> dict:
     """One source's report from its shards' reports: counts summed, the first example of each reason."""
-    merged = dict({k: v for k, v in shards[0].items() if k != "shard"}, pairs=0, skipped={}, skipped_examples={}, identical=0, boundary_merges=0,
-                  from_cache=all(meta["from_cache"] for meta in shards))
+    merged = dict(
+        {k: v for k, v in shards[0].items() if k != "shard"},
+        pairs=0,
+        skipped={},
+        skipped_examples={},
+        identical=0,
+        boundary_merges=0,
+        from_cache=all(meta["from_cache"] for meta in shards),
+    )
     for meta in shards:
         if meta["pairs"] and not merged["pairs"]:
             merged.update(format=meta["format"], layout=meta["layout"], kind=meta["kind"])
@@ -231,28 +294,44 @@ def _merge_metas(shards: list[dict]) -> dict:
 
 def _merge_truncation(reports: list[dict]) -> dict:
     reports = [r for r in reports if r]
-    merged = {count: sum(r[count] for r in reports)
-              for count in ("truncated_prompts", "truncated_completions", "dropped_empty_completion")}
+    merged = {
+        count: sum(r[count] for r in reports)
+        for count in ("truncated_prompts", "truncated_completions", "dropped_empty_completion")
+    }
     merged["dropped_examples"] = [example for r in reports for example in r["dropped_examples"]][:5]
     return merged
 
 
 def _check_config(config: Any) -> None:
-    checks = (("format", config.format, FORMATS), ("truncation_mode", config.truncation_mode,
-              TRUNCATION_MODES), ("extra_fields", config.extra_fields, ("error", "ignore")))
+    checks = (
+        ("format", config.format, FORMATS),
+        ("truncation_mode", config.truncation_mode, TRUNCATION_MODES),
+        ("extra_fields", config.extra_fields, ("error", "ignore")),
+    )
     for field, value, allowed in checks:
         if value not in allowed:
             raise DataError(f"data.{field}", f"expected one of {', '.join(allowed)}, got {value!r}")
 
 
-def _load_source(spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int,
-                 shard: tuple[int, int], bars: bool):
+def _load_source(
+    spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int, shard: tuple[int, int], bars: bool
+):
     columns = parse_columns(config.columns)
     name, split = parse_spec(spec, config.split)
     cache_dir = config.cache_dir or str(sdpo_cache_dir("data"))
-    key = cache.cache_key(source_fingerprint(spec, config.split), split, config.limit,
-                          config.sample_seed, config.format, columns, config.extra_fields,
-                          config.assistant_marker, config.skip_invalid, identity, vocab_size)
+    key = cache.cache_key(
+        source_fingerprint(spec, config.split),
+        split,
+        config.limit,
+        config.sample_seed,
+        config.format,
+        columns,
+        config.extra_fields,
+        config.assistant_marker,
+        config.skip_invalid,
+        identity,
+        vocab_size,
+    )
     shard_key = cache.cache_key(key, list(shard)) if shard != (0, 1) else key
     entry = cache.load(cache_dir, shard_key)
     if entry is None:
@@ -273,33 +352,45 @@ def _tokenize_source(spec, encoder, config, columns, vocab_size, shard, bars):
 
     raw = read_source(spec, config.split, config.limit, config.sample_seed, shard=shard)
     problems = Problems(config.skip_invalid)
-    norm = normalize(raw, config.format, columns, config.extra_fields, config.assistant_marker,
-                     vocab_size, problems)
+    norm = normalize(raw, config.format, columns, config.extra_fields, config.assistant_marker, vocab_size, problems)
     features = _tokenized_features()
     if not norm.numbers:  # a shard without valid records (the source's total is checked later)
         dataset = datasets.Dataset.from_dict({name: [] for name in features}, features=features)
     else:
-        dataset = datasets.Dataset.from_dict({"number": norm.numbers, "prompt": norm.prompt,
-                                              "chosen": norm.chosen, "rejected": norm.rejected})
+        dataset = datasets.Dataset.from_dict(
+            {"number": norm.numbers, "prompt": norm.prompt, "chosen": norm.chosen, "rejected": norm.rejected}
+        )
         workers = min(config.num_proc, len(dataset) // MIN_ROWS_PER_WORKER)
         with _progress_bars(bars), _spawned_workers(workers > 1):
-            dataset = dataset.map(functools.partial(encoder.encode, norm.kind), batched=True,
-                                  num_proc=workers if workers > 1 else None,
-                                  remove_columns=["prompt", "chosen", "rejected"], features=features,
-                                  desc=f"tokenizing {os.path.basename(raw.name)}")
+            dataset = dataset.map(
+                functools.partial(encoder.encode, norm.kind),
+                batched=True,
+                num_proc=workers if workers > 1 else None,
+                remove_columns=["prompt", "chosen", "rejected"],
+                features=features,
+                desc=f"tokenizing {os.path.basename(raw.name)}",
+            )
     errors = [i for i, e in enumerate(dataset["error"]) if e]
     for i in errors:
         row = dataset[i]
         reason = "chat template" if row["error"].startswith("chat") else "token id out of range"
-        problems.add(DataError(Location(raw.name, norm.unit, row["number"]), row["error"],
-                               row["error_field"], reason=reason))
+        problems.add(
+            DataError(Location(raw.name, norm.unit, row["number"]), row["error"], row["error_field"], reason=reason)
+        )
     if errors:
         dataset = dataset.select(np.setdiff1d(np.arange(len(dataset)), errors))
-    meta = {"name": raw.name, "unit": norm.unit, "format": norm.format, "layout": norm.layout,
-            "kind": norm.kind, "pairs": len(dataset),
-            "skipped": dict(problems.skipped), "skipped_examples": problems.examples,
-            "identical": norm.identical,
-            "boundary_merges": int(np.sum(dataset["boundary_merges"]))}
+    meta = {
+        "name": raw.name,
+        "unit": norm.unit,
+        "format": norm.format,
+        "layout": norm.layout,
+        "kind": norm.kind,
+        "pairs": len(dataset),
+        "skipped": dict(problems.skipped),
+        "skipped_examples": problems.examples,
+        "identical": norm.identical,
+        "boundary_merges": int(np.sum(dataset["boundary_merges"])),
+    }
     return dataset.remove_columns(["error", "error_field", "boundary_merges"]), meta
 
 
@@ -308,9 +399,17 @@ def _tokenized_features():
     import datasets
 
     ids = datasets.Sequence(datasets.Value("int32"))
-    return datasets.Features({"number": datasets.Value("int64"), "prompt_ids": ids, "chosen_ids": ids,
-                              "rejected_ids": ids, "boundary_merges": datasets.Value("int64"),
-                              "error": datasets.Value("string"), "error_field": datasets.Value("string")})
+    return datasets.Features(
+        {
+            "number": datasets.Value("int64"),
+            "prompt_ids": ids,
+            "chosen_ids": ids,
+            "rejected_ids": ids,
+            "boundary_merges": datasets.Value("int64"),
+            "error": datasets.Value("string"),
+            "error_field": datasets.Value("string"),
+        }
+    )
 
 
 @contextlib.contextmanager
@@ -346,17 +445,26 @@ def source_lines(meta: dict) -> tuple[str, list[str]]:
     """(what a source gave, [warnings about it]): skipped records per reason with the first of each,
     identical pairs, completions tokenized apart from their prompt."""
     name = meta["name"]
-    info = (f"{name}: {meta['pairs']} pairs, {meta['format']} format" + (f" ({meta['layout']} layout)" if meta["layout"] else "")
-            + (", from cache" if meta["from_cache"] else ""))
-    warnings = [f"{name}: skipped {count} invalid record(s): {reason}, first: {_example(meta, reason)}"
-                for reason, count in sorted(meta["skipped"].items(), key=lambda item: (-item[1], item[0]))]
+    info = (
+        f"{name}: {meta['pairs']} pairs, {meta['format']} format"
+        + (f" ({meta['layout']} layout)" if meta["layout"] else "")
+        + (", from cache" if meta["from_cache"] else "")
+    )
+    warnings = [
+        f"{name}: skipped {count} invalid record(s): {reason}, first: {_example(meta, reason)}"
+        for reason, count in sorted(meta["skipped"].items(), key=lambda item: (-item[1], item[0]))
+    ]
     if meta["identical"]:
-        warnings.append(f"{name}: {meta['identical']} pair(s) have identical chosen and rejected completions (they "
-                        f"carry no preference signal)")
+        warnings.append(
+            f"{name}: {meta['identical']} pair(s) have identical chosen and rejected completions (they "
+            f"carry no preference signal)"
+        )
     if meta["boundary_merges"]:
-        warnings.append(f"{name}: {meta['boundary_merges']} completion(s) would tokenize differently joined to their "
-                        f"prompt (a token merges across the boundary, e.g. a prompt ending in a space); the prompt and "
-                        f"completion are tokenized apart")
+        warnings.append(
+            f"{name}: {meta['boundary_merges']} completion(s) would tokenize differently joined to their "
+            f"prompt (a token merges across the boundary, e.g. a prompt ending in a space); the prompt and "
+            f"completion are tokenized apart"
+        )
     return info, warnings
 
 
@@ -373,9 +481,15 @@ def _log_source(meta: dict) -> None:
 
 def _log_truncation(report: dict) -> None:
     if report["truncated_prompts"] or report["truncated_completions"]:
-        logger.info("truncated %d prompt(s) and %d completion pair(s)",
-                    report["truncated_prompts"], report["truncated_completions"])
+        logger.info(
+            "truncated %d prompt(s) and %d completion pair(s)",
+            report["truncated_prompts"],
+            report["truncated_completions"],
+        )
     if report["dropped_empty_completion"]:
-        logger.warning("dropped %d pair(s) whose completion would be empty after truncation "
-                       "(prompt fills max_length; lower max_prompt_length), e.g. %s",
-                       report["dropped_empty_completion"], ", ".join(report["dropped_examples"]))
+        logger.warning(
+            "dropped %d pair(s) whose completion would be empty after truncation "
+            "(prompt fills max_length; lower max_prompt_length), e.g. %s",
+            report["dropped_empty_completion"],
+            ", ".join(report["dropped_examples"]),
+        )

@@ -10,11 +10,12 @@ holds the tokens of its own shard only: `owner[i]` is the process holding pair i
 every process holds them), and the start pointers of pairs held elsewhere are -1. `gather`
 refuses pairs this process does not hold.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -44,19 +45,20 @@ class TokenizedPairs:
     rejected_len: np.ndarray
     source_id: np.ndarray
     number: np.ndarray
-    sources: list[tuple[str, str]]          # (name, 'line' | 'row') per source id
+    sources: list[tuple[str, str]]  # (name, 'line' | 'row') per source id
     report: dict = dataclasses.field(default_factory=dict)
-    owner: np.ndarray | None = None         # process holding each pair's tokens; -1 (default): every process
-    process_index: int = 0                  # the process this object lives in
-    content_id: str = ""                    # what the tokens were made from (see `identity`)
+    owner: np.ndarray | None = None  # process holding each pair's tokens; -1 (default): every process
+    process_index: int = 0  # the process this object lives in
+    content_id: str = ""  # what the tokens were made from (see `identity`)
 
     def __post_init__(self):
         if self.owner is None:
             self.owner = np.full(len(self.prompt_len), -1, np.int32)
 
     @classmethod
-    def from_tables(cls, tables: Sequence, sources: Sequence[tuple[str, str]],
-                    report: dict | None = None) -> "TokenizedPairs":
+    def from_tables(
+        cls, tables: Sequence, sources: Sequence[tuple[str, str]], report: dict | None = None
+    ) -> TokenizedPairs:
         """Builds from pyarrow tables with prompt_ids/chosen_ids/rejected_ids/number columns."""
         import pyarrow.compute as pc
 
@@ -75,14 +77,21 @@ class TokenizedPairs:
             numbers.append(table.column("number").to_numpy().astype(np.int64))
             ids.append(np.full(table.num_rows, source_id, np.int32))
         cat = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in fields.items()}
-        return cls(tokens=np.concatenate(chunks) if chunks else np.zeros(0, np.int32),
-                   prompt_start=cat["prompt_start"], head=np.zeros_like(cat["prompt_len"]),
-                   body_start=cat["prompt_start"], prompt_len=cat["prompt_len"],
-                   chosen_start=cat["chosen_start"], chosen_len=cat["chosen_len"],
-                   rejected_start=cat["rejected_start"], rejected_len=cat["rejected_len"],
-                   source_id=np.concatenate(ids) if ids else np.zeros(0, np.int32),
-                   number=np.concatenate(numbers) if numbers else np.zeros(0, np.int64),
-                   sources=list(sources), report=dict(report or {}))
+        return cls(
+            tokens=np.concatenate(chunks) if chunks else np.zeros(0, np.int32),
+            prompt_start=cat["prompt_start"],
+            head=np.zeros_like(cat["prompt_len"]),
+            body_start=cat["prompt_start"],
+            prompt_len=cat["prompt_len"],
+            chosen_start=cat["chosen_start"],
+            chosen_len=cat["chosen_len"],
+            rejected_start=cat["rejected_start"],
+            rejected_len=cat["rejected_len"],
+            source_id=np.concatenate(ids) if ids else np.zeros(0, np.int32),
+            number=np.concatenate(numbers) if numbers else np.zeros(0, np.int64),
+            sources=list(sources),
+            report=dict(report or {}),
+        )
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -115,8 +124,9 @@ class TokenizedPairs:
 
     def prompt_ids(self, i: int) -> list[int]:
         self._require_held(i)
-        return self._slice(self.prompt_start[i], self.head[i]) + \
-            self._slice(self.body_start[i], self.prompt_len[i] - self.head[i])
+        return self._slice(self.prompt_start[i], self.head[i]) + self._slice(
+            self.body_start[i], self.prompt_len[i] - self.head[i]
+        )
 
     def chosen_ids(self, i: int) -> list[int]:
         self._require_held(i)
@@ -128,38 +138,54 @@ class TokenizedPairs:
 
     def _require_held(self, i: int) -> None:
         if not self.held_here(np.asarray([i]))[0]:
-            raise ValueError(f"pair {i} ({self.location(i)}) is held by process {self.owner[i]}, "
-                             f"not by this process {self.process_index}")
+            raise ValueError(
+                f"pair {i} ({self.location(i)}) is held by process {self.owner[i]}, "
+                f"not by this process {self.process_index}"
+            )
 
     def _slice(self, start: int, length: int) -> list[int]:
-        return self.tokens[start: start + length].tolist()
+        return self.tokens[start : start + length].tolist()
 
-    def subset(self, indices: np.ndarray) -> "TokenizedPairs":
+    def subset(self, indices: np.ndarray) -> TokenizedPairs:
         """The pairs at `indices` (the token array is shared, not copied)."""
         indices = np.asarray(indices, np.int64)
-        per_pair = {f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self)
-                    if f.name not in _WHOLE}
-        return TokenizedPairs(tokens=self.tokens, sources=self.sources, report=dict(self.report),
-                              process_index=self.process_index, content_id=self.content_id, **per_pair)
+        per_pair = {f.name: getattr(self, f.name)[indices] for f in dataclasses.fields(self) if f.name not in _WHOLE}
+        return TokenizedPairs(
+            tokens=self.tokens,
+            sources=self.sources,
+            report=dict(self.report),
+            process_index=self.process_index,
+            content_id=self.content_id,
+            **per_pair,
+        )
 
-    def truncated(self, max_length: int, max_prompt_length: int, mode: str,
-                  bos_id: int | None) -> "TokenizedPairs":
+    def truncated(self, max_length: int, max_prompt_length: int, mode: str, bos_id: int | None) -> TokenizedPairs:
         """Applies `truncation.truncate`; drops (and reports) pairs left without a completion."""
-        first = self.tokens[np.minimum(self.prompt_start, max(len(self.tokens) - 1, 0))] \
-            if len(self.tokens) else np.zeros(len(self), np.int32)
+        first = (
+            self.tokens[np.minimum(self.prompt_start, max(len(self.tokens) - 1, 0))]
+            if len(self.tokens)
+            else np.zeros(len(self), np.int32)
+        )
         starts_with_bos = first == bos_id if bos_id is not None else np.zeros(len(self), bool)
-        t = truncate(self.prompt_len, self.chosen_len, self.rejected_len, starts_with_bos,
-                     max_length, max_prompt_length, mode)
+        t = truncate(
+            self.prompt_len, self.chosen_len, self.rejected_len, starts_with_bos, max_length, max_prompt_length, mode
+        )
         out = dataclasses.replace(
-            self, head=t.head, body_start=self.prompt_start + t.body_offset,
-            prompt_len=t.prompt_len, chosen_len=t.chosen_len, rejected_len=t.rejected_len)
+            self,
+            head=t.head,
+            body_start=self.prompt_start + t.body_offset,
+            prompt_len=t.prompt_len,
+            chosen_len=t.chosen_len,
+            rejected_len=t.rejected_len,
+        )
         empty = np.flatnonzero(t.empty)
-        report = dict(self.report,
-                      truncated_prompts=int((t.prompt_len < self.prompt_len).sum()),
-                      truncated_completions=int(((t.chosen_len < self.chosen_len)
-                                                 | (t.rejected_len < self.rejected_len)).sum()),
-                      dropped_empty_completion=len(empty),
-                      dropped_examples=[str(self.location(i)) for i in empty[:5]])
+        report = dict(
+            self.report,
+            truncated_prompts=int((t.prompt_len < self.prompt_len).sum()),
+            truncated_completions=int(((t.chosen_len < self.chosen_len) | (t.rejected_len < self.rejected_len)).sum()),
+            dropped_empty_completion=len(empty),
+            dropped_examples=[str(self.location(i)) for i in empty[:5]],
+        )
         kept = out.subset(np.flatnonzero(~t.empty))
         kept.report = report
         return kept
@@ -178,18 +204,19 @@ class TokenizedPairs:
         j = np.arange(length, dtype=np.int64)[None, :]
         prompt_len = np.where(valid, self.prompt_len[idx], 0)[:, None]
         head = self.head[idx][:, None]
-        prompt_pos = np.where(j < head, self.prompt_start[idx][:, None],
-                              self.body_start[idx][:, None] + j - head)
+        prompt_pos = np.where(j < head, self.prompt_start[idx][:, None], self.body_start[idx][:, None] + j - head)
         out = {}
         for side in ("chosen", "rejected"):
             side_len = np.where(valid, getattr(self, f"{side}_len")[idx], 0)[:, None]
-            pos = np.where(j < prompt_len, prompt_pos,
-                           getattr(self, f"{side}_start")[idx][:, None] + j - prompt_len)
+            pos = np.where(j < prompt_len, prompt_pos, getattr(self, f"{side}_start")[idx][:, None] + j - prompt_len)
             if (prompt_len + side_len > length).any():
                 raise ValueError(f"a {side} sequence is longer than the batch length {length}")
             real = j < prompt_len + side_len
-            ids = self.tokens[np.clip(pos, 0, max(len(self.tokens) - 1, 0))] if len(self.tokens) \
+            ids = (
+                self.tokens[np.clip(pos, 0, max(len(self.tokens) - 1, 0))]
+                if len(self.tokens)
                 else np.zeros(pos.shape, np.int32)
+            )
             out[f"{side}_input_ids"] = np.where(real, ids, 0).astype(np.int32)
             out[f"{side}_attention_mask"] = real.astype(np.int32)
             out[f"{side}_loss_mask"] = real & (j >= prompt_len)

@@ -12,6 +12,7 @@ in this package (`sdpo_jax/data/samples/`). Files are read by this module itself
 Undecodable records do not raise here: they become `Record`s holding a `DataError`, so that the
 caller can either stop at the first or skip and count them (`data.skip_invalid`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,8 @@ import gzip
 import hashlib
 import json
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -66,7 +68,7 @@ def parse_spec(spec: str, default_split: str) -> tuple[str, str]:
     if at and head and tail and "/" not in tail:
         name, split = head, tail
     if name.startswith("sample:"):
-        name = os.path.join(SAMPLES_DIR, name[len("sample:"):])
+        name = os.path.join(SAMPLES_DIR, name[len("sample:") :])
     return name, split
 
 
@@ -87,8 +89,9 @@ def local_source_problem(spec: str) -> str | None:
     return None
 
 
-def read_source(spec: str, default_split: str = "train", limit: int = 0,
-                sample_seed: int = 0, shard: tuple[int, int] = (0, 1)) -> RawSource:
+def read_source(
+    spec: str, default_split: str = "train", limit: int = 0, sample_seed: int = 0, shard: tuple[int, int] = (0, 1)
+) -> RawSource:
     """Reads one source; `limit` > 0 keeps that many records (a seeded sample if `sample_seed`).
 
     With `shard=(i, n)` only the i-th of n contiguous blocks of those records is decoded (JSON
@@ -118,8 +121,12 @@ def read_source(spec: str, default_split: str = "train", limit: int = 0,
         start, stop = shard_bounds(len(items), *shard)
         if not items:
             raise DataError(name, "file is empty", reason="empty file")
-        return RawSource(name=name, records=[decode(item) for item in items[start:stop]], unit=unit,
-                         lead=(decode(item) for item in items[:start]))
+        return RawSource(
+            name=name,
+            records=[decode(item) for item in items[start:stop]],
+            unit=unit,
+            lead=(decode(item) for item in items[:start]),
+        )
     return _table_shard(name, _load_dataset(name, split), limit, sample_seed, shard)
 
 
@@ -127,12 +134,16 @@ def _table_shard(name: str, table, limit: int, sample_seed: int, shard: tuple[in
     """The shard of a parquet table or `datasets.Dataset`: only its rows become Python objects."""
     rows = _select(list(range(len(table))), limit, sample_seed)
     if not rows:
-        raise DataError(name, "file is empty" if name.endswith(FILE_SUFFIXES) else "dataset has no rows",
-                        reason="empty file")
+        raise DataError(
+            name, "file is empty" if name.endswith(FILE_SUFFIXES) else "dataset has no rows", reason="empty file"
+        )
     start, stop = shard_bounds(len(rows), *shard)
     values = _to_list(table, rows[start:stop]) if stop > start else []
-    return RawSource(name=name, records=[Record(Location(name, "row", i), v) for i, v in zip(rows[start:stop], values)],
-                     lead=(Record(Location(name, "row", i), _to_list(table, [i])[0]) for i in rows[:start]))
+    return RawSource(
+        name=name,
+        records=[Record(Location(name, "row", i), v) for i, v in zip(rows[start:stop], values)],
+        lead=(Record(Location(name, "row", i), _to_list(table, [i])[0]) for i in rows[:start]),
+    )
 
 
 def _to_list(table, rows: list[int]) -> list[dict]:
@@ -174,14 +185,16 @@ def _jsonl_record(path: str, number: int, line: bytes) -> Record:
     try:
         text = line.decode("utf-8-sig" if number == 1 else "utf-8")
     except UnicodeDecodeError as err:
-        return Record(where, DataError(
-            where, f"invalid UTF-8 byte 0x{line[err.start]:02x} at column {err.start + 1}",
-            reason="invalid UTF-8"))
+        return Record(
+            where,
+            DataError(
+                where, f"invalid UTF-8 byte 0x{line[err.start]:02x} at column {err.start + 1}", reason="invalid UTF-8"
+            ),
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        return Record(where, DataError(where, f"invalid JSON ({err.msg} at column {err.colno})",
-                                       reason="invalid JSON"))
+        return Record(where, DataError(where, f"invalid JSON ({err.msg} at column {err.colno})", reason="invalid JSON"))
     return Record(where, _require_object(where, value))
 
 
@@ -190,18 +203,18 @@ def _json_records(path: str, data: bytes) -> list[Record]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise DataError(Location(path, "line", line),
-                        f"invalid UTF-8 byte 0x{data[err.start]:02x}", reason="invalid UTF-8")
+        raise DataError(
+            Location(path, "line", line), f"invalid UTF-8 byte 0x{data[err.start]:02x}", reason="invalid UTF-8"
+        )
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(Location(path, "line", err.lineno),
-                        f"invalid JSON ({err.msg} at column {err.colno})", reason="invalid JSON")
+        raise DataError(
+            Location(path, "line", err.lineno), f"invalid JSON ({err.msg} at column {err.colno})", reason="invalid JSON"
+        )
     if not isinstance(value, list):
-        raise DataError(path, f"expected a JSON list of records, got {type_name(value)}",
-                        reason="wrong type")
-    return [Record(Location(path, "row", i), _require_object(Location(path, "row", i), v))
-            for i, v in enumerate(value)]
+        raise DataError(path, f"expected a JSON list of records, got {type_name(value)}", reason="wrong type")
+    return [Record(Location(path, "row", i), _require_object(Location(path, "row", i), v)) for i, v in enumerate(value)]
 
 
 def _parquet_table(path: str):
@@ -221,8 +234,7 @@ def _load_dataset(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types (missing, offline, bad split, ...)
-        raise DataError(name, f"cannot load dataset split '{split}' ({err})",
-                        reason="unreadable file")
+        raise DataError(name, f"cannot load dataset split '{split}' ({err})", reason="unreadable file")
     return ds
 
 

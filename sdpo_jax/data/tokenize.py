@@ -25,11 +25,13 @@ template beforehand) is not given a second BOS, so it tokenizes like the chat pa
 
 Pre-tokenized pairs are used as they are (no special tokens added, no EOS appended).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from sdpo_jax.data.errors import DataError
 from sdpo_jax.data.validation import token_range_problem
@@ -45,8 +47,11 @@ def tokenizer_identity(tokenizer: Any) -> str:
         h.update(backend.to_str().encode())
     else:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps([tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token,
-                         len(tokenizer)], default=str).encode())
+    h.update(
+        json.dumps(
+            [tokenizer.chat_template, tokenizer.bos_token, tokenizer.eos_token, len(tokenizer)], default=str
+        ).encode()
+    )
     return h.hexdigest()[:32]
 
 
@@ -63,14 +68,15 @@ class PairEncoder:
         self.bos_text = tokenizer.bos_token
         anchor = tokenizer(tokenizer.eos_token, add_special_tokens=False)["input_ids"]
         if anchor != [self.eos_id]:
-            raise DataError("tokenizer", f"the EOS text {tokenizer.eos_token!r} does not tokenize "
-                            f"to the EOS id alone (got {anchor})")
+            raise DataError(
+                "tokenizer",
+                f"the EOS text {tokenizer.eos_token!r} does not tokenize to the EOS id alone (got {anchor})",
+            )
 
     def encode(self, kind: str, batch: dict[str, list]) -> dict[str, list]:
         """Returns {prompt_ids, chosen_ids, rejected_ids, boundary_merges, error, error_field}."""
         n = len(batch["prompt"])
-        out: dict[str, list] = {"boundary_merges": [0] * n, "error": [""] * n,
-                                "error_field": [""] * n}
+        out: dict[str, list] = {"boundary_merges": [0] * n, "error": [""] * n, "error_field": [""] * n}
         if kind == "tokens":
             out.update({f"{side}_ids": batch[side] for side in SIDES})
             return out
@@ -83,8 +89,7 @@ class PairEncoder:
         out["prompt_ids"] = self._encode(texts["prompt"], add_special)
         for side in ("chosen", "rejected"):
             completions = self._encode_completions(texts[side])
-            in_context = self._encode([p + c for p, c in zip(texts["prompt"], texts[side])],
-                                      add_special)
+            in_context = self._encode([p + c for p, c in zip(texts["prompt"], texts[side])], add_special)
             for i, (p, c) in enumerate(zip(out["prompt_ids"], completions)):
                 out["boundary_merges"][i] += in_context[i] != p + c
                 if kind == "text" or self.eos_id not in c:
@@ -102,8 +107,11 @@ class PairEncoder:
         import jinja2  # transformers renders chat templates with it; a missing package stops the run
 
         if not self.tokenizer.chat_template:
-            raise DataError("tokenizer", "conversational data needs a chat template, and this "
-                            "tokenizer has none (set chat_template in tokenizer_config.json)")
+            raise DataError(
+                "tokenizer",
+                "conversational data needs a chat template, and this "
+                "tokenizer has none (set chat_template in tokenizer_config.json)",
+            )
         texts: dict[str, list[str]] = {side: [] for side in SIDES}
         for i, prompt in enumerate(batch["prompt"]):
             rendered = {side: "" for side in SIDES}
@@ -112,9 +120,11 @@ class PairEncoder:
                 for side in ("chosen", "rejected"):
                     full = self._template(prompt + batch[side][i], False)
                     if not full.startswith(rendered["prompt"]):
-                        raise ValueError("the chat template does not render the prompt (with "
-                                         "generation prompt) as a prefix of the conversation")
-                    rendered[side] = full[len(rendered["prompt"]):]
+                        raise ValueError(
+                            "the chat template does not render the prompt (with "
+                            "generation prompt) as a prefix of the conversation"
+                        )
+                    rendered[side] = full[len(rendered["prompt"]) :]
             except jinja2.TemplateSyntaxError as err:  # the tokenizer's fault, not the record's
                 raise DataError("tokenizer", f"its chat template does not parse: {err}") from None
             except (jinja2.TemplateError, ValueError) as err:  # this conversation (e.g. roles must alternate)
@@ -124,19 +134,18 @@ class PairEncoder:
         return texts
 
     def _template(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=generation_prompt)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
     def _encode(self, texts: Sequence[str], add_special: bool) -> list[list[int]]:
-        ids = self.tokenizer(list(texts), add_special_tokens=add_special,
-                             verbose=False)["input_ids"]
+        ids = self.tokenizer(list(texts), add_special_tokens=add_special, verbose=False)["input_ids"]
         if add_special and self.bos_id is not None:
-            ids = [x[1:] if x[:2] == [self.bos_id, self.bos_id] and t.startswith(self.bos_text)
-                   else x for x, t in zip(ids, texts)]
+            ids = [
+                x[1:] if x[:2] == [self.bos_id, self.bos_id] and t.startswith(self.bos_text) else x
+                for x, t in zip(ids, texts)
+            ]
         return ids
 
     def _encode_completions(self, texts: Sequence[str]) -> list[list[int]]:
         anchor = self.tokenizer.eos_token
-        ids = self.tokenizer([anchor + t for t in texts], add_special_tokens=False,
-                             verbose=False)["input_ids"]
+        ids = self.tokenizer([anchor + t for t in texts], add_special_tokens=False, verbose=False)["input_ids"]
         return [x[1:] for x in ids]

@@ -7,6 +7,7 @@ Rules, in order:
 3. A pair left with an empty chosen or rejected completion (the prompt fills `max_length`) is
    not trainable: it is dropped and reported, never trained on silently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,9 +19,9 @@ import numpy as np
 class Truncation:
     """Per-pair result: prompt = [head tokens from the prompt start] + body; completions cut."""
 
-    head: np.ndarray         # 1 where a leading BOS is kept in front of a keep_end cut, else 0
+    head: np.ndarray  # 1 where a leading BOS is kept in front of a keep_end cut, else 0
     body_offset: np.ndarray  # where the kept prompt body starts, relative to the prompt start
-    prompt_len: np.ndarray   # kept prompt length, head included
+    prompt_len: np.ndarray  # kept prompt length, head included
     chosen_len: np.ndarray
     rejected_len: np.ndarray
 
@@ -30,9 +31,15 @@ class Truncation:
         return (self.chosen_len == 0) | (self.rejected_len == 0)
 
 
-def truncate(prompt_len: np.ndarray, chosen_len: np.ndarray, rejected_len: np.ndarray,
-             starts_with_bos: np.ndarray, max_length: int, max_prompt_length: int,
-             mode: str) -> Truncation:
+def truncate(
+    prompt_len: np.ndarray,
+    chosen_len: np.ndarray,
+    rejected_len: np.ndarray,
+    starts_with_bos: np.ndarray,
+    max_length: int,
+    max_prompt_length: int,
+    mode: str,
+) -> Truncation:
     """Applies the rules of the module docstring to arrays of lengths."""
     if mode not in ("keep_end", "keep_start"):
         raise ValueError(f"data.truncation_mode must be 'keep_end' or 'keep_start', got {mode!r}")
@@ -48,6 +55,10 @@ def truncate(prompt_len: np.ndarray, chosen_len: np.ndarray, rejected_len: np.nd
         head = np.zeros_like(prompt_len)
         body_offset = np.zeros_like(prompt_len)
     room = np.maximum(max_length - kept, 0)
-    return Truncation(head=head, body_offset=body_offset, prompt_len=kept,
-                      chosen_len=np.minimum(np.asarray(chosen_len, np.int64), room),
-                      rejected_len=np.minimum(np.asarray(rejected_len, np.int64), room))
+    return Truncation(
+        head=head,
+        body_offset=body_offset,
+        prompt_len=kept,
+        chosen_len=np.minimum(np.asarray(chosen_len, np.int64), room),
+        rejected_len=np.minimum(np.asarray(rejected_len, np.int64), room),
+    )

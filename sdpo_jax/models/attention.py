@@ -12,6 +12,7 @@ its parameters: causal by index, padding keys hidden, optional sliding window), 
 takes and which is the only form 'splash' takes: the TPU kernel builds its block-sparse mask from
 the pattern and cannot read an arbitrary dense one (see `sdpo_jax.models.splash`).
 """
+
 from __future__ import annotations
 
 import dataclasses

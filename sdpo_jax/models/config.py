@@ -14,12 +14,14 @@ the same decoder with a ``score`` head [hidden, num_labels] in place of the LM h
 only where a caller asks for it (``architectures=tuple(SEQUENCE_CLASSIFIERS)``), so a reward
 model is never taken for a causal LM.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from sdpo_jax.errors import SdpoError
 
@@ -101,8 +103,12 @@ class ModelConfig:
         return v * d + self.num_hidden_layers * per_layer + d + head
 
     @classmethod
-    def from_hf_dict(cls, hf: Mapping[str, Any], source: str = "config.json",
-                     architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
+    def from_hf_dict(
+        cls,
+        hf: Mapping[str, Any],
+        source: str = "config.json",
+        architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES,
+    ) -> ModelConfig:
         """Build from a Hugging Face config dict (transformers 4 or 5 layout) of one of ``architectures``."""
         named = hf.get("architectures") or []
         architecture = named[0] if named else _architecture_from_model_type(hf.get("model_type"), source)
@@ -135,7 +141,9 @@ class ModelConfig:
             rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), float, "rms_norm_eps", source),
             rope_theta=rope_theta,
             rope_scaling=None if rope_type == "default" else tuple(sorted(rope.items())),
-            max_position_embeddings=_number(hf.get("max_position_embeddings", 4096), int, "max_position_embeddings", source),
+            max_position_embeddings=_number(
+                hf.get("max_position_embeddings", 4096), int, "max_position_embeddings", source
+            ),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=decoder == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
             o_bias=decoder != "Qwen2ForCausalLM" and bool(hf.get("attention_bias", False)),
@@ -149,16 +157,18 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike,
-                        architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
+    def from_pretrained(
+        cls, folder: str | os.PathLike, architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES
+    ) -> ModelConfig:
         path = os.path.join(os.fspath(folder), "config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no config.json in the model folder")
         return cls.from_json_file(path, architectures)
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike,
-                       architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES) -> "ModelConfig":
+    def from_json_file(
+        cls, path: str | os.PathLike, architectures: tuple[str, ...] = SUPPORTED_ARCHITECTURES
+    ) -> ModelConfig:
         """The architecture a config.json file describes (a JSON error names the file)."""
         with open(path, encoding="utf-8") as f:
             try:

@@ -13,6 +13,7 @@ For decoding, a `KVCache` holds every layer's keys and values for T slots; `deco
 new tokens' keys/values at slots ``index .. index + S - 1`` and attends over all T slots under the
 caller's mask [B, 1, S, T] (see sdpo_jax.generation).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,7 @@ class KVCache:
     index: jnp.ndarray
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> "KVCache":
+    def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> KVCache:
         shape = (batch, config.num_key_value_heads, slots, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(zeros(), zeros(), jnp.zeros((), jnp.int32))
@@ -114,12 +115,16 @@ class Attention(nn.Module):
         if layer_cache is not None:
             # Written head-major; handed on as [B, T, K, d], whose transpose back to head-major inside
             # the XLA attention path cancels this one (no copy of the cache per step).
-            layer_cache = tuple(jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype).transpose(0, 2, 1, 3),
-                                                                    cache_index, axis=2)
-                                for cached, new in zip(layer_cache, (key, value)))
+            layer_cache = tuple(
+                jax.lax.dynamic_update_slice_in_dim(
+                    cached, new.astype(cached.dtype).transpose(0, 2, 1, 3), cache_index, axis=2
+                )
+                for cached, new in zip(layer_cache, (key, value))
+            )
             key, value = (cached.transpose(0, 2, 1, 3) for cached in layer_cache)
-        out = grouped_query_attention(q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation,
-                                     self.mesh)
+        out = grouped_query_attention(
+            q, key.astype(q.dtype), value.astype(q.dtype), mask, self.implementation, self.mesh
+        )
         o_kernel = _param(self, "o_proj_kernel", (h, hd, d), ("q_heads", "head_dim", "embed"))
         y = _matmul("bshk,hkd->bsd", out, o_kernel, self.dtype)
         if c.o_bias:
@@ -224,7 +229,9 @@ class LlamaForCausalLM(nn.Module):
             length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = layers(c, self.dtype, self.param_dtype, implementation, self.activation_sharding, name="layers")(x, cos, sin, mask)
+        x, _ = layers(c, self.dtype, self.param_dtype, implementation, self.activation_sharding, name="layers")(
+            x, cos, sin, mask
+        )
         hidden = RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name="norm")(x)
         if c.untied_lm_head:
             _param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"))
@@ -264,8 +271,14 @@ def unstacked_layers(params: Any) -> Any:
     return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], layers) for i in range(count))}
 
 
-def decode(model: LlamaForCausalLM, params: Any, input_ids: jnp.ndarray, positions: jnp.ndarray, mask: jnp.ndarray,
-           cache: KVCache) -> tuple[jnp.ndarray, KVCache]:
+def decode(
+    model: LlamaForCausalLM,
+    params: Any,
+    input_ids: jnp.ndarray,
+    positions: jnp.ndarray,
+    mask: jnp.ndarray,
+    cache: KVCache,
+) -> tuple[jnp.ndarray, KVCache]:
     """(final normalised hidden states [B, S, hidden], updated cache) for ``input_ids`` [B, S] at
     ``positions`` [B, S], written at cache slots ``cache.index .. + S - 1``, attending under the
     dense ``mask`` [B, 1, S, T] over all T slots; the same layers and numerics as ``model``, one

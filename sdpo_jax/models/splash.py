@@ -52,6 +52,7 @@ Off TPU the kernel only runs through the Pallas interpreter, which ``interpret_m
 on (for tests on CPU: slow, exact semantics, says nothing about TPU speed). Asking for splash on
 another backend outside ``interpret_mode()`` is a ``ConfigError`` naming model.attention.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,9 +66,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 from jax.sharding import Mesh, PartitionSpec
 
-from sdpo_jax.sharding import BATCH_AXES, DEFAULT_RULES
-
 from sdpo_jax.errors import ConfigError
+from sdpo_jax.sharding import BATCH_AXES, DEFAULT_RULES
 
 LANES = kernel_lib.NUM_LANES
 BLOCK_SIZES = (512, 256, 128)
@@ -118,7 +118,11 @@ def shard_specs(mesh: Mesh, batch: int, heads: int, kv_heads: int) -> tuple[Part
 
 
 def _splash_on_device(
-    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, attention_mask: jnp.ndarray, sliding_window: int | None,
+    q: jnp.ndarray,
+    k: jnp.ndarray,
+    v: jnp.ndarray,
+    attention_mask: jnp.ndarray,
+    sliding_window: int | None,
     interpret: bool,
 ) -> jnp.ndarray:
     """The kernel on arrays one device holds whole: q [B, T, H, d], k/v [B, T, K, d] -> [B, T, H, d]."""

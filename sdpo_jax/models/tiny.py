@@ -8,6 +8,7 @@ Llama-2-style chat template (sdpo_jax/models/assets/llama_tokenizer). Weights ar
 exercises every real code path (config.json, safetensors import, tokenizer, chat template)
 without downloading anything. It knows nothing: its answers are noise.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,20 @@ from sdpo_jax.models.llama import LlamaForCausalLM, init_params
 TINY_RANDOM_NAME = "tiny-random-llama"
 TOKENIZER_ASSETS = Path(__file__).resolve().parent / "assets" / "llama_tokenizer"
 TINY_CONFIG = ModelConfig(
-    vocab_size=32000, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048,
-    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=32000,
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 _SEED = 0
 
@@ -41,7 +53,9 @@ def tiny_random_checkpoint(cache_dir: str | os.PathLike | None = None) -> Path:
     build = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         params = jax.device_get(init_params(LlamaForCausalLM(TINY_CONFIG), jax.random.key(_SEED)))
-        save_hf_checkpoint(params, TINY_CONFIG, build, source_folder=TOKENIZER_ASSETS)  # tokenizer files from the assets
+        save_hf_checkpoint(
+            params, TINY_CONFIG, build, source_folder=TOKENIZER_ASSETS
+        )  # tokenizer files from the assets
         build.replace(target)
     except OSError:
         shutil.rmtree(build, ignore_errors=True)
