@@ -21,7 +21,7 @@ RUNTIME = [
     "tensorboardX>=2.6",
 ]
 # torch==2.13.0 is pinned: it is the CPU build; a looser pin pulls a multi-GB CUDA build.
-TEST = ["pytest>=8", "pytest-xdist>=3.5", "torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff==0.17.6", "torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
 BENCH = ["torch==2.13.0", "accelerate>=1.10", "trl==1.16.0"]
 
 setup(

@@ -70,7 +70,8 @@ def main(argv=None):
     else:
         for label, s in summary.items():
             print(
-                f"{label:24s} {s['pairs_per_s']:8.2f} pairs/s  {s['cpu_s_per_pair']:7.4f} CPU s/pair  MFU {s['mfu']:6.1%}  "
+                f"{label:24s} {s['pairs_per_s']:8.2f} pairs/s  {s['cpu_s_per_pair']:7.4f} CPU s/pair  MFU "
+                f"{s['mfu']:6.1%}  "
                 f"peak {s['peak_flops'] / 1e9:6.0f} GFLOP/s  runs {s['all_pairs_per_s']}"
             )
 

@@ -10,8 +10,8 @@ the trainer's; the flags turn each off for A/B comparisons (--no-prefix-sharing,
 Each step trains on B pairs (2B rows of P + C tokens: chosen and rejected after the same prompt,
 or with --prefix-sharing B rows of P + 2C tokens: prompt, chosen, rejected; sdpo_jax.prefix_sharing)
 with the reference log-probs precomputed (--reference precomputed, the trainer's default) or the
-reference forward inside the step (--reference in-step). Times are the median over S timed steps after compile and --warmup
-steps. FLOPs per pair count the work the step actually computes (padding and masked positions
+reference forward inside the step (--reference in-step). Times are the median over S timed steps
+after compile and --warmup steps. FLOPs per pair count the work the step actually computes (padding and masked positions
 included, prompt tokens once per row they occupy):
     plain:  rows = 2, T = P + C tokens per row;   packed: rows = 1, T = P + 2C  (or T = --pad-to)
     per token and layer

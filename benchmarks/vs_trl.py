@@ -202,7 +202,8 @@ def main(argv=None):
         print(json.dumps({"shape": vars(a), "results": rows}))
     else:
         print(
-            f"{'dtype':10s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} {'ratio':>7s} {'CPU ratio':>10s} {'sdpo_jax MFU':>13s}"
+            f"{'dtype':10s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} {'ratio':>7s} {'CPU ratio':>10s} "
+            f"{'sdpo_jax MFU':>13s}"
         )
         for r in rows:
             print(

@@ -18,7 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = "smollm2-135m-instruct"  # HF folder, .gguf file, hub id, or a named PyPI-shipped GGUF
-    c.model.dtype = "float32"  # compute dtype: float32 or bfloat16 (params and optimizer stay float32); bf16 is 1.46x faster on CPU, the real recipes use it
+    # compute dtype: float32 or bfloat16 (params and optimizer stay float32); bf16 is 1.46x faster on CPU, the
+    # real recipes use it
+    c.model.dtype = "float32"
     c.model.attention = "auto"  # auto (splash on TPU, cuDNN on GPU with bf16, else xla) | xla | cudnn | splash
     c.model.remat = "full"  # none | full | dots; full: least memory, and on a CPU also fastest (docs/performance.md)
     c.model.logprob_chunk = 128  # sequence positions per chunk of the output-layer log-probs

@@ -9,7 +9,8 @@ accepts only alternating user/assistant turns, and Intel/orca_dpo_pairs rows car
 prompt: if the template refuses them, those pairs are skipped and counted (data.skip_invalid).
 Data, stage order and DPO values: configs/sdpo_recipe.py. Memory: on 16 GiB v5e chips everything is
 sharded 64 ways (FSDP 64: 1.8 GB of float32 state per chip), one micro-batch of 128 pairs =
-4 sequences per chip (2 micro-batches of 64 pairs on 8 GPUs); remat full, bfloat16 compute, precomputed reference log-probs.
+4 sequences per chip (2 micro-batches of 64 pairs on 8 GPUs); remat full, bfloat16 compute, precomputed
+reference log-probs.
 """
 
 from configs import default, sdpo_recipe

@@ -84,7 +84,8 @@ def markdown_table(summary: dict) -> str:
         f"Seeds {seeds} (mean ± sample std over seeds); M0 reward {_pm(summary['m0']['reward'])}, "
         f"exact {_pm(summary['m0']['exact'])}; {_pm(summary['pairs'], 0)} training pairs.",
         "",
-        "| variant | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | gamma per stage |",
+        "| variant | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | gamma per "
+        "stage |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, v in summary["variants"].items():

@@ -21,6 +21,7 @@ altered stage snapshot is a one-line `CorruptCheckpoint` naming its folder.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -180,9 +181,9 @@ class RunCheckpoints:
             if not problems:
                 return (step, *restored)
             self._drop_manager(stage, "steps")
-            target = self.root / f"stage_{stage}" / "corrupt" / str(step)
+            damaged, target = (self.root / f"stage_{stage}" / kind / str(step) for kind in ("steps", "corrupt"))
             on_main_process(
-                lambda: _move(self.root / f"stage_{stage}" / "steps" / str(step), target),
+                functools.partial(_move, damaged, target),
                 f"set aside the damaged checkpoint {target.parent.parent / 'steps' / str(step)}",
             )
             older = self.latest_step(stage)
@@ -208,7 +209,7 @@ class RunCheckpoints:
                 raise SdpoError(
                     f"stage {stage}: the checkpoint of step {step} in {folder.parent} holds a "
                     f"train state of another layout ({where}; written by another sdpo_jax version or other "
-                    f"optimizer settings): use another output_dir, or delete that folder to restart the stage"
+                    "optimizer settings): use another output_dir, or delete that folder to restart the stage"
                 ) from None
             if _machine_problem(err):
                 raise
@@ -278,7 +279,7 @@ class RunCheckpoints:
         if stage in self.pruned_stages():
             raise FileNotFoundError(
                 f"{folder}: the snapshot of stage {stage} was removed (checkpoint.keep_stages kept only "
-                f"the last stages' snapshots)"
+                "the last stages' snapshots)"
             )
         manager = self._manager(stage, "final")
         if manager.latest_step() is None:

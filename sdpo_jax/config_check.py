@@ -211,7 +211,7 @@ def _output_dir(value):
     if "://" in value:
         return (
             f"{value!r}: the run's files are written with local file I/O; mount the bucket (e.g. gcsfuse, as "
-            f"launch/tpu.sh does for gs:// output dirs) and pass the mounted path"
+            "launch/tpu.sh does for gs:// output dirs) and pass the mounted path"
         )
     if os.path.exists(value) and not os.path.isdir(value):
         return f"{value!r} exists and is not a folder"
@@ -483,7 +483,8 @@ def override_value(current: Any, text: str) -> Any:
 
 
 def stage_fields(config, stage: int) -> dict[str, Any]:
-    """The fields a stage may set for itself (dpo.*, STAGE_FIELDS): the config's, with that stage's overrides applied."""
+    """The fields a stage may set for itself (dpo.*, STAGE_FIELDS): the config's, with that stage's overrides
+    applied."""
     fields = {
         name: value for name, value in flat_fields(config).items() if name.startswith("dpo.") or name in STAGE_FIELDS
     }
@@ -540,7 +541,7 @@ def _check_generated_stage(settings: StageSettings, where: str, local_files: boo
     if not g.scorer:
         raise ConfigError(
             f"{where}generate.scorer: sdpo.stage_data=generated needs a scorer (exact_match, "
-            f"package.module:function or reward_model:HF_DIR)"
+            "package.module:function or reward_model:HF_DIR)"
         )
     problem = spec_problem(g.scorer) if local_files else None
     if problem:

@@ -14,7 +14,7 @@ Per-pair losses (loss_type):
     exo_pair     sig(z) log(sig(z)/(1-eps)) + sig(-z) log(sig(-z)/eps)          EXO 2402.00856 (eps > 0)
     nca_pair     -log sig(beta u_w) - log sig(-beta u_w)/2 - log sig(-beta u_l)/2   NCA 2402.05369
     robust       (-(1-eps) log sig(z) + eps log sig(-z)) / (1 - 2 eps)          rDPO 2403.00409
-    bco_pair     -log sig(beta u_w) - log sig(-beta u_l)            BCO 2404.04656 (TRL 1.16 keeps no running reward mean)
+    bco_pair     -log sig(beta u_w) - log sig(-beta u_l)            BCO 2404.04656 (TRL 1.16: no running reward mean)
     sppo_hard    (u_w - 1/(2 beta))^2 + (u_l + 1/(2 beta))^2         SPPO 2405.00675 (hard labels)
     apo_zero     sig(-beta u_w) + sig(beta u_l)                      APO 2408.06266 eq. 7
     apo_down     sig(beta u_w) + sig(-beta (u_w - u_l))              APO 2408.06266 eq. 8
@@ -200,13 +200,13 @@ def _check_combinations(s: DPOSettings) -> None:
         )
     if s.f_alpha_divergence_coef != 0.5 and s.f_divergence_type != "alpha_divergence":
         raise ConfigError(
-            f"dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
+            "dpo.f_alpha_divergence_coef applies only to f_divergence_type 'alpha_divergence', "
             f"not {s.f_divergence_type!r}"
         )
     if s.use_weighting and names & {*SORTED_LOSSES, "sft"}:
         raise ConfigError(
             f"dpo.use_weighting does not apply to {(*SORTED_LOSSES, 'sft')}: aot and aot_unpaired sort, so no "
-            f"weight belongs to a pair, and TRL 1.16 fails on sft with it"
+            "weight belongs to a pair, and TRL 1.16 fails on sft with it"
         )
     if s.discopop_tau != 0.05 and "discopop" not in names:
         raise ConfigError(f"dpo.discopop_tau applies only to loss_type 'discopop', not {s.loss_type}")

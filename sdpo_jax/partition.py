@@ -82,8 +82,10 @@ def plan_stages(
     if partition == "datasets" or difficulty == "source_accuracy":
         if len(source_names) != num_stages:
             raise ValueError(
-                f"sdpo.partition={partition!r}{' with difficulty source_accuracy' if partition == 'easy_to_hard' else ''} "
-                f"puts one source per stage: data.train has {len(source_names)} sources, sdpo.num_stages is {num_stages}"
+                f"sdpo.partition={partition!r}"
+                f"{' with difficulty source_accuracy' if partition == 'easy_to_hard' else ''} "
+                f"puts one source per stage: data.train has {len(source_names)} sources, sdpo.num_stages is "
+                f"{num_stages}"
             )
         order = list(range(len(source_names)))
         scores: dict[str, float] = {}

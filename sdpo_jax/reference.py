@@ -65,7 +65,8 @@ def precompute_reference_logps(
     missing = np.flatnonzero(np.isnan(chosen) | np.isnan(rejected))
     if missing.size:
         raise ValueError(
-            f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover the chunk"
+            f"reference log-probs missing for {missing.size} pairs (e.g. pair {missing[0]}): batches did not cover "
+            "the chunk"
         )
     return chosen, rejected
 

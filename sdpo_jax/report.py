@@ -334,7 +334,8 @@ def stage_data_lines(run: RunData) -> list[str]:
         g = e.get("generated")
         data = (
             (
-                f"M{e['stage'] - 1}'s samples: {g['pairs']} pairs from {g['prompts']} prompts x {g['samples_per_prompt']} "
+                f"M{e['stage'] - 1}'s samples: {g['pairs']} pairs from {g['prompts']} prompts x "
+                f"{g['samples_per_prompt']} "
                 f"({g['prompts_without_pair']} without a pair), mean best {g['mean_best_score']:.3f} / worst "
                 f"{g['mean_worst_score']:.3f} by {g['scorer']} (chosen = {g['chosen']})"
             )
@@ -545,7 +546,8 @@ def reading_lines(run: RunData) -> list[str]:
         pairs = f" on {a['num_pairs']:g} pairs" if a.get("num_pairs") else ""
         lines.append(
             f"Held-out reward accuracy went from {a['rewards/accuracies']:.3f} (M{first}) to "
-            f"{b['rewards/accuracies']:.3f} (M{last}); the reward margin {_direction(a['rewards/margins'], b['rewards/margins'])} "
+            f"{b['rewards/accuracies']:.3f} (M{last}); the reward margin "
+            f"{_direction(a['rewards/margins'], b['rewards/margins'])} "
             f"from {a['rewards/margins']:.4f} to {b['rewards/margins']:.4f} and the DPO loss "
             f"{_direction(a['loss'], b['loss'])} from {a['loss']:.4f} to {b['loss']:.4f}"
             f"{pairs}, always against the SFT model."
@@ -565,7 +567,7 @@ def reading_lines(run: RunData) -> list[str]:
         lines.append(
             f"γ {_direction(gammas[0], gammas[-1])} from {gammas[0]:.3f} (stage 1) to {gammas[-1]:.3f} "
             f"(stage {run.stages[-1]['stage']}){_trend(gammas)}. Each γ_t is measured on stage t's own chunk "
-            f"under M_(t-1), so it moves with both the reference model and the data."
+            "under M_(t-1), so it moves with both the reference model and the data."
         )
     elif gammas:
         lines.append(f"γ_1 = {gammas[0]:.3f}: the SFT model's mean log-ratio on the first chunk.")

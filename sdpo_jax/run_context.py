@@ -267,7 +267,8 @@ class RunContext:
         ]
 
     def rewards(self, params) -> dict:
-        """Mean ``generate.scorer`` score of the greedy answers of ``params`` to ``eval.reward_prompts``; {} without them."""
+        """Mean ``generate.scorer`` score of the greedy answers of ``params`` to ``eval.reward_prompts``; {} without
+        them."""
         if not self.reward_prompts:
             return {}
         texts = [text for text, _ in self.reward_prompts]

@@ -39,13 +39,16 @@ class RunFolderLock:
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 handle.close()
-                return f"{self.path}: the file system cannot lock files ({err.strerror}); make sure no other run uses this folder"
+                return (
+                    f"{self.path}: the file system cannot lock files ({err.strerror}); "
+                    "make sure no other run uses this folder"
+                )
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
             raise RunLocked(
                 f"output_dir {self.path.parent} is in use by another sdpo-train ({_describe(holder)}); "
-                f"wait for it to finish or use another output_dir"
+                "wait for it to finish or use another output_dir"
             ) from None
         handle.seek(0)
         handle.truncate()

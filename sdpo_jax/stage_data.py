@@ -209,7 +209,8 @@ def generated_stage(
     size, is_main = sampler.settings.batch_size, jax.process_index() == 0
     if batches:
         note(
-            f"stage {stage}: {len(batches)} of {-(-len(prompts) // size)} sampled batches saved by an earlier run are reused"
+            f"stage {stage}: {len(batches)} of {-(-len(prompts) // size)} sampled batches saved by an earlier run "
+            "are reused"
         )
     if is_main and not batches:
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """What the run records about one stage: `StageReport`, one entry of stage_report.json.
 
     stage, num_pairs, sources, steps        the chunk (or generated pairs) and its optimizer steps
-    ref_logratio_mean                       gamma_t: mean over the stage's pairs of log pi_ref(y_w|x) - log pi_ref(y_l|x)
+    ref_logratio_mean                       gamma_t: mean over the stage's pairs of
+                                            log pi_ref(y_w|x) - log pi_ref(y_l|x)
                                             under the stage's reference as the stage starts
     reference                               {"model": "M0" | "M<t-1>", "moved": bool, "sync_steps", "mixup_alpha"}
     dpo, learning_rate                      the stage's loss settings and peak learning rate

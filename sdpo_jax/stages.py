@@ -218,9 +218,11 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
         for settings, indices in zip(run.stages, plan.indices)
     ]
     lines = [
-        f"model {run.model_folder}: {model.config.num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} layers, "
+        f"model {run.model_folder}: {model.config.num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} "
+        "layers, "
         f"compute {config.model.dtype}, attention {config.model.attention}, remat {config.model.remat}",
-        f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)",
+        f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
+        f"{jax.process_count()} process(es)",
         f"data {len(train_pairs)} train pairs, {len(eval_pairs) if eval_pairs else 0} held-out pairs, length buckets "
         f"{run.buckets}, {config.train.batch_size} pairs per step",
         f"{config.sdpo.num_stages} stage(s), partition {config.sdpo.partition}, policy starts from "
@@ -237,7 +239,7 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
             lines += [f"  {info}"] + [f"  warning: {line}" for line in warnings]
     lines.append(
         f"outputs in {Path(config.output_dir).resolve()} (metrics.jsonl, stage_report.json, report.md, "
-        f"plots/, tensorboard/, checkpoints/)"
+        "plots/, tensorboard/, checkpoints/)"
     )
     lines.append(_disk_estimate(run, steps))
     for line in lines:

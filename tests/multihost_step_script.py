@@ -66,9 +66,9 @@ for seed in range(3):
 sums = [
     float(x)
     for x in jax.tree_util.tree_leaves(
-        jax.jit(lambda p: jax.tree_util.tree_map(lambda x: jnp.sum(x.astype(jnp.float32) ** 2), p), out_shardings=None)(
-            state.params
-        )
+        jax.jit(
+            lambda p: jax.tree_util.tree_map(lambda leaf: jnp.sum(leaf.astype(jnp.float32) ** 2), p), out_shardings=None
+        )(state.params)
     )
 ]
 gathered = multihost_utils.process_allgather(state.params["embed_tokens"], tiled=True)

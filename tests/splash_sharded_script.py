@@ -122,7 +122,10 @@ def run_model():
         placed = jax.device_put(params, logical_to_shardings(logical_axes(splash), mesh))
     ids = jax.random.randint(jax.random.key(2), (4, 150), 0, config.vocab_size)
     valid = (jnp.arange(150)[None] < jnp.asarray([150, 97, 150, 20])[:, None]).astype(jnp.int32)
-    forward = lambda p, i, m: splash.apply({"params": p}, i, attention_mask=m)
+
+    def forward(p, i, m):
+        return splash.apply({"params": p}, i, attention_mask=m)
+
     with interpret_mode():
         args = (placed, jax.device_put(ids, batch_sharding(mesh)), jax.device_put(valid, batch_sharding(mesh)))
         jaxpr = str(jax.make_jaxpr(forward)(*args))

@@ -108,9 +108,11 @@ def test_batches_are_bucketed_complete_and_correct(pairs):
 
 
 def test_shuffle_is_deterministic(pairs):
-    order = lambda seed, epoch: np.concatenate(
-        PairBatcher(pairs, 8, seed, BUCKETS).plan(epoch)  # noqa: E731
-    ).tolist()
+    def order(seed, epoch):
+        return np.concatenate(
+            PairBatcher(pairs, 8, seed, BUCKETS).plan(epoch)  # noqa: E731
+        ).tolist()
+
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
     unshuffled = PairBatcher(pairs, 8, 1, BUCKETS, shuffle=False)

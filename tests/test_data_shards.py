@@ -175,7 +175,7 @@ def test_unshuffled_batches_cover_every_pair_once_from_its_holder(tmp_path, toke
     (_, held_out), views = local_batches(tmp_path, tokenizer, config, 4)
     many = [PairBatcher(view[1], 8, 0, (32, 64, 128), p, 4, shuffle=False) for p, view in enumerate(views)]
     seen = []
-    for step in range(many[0].steps_per_epoch):
+    for _step in range(many[0].steps_per_epoch):
         batch = on_devices([next(b) for b in many])
         for row, i in enumerate(batch["pair_index"]):
             if i >= 0:

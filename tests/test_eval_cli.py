@@ -182,7 +182,8 @@ def test_bad_input_is_one_line_and_exit_2(models, tmp_path):
     policy, reference = models
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
-        '{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}\n{"prompt_ids": [5], "chosen_ids": [9999], "rejected_ids": [8]}\n'
+        '{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 2]}\n'
+        '{"prompt_ids": [5], "chosen_ids": [9999], "rejected_ids": [8]}\n'
     )
     result = _run_cli("--policy", policy, "--reference", reference, "--data", bad, "--out", tmp_path / "o.json")
     assert result.returncode == 2

@@ -257,7 +257,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sdpo_jax.checkpointing import _checksums, tree_checksums
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
 x = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
-tree = {"x": jax.device_put(x, NamedSharding(mesh, P("a", "b"))), "y": jax.device_put(x[:8], NamedSharding(mesh, P(None, "b")))}
+tree = {"x": jax.device_put(x, NamedSharding(mesh, P("a", "b"))),
+        "y": jax.device_put(x[:8], NamedSharding(mesh, P(None, "b")))}
 assert tree_checksums(tree) == tree_checksums({"x": x, "y": x[:8]}), "layout changed the checksums"
 hlo = _checksums.lower(tree).compile().as_text()
 assert "all-gather" not in hlo, "an array was gathered whole onto a device"

@@ -169,7 +169,10 @@ def test_inverse_cdf_never_picks_a_zero_weight_token():
 def test_top_p_one_compiles_no_filter():
     """top_p = 1 traces no bisection loop (a scan of 32 masked sums) and nothing else the filter adds."""
     logits, key = jnp.zeros((2, 40)), jax.random.key(0)
-    jaxpr = lambda top_p: jax.make_jaxpr(functools.partial(next_tokens, temperature=0.7, top_p=top_p))(logits, key)
+
+    def jaxpr(top_p):
+        return jax.make_jaxpr(functools.partial(next_tokens, temperature=0.7, top_p=top_p))(logits, key)
+
     filtered, unfiltered = jaxpr(0.9), jaxpr(1.0)
     assert "scan" in str(filtered) and "scan" not in str(unfiltered)
     assert len(unfiltered.eqns) < len(filtered.eqns)

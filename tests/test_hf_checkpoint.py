@@ -140,7 +140,8 @@ def test_unsupported_architecture_is_named_with_the_supported_list(hf_checkpoint
     _edit_config(folder, architectures=["GemmaForCausalLM"], model_type="gemma")
     with pytest.raises(
         UnsupportedModelError,
-        match=r"config.json: architecture 'GemmaForCausalLM' is not supported; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+        match=r"config.json: architecture 'GemmaForCausalLM' is not supported; "
+        r"supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
     ):
         load_hf_checkpoint(folder)
 
@@ -266,7 +267,8 @@ for (path, leaf), expected in zip(jax.tree_util.tree_leaves_with_path(params), j
     shards_match = all(np.array_equal(np.asarray(s.data), expected[s.index]) for s in leaf.addressable_shards)
     leaves[name] = {"equal": bool(np.array_equal(np.asarray(leaf), expected)), "shards_match": shards_match,
                     "shape": list(leaf.shape), "shard_shape": list(leaf.sharding.shard_shape(leaf.shape)),
-                    "distinct_shards": len({tuple((s.start, s.stop) for s in s_.index) for s_ in leaf.addressable_shards})}
+                    "distinct_shards": len({tuple((s.start, s.stop) for s in shard.index)
+                                            for shard in leaf.addressable_shards})}
 print(json.dumps({"reads": reads, "leaves": leaves}))
 """
 

@@ -86,7 +86,10 @@ def test_chunks_without_completion_tokens_are_skipped_exactly():
     naive = _naive_token_logps(hidden, weights, targets)
     np.testing.assert_allclose(np.where(needed, skipped, 0), np.where(needed, naive, 0), rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(skipped)[:, :12] == 0) and np.all(np.asarray(skipped)[:, 20:] == 0)  # whole chunks skipped
-    grad = lambda fn: jax.grad(lambda h, w: jnp.sum(jnp.where(needed, fn(h, w), 0.0)), argnums=(0, 1))(hidden, weights)
+
+    def grad(fn):
+        return jax.grad(lambda h, w: jnp.sum(jnp.where(needed, fn(h, w), 0.0)), argnums=(0, 1))(hidden, weights)
+
     for a, b in zip(
         grad(lambda h, w: token_logps(h, w, targets, 4, needed=needed)),
         grad(lambda h, w: _naive_token_logps(h, w, targets)),

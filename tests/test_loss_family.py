@@ -130,7 +130,8 @@ def ours(checkpoints, rows):
 
 @pytest.fixture(scope="module")
 def trl_metrics(checkpoints, rows, tmp_path_factory):
-    """trl_metrics(case) -> DPOTrainer.evaluate() of the 12 pairs in one batch, float32, on a trainer built for the case."""
+    """trl_metrics(case) -> DPOTrainer.evaluate() of the 12 pairs in one batch, float32, on a trainer built for
+    the case."""
     policy, reference = checkpoints
     out = tmp_path_factory.mktemp("trl")
     dataset = Dataset.from_list(rows)

@@ -97,7 +97,8 @@ local = np.arange(4, dtype=np.float32) + 4 * jax.process_index()
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), local)
 total = jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
 if jax.process_index() == 0:
-    print(json.dumps({"shape": dict(mesh.shape), "processes_per_data_row": rows, "sum": float(total), "refused": refused}))
+    print(json.dumps({"shape": dict(mesh.shape), "processes_per_data_row": rows, "sum": float(total),
+                      "refused": refused}))
 """
 
 

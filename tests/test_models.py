@@ -46,11 +46,14 @@ def test_bf16_forward_within_tolerance(hf_checkpoint):
     """bf16 compute (fp32 params, fp32 accumulation) stays within 0.1 of fp32 logits (~2% of range)."""
     config, params = load_hf_checkpoint(hf_checkpoint("llama3"))
     ids, mask = _batch(config.vocab_size)
-    run = lambda dtype: np.asarray(
-        LlamaForCausalLM(config, dtype=dtype).apply(
-            {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)
+
+    def run(dtype):
+        return np.asarray(
+            LlamaForCausalLM(config, dtype=dtype).apply(
+                {"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)
+            )
         )
-    )
+
     full, half = run(jnp.float32), run(jnp.bfloat16)
     real = mask.astype(bool)
     diff = np.abs(full[real] - half[real]).max()

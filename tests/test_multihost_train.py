@@ -61,9 +61,14 @@ def test_two_process_sdpo_train_equals_one_process(tmp_path):
         for name, value in a["eval_after"].items():
             # rewards are beta x differences of ~40-nat float32 log-probs: rounding alone is ~1e-6 abs
             np.testing.assert_allclose(b["eval_after"][name], value, rtol=1e-4, atol=1e-5, err_msg=name)
-    rows = lambda d: [
-        r for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"
-    ]
+
+    def rows(d):
+        return [
+            r
+            for r in map(json.loads, (tmp_path / d / "metrics.jsonl").read_text().splitlines())
+            if r["split"] == "train"
+        ]
+
     np.testing.assert_allclose([r["loss"] for r in rows("two")], [r["loss"] for r in rows("one")], rtol=1e-5)
     for stage_one, stage_two in zip(
         *([stage_params(tmp_path / run, model, t) for t in (1, 2)] for run in ("one", "two"))
@@ -85,5 +90,6 @@ def test_bad_record_in_one_process_stops_both_with_its_line(tmp_path):
     for worker in workers:
         assert worker.returncode == 2, worker.stderr[-3000:]
         assert worker.stderr.strip().splitlines()[-1] == (
-            f"sdpo-train: error: data error: {path} line 17, field 'chosen_ids': token id 9999 is outside the vocabulary (size 160)"
+            f"sdpo-train: error: data error: {path} line 17, field 'chosen_ids': token id 9999 is outside the "
+            "vocabulary (size 160)"
         )

@@ -639,7 +639,10 @@ def _checkpoint(run: Path, model_folder: Path, stage: int, step: int, steps: int
 
     model = LlamaForCausalLM(ModelConfig.from_pretrained(model_folder))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    place = lambda tree: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+    def place(tree):
+        return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
     state = jax.eval_shape(lambda p: TrainState.create(p, make_optimizer(OptimizerSettings(total_steps=steps))), params)
     checkpoints = RunCheckpoints(run)

@@ -76,7 +76,8 @@ def load_hf_checkpoint(
 
     Without ``shardings`` the parameters are host NumPy arrays. With ``shardings`` (a pytree of
     ``jax.sharding.Sharding`` shaped like the parameters) each leaf becomes a ``jax.Array`` laid out
-    that way, and each distinct shard this process's devices hold is read from the files on its own (see `place_leaf`): host memory holds one shard at a time, never the model.
+    that way, and each distinct shard this process's devices hold is read from the files on its own
+    (see `place_leaf`): host memory holds one shard at a time, never the model.
     """
     folder = os.fspath(folder)
     config = config or ModelConfig.from_pretrained(folder)
@@ -198,7 +199,8 @@ class HFTensors:
                 if self._equal(name, "model.embed_tokens.weight"):
                     continue
                 raise CheckpointError(
-                    f"{path}: 'lm_head.weight' differs from the embeddings although config.json sets tie_word_embeddings"
+                    f"{path}: 'lm_head.weight' differs from the embeddings although config.json sets "
+                    "tie_word_embeddings"
                 )
             raise CheckpointError(
                 f"{path}: unexpected tensor {name!r} for {self.config.architecture} (config.json in {self.folder})"

@@ -33,7 +33,8 @@ def environment_problem(err: BaseException) -> str | None:
     if isinstance(err, OSError):
         return _one_line(err) or type(err).__name__
     if type(err).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(err):
-        return f"out of device memory: {_one_line(err)} (lower train.batch_size, raise train.grad_accum or use model.remat=full)"
+        advice = "lower train.batch_size, raise train.grad_accum or use model.remat=full"
+        return f"out of device memory: {_one_line(err)} ({advice})"
     return None
 
 

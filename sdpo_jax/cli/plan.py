@@ -176,7 +176,10 @@ def _abstract_batch(config, sharding, jnp) -> dict:
 
     pairs = config.train.batch_size
     length = longest_batch(config)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
     batch = {"pair_index": spec((pairs,), jnp.int32), "valid": spec((pairs,), jnp.bool_)}
     for side in ("chosen", "rejected"):
         batch[f"{side}_input_ids"] = spec((pairs, length), jnp.int32)

@@ -108,7 +108,7 @@ def read_source(
             try:
                 data = gzip.decompress(data)
             except (OSError, EOFError) as err:
-                raise DataError(name, f"not a readable gzip file ({err})", reason="unreadable file")
+                raise DataError(name, f"not a readable gzip file ({err})", reason="unreadable file") from None
         if not data.strip():
             raise DataError(name, "file is empty", reason="empty file")
         if name.endswith((".jsonl", ".jsonl.gz")):
@@ -205,13 +205,13 @@ def _json_records(path: str, data: bytes) -> list[Record]:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(
             Location(path, "line", line), f"invalid UTF-8 byte 0x{data[err.start]:02x}", reason="invalid UTF-8"
-        )
+        ) from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             Location(path, "line", err.lineno), f"invalid JSON ({err.msg} at column {err.colno})", reason="invalid JSON"
-        )
+        ) from None
     if not isinstance(value, list):
         raise DataError(path, f"expected a JSON list of records, got {type_name(value)}", reason="wrong type")
     return [Record(Location(path, "row", i), _require_object(Location(path, "row", i), v)) for i, v in enumerate(value)]
@@ -223,7 +223,7 @@ def _parquet_table(path: str):
     try:
         return pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for unreadable files
-        raise DataError(path, f"not a readable parquet file ({err})", reason="unreadable file")
+        raise DataError(path, f"not a readable parquet file ({err})", reason="unreadable file") from None
 
 
 def _load_dataset(name: str, split: str):
@@ -234,7 +234,7 @@ def _load_dataset(name: str, split: str):
     try:
         ds = datasets.load_dataset(name, split=split)
     except Exception as err:  # datasets raises many types (missing, offline, bad split, ...)
-        raise DataError(name, f"cannot load dataset split '{split}' ({err})", reason="unreadable file")
+        raise DataError(name, f"cannot load dataset split '{split}' ({err})", reason="unreadable file") from None
     return ds
 
 

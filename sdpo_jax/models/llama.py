@@ -17,6 +17,7 @@ caller's mask [B, 1, S, T] (see sdpo_jax.generation).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import flax.linen as nn
@@ -55,7 +56,10 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, slots: int, dtype: Any) -> KVCache:
         shape = (batch, config.num_key_value_heads, slots, config.head_dim)
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+
+        def zeros():
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+
         return cls(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
 
@@ -168,7 +172,10 @@ class DecoderLayer(nn.Module):
         c = self.config
         if self.activation_sharding is not None:
             x = jax.lax.with_sharding_constraint(x, self.activation_sharding)
-        norm = lambda name: RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+
+        def norm(name):
+            return RMSNorm(c.rms_norm_eps, self.dtype, self.param_dtype, name=name)
+
         mesh = _sharding_mesh(self.activation_sharding)
         attention = Attention(c, self.dtype, self.param_dtype, self.implementation, mesh, name="self_attn")
         attended, layer_cache = attention(norm("input_layernorm")(x), cos, sin, mask, cache_index, layer_cache)
@@ -268,7 +275,7 @@ def unstacked_layers(params: Any) -> Any:
     """
     layers = params["layers"]
     count = jax.tree_util.tree_leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree_util.tree_map(lambda p: p[i], layers) for i in range(count))}
+    return {**params, "layers": tuple(jax.tree_util.tree_map(operator.itemgetter(i), layers) for i in range(count))}
 
 
 def decode(
