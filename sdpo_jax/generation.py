@@ -145,7 +145,18 @@ def _decode(
     rows: NamedSharding | None,
 ) -> jnp.ndarray:
     """New tokens [B, max_new_tokens] (after a row's EOS: EOS repeated) for left-padded prompts;
-    new token n is drawn with fold_in(key, n); ``rows`` (or None) splits the batch over a mesh."""
+    new token n is drawn with fold_in(key, n); ``rows`` (or None) splits the batch over a mesh.
+
+    ``model``: the decoding clone (XLA attention, activations laid out as ``rows``); ``prompt``:
+    int32 [B, P] token ids, left-padded (padding ids are arbitrary); ``prompt_valid``: bool [B, P],
+    True on a row's real tokens, False on its left padding (positions and the cache mask come from
+    it); ``key``: the batch's key, fold_in(key(seed), batch index); ``max_new_tokens``: the decode
+    steps and the output width; ``eos_token_id``: the id after which a row is done (None: no row
+    stops early, the loop runs all ``max_new_tokens`` steps); ``temperature``: 0 for greedy, else
+    the softmax temperature; ``top_p``: the nucleus mass (1.0: no filter); ``rows``: the
+    NamedSharding of the rows over the mesh's batch axes, or None on one device. All but the
+    arrays and ``params`` are static (a compile per value).
+    """
     batch, prompt_len = prompt.shape
     slots = prompt_len + max_new_tokens
     lengths = prompt_valid.sum(axis=1)
@@ -253,6 +264,15 @@ def generate(
 ) -> list[list[int]]:
     """The new tokens of each prompt (up to and including EOS), greedy when ``temperature`` is 0,
     else sampled at that temperature from the ``top_p`` nucleus (1.0: the whole vocabulary).
+
+    ``prompts``: token id lists exactly as the model should read them (special tokens, chat
+    template already applied), each non-empty with ids in [0, vocab_size); ``max_new_tokens``:
+    the most new tokens per prompt (>= 1); ``eos_token_id``: a row stops after generating it and
+    its result ends with it (None: every result has exactly ``max_new_tokens`` tokens);
+    ``temperature`` >= 0; ``top_p`` in (0, 1]; ``seed``: the sampling seed (unused when greedy);
+    ``batch_size``: rows per decode call (a short last batch is filled with copies of its first
+    prompt, whose results are dropped); ``pad_multiple``: each batch's prompts are left-padded to
+    a multiple of it.
 
     Prompts are decoded ``batch_size`` at a time, left-padded to a multiple of ``pad_multiple``
     (a few compiled shapes); the XLA attention path is used because the cache mask is custom.

@@ -144,6 +144,15 @@ def gathered_token_logps(
 
     ``hidden`` [rows, S, hidden]; ``index``, ``labels``, ``label_mask`` [rows, K]. Only the K gathered
     positions reach the output layer (chunked over K as in ``token_logps``).
+
+    ``hidden``: the final normalised hidden states; ``output_embedding``: W, the [hidden, vocab]
+    output layer (sdpo_jax.models.llama.output_embedding: the transposed input embedding when
+    tied); ``index``: int32, the position in S of the hidden state that predicts completion token
+    k of row r (sdpo_jax.prefix_sharing); ``labels``: int32, that token's id; ``label_mask``: bool,
+    True on real completion tokens, False on the padding of the K columns (their index and label
+    are 0 and their results 0); ``chunk_size``: gathered positions per output-layer chunk (>= K:
+    one chunk, logits kept for the backward pass); ``with_sum_sq``: also return ``sum_sq`` =
+    log sum_v p_v^2 per token (WPO's weights, no gradient), else it is None.
     """
     picked = jnp.take_along_axis(hidden, index[..., None], axis=1)
     logps, sum_sq = _chunked_head(picked, output_embedding, labels, chunk_size, label_mask, with_sum_sq)

@@ -69,7 +69,19 @@ def plan_stages(
     difficulty: str = "source_accuracy",
     gamma: np.ndarray | None = None,
 ) -> StagePlan:
-    """The stage chunks for ``partition``; easy_to_hard needs ``gamma``, the per-pair score (higher = easier)."""
+    """The stage chunks for ``partition``; easy_to_hard needs ``gamma``, the per-pair score (higher = easier).
+
+    ``partition``: ``sdpo.partition``, one of PARTITIONS (module docstring); ``num_stages``: T,
+    the number of chunks (``sdpo.num_stages``, >= 1); ``source_id``: [pairs] int, the index into
+    ``source_names`` of each training pair's source (``TokenizedPairs.source_id``); its length is
+    the number of pairs; ``source_names``: the names of the sources of ``data.train``, in order;
+    ``seed``: seeds the permutation of ``random`` (unused otherwise); ``fractions``: the relative
+    chunk sizes (``sdpo.stage_fractions``, T positive numbers; empty: equal) for ``random``,
+    ``pair_logratio`` and ``dpo_probe`` (one source per stage ignores them); ``difficulty``:
+    ``sdpo.difficulty``, the unit of easy_to_hard (one of DIFFICULTIES; ignored otherwise);
+    ``gamma``: [pairs] float, easy_to_hard's per-pair score: the SFT log-ratio, or the probe's
+    reward margin with ``dpo_probe`` (None for the other partitions).
+    """
     if partition not in PARTITIONS:
         raise ValueError(f"sdpo.partition {partition!r} is not one of {PARTITIONS}")
     if num_stages < 1:

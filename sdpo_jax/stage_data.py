@@ -91,7 +91,17 @@ def _without_eos(ids, eos_id: int | None) -> list[int]:
 
 
 class StageSampler:
-    """Samples one stage's prompts from ``params`` on ``mesh`` and scores the samples (module docstring)."""
+    """Samples one stage's prompts from ``params`` on ``mesh`` and scores the samples (module docstring).
+
+    ``model``: the policy's LlamaForCausalLM; ``params``: M(t-1)'s parameters, as placed on
+    ``mesh`` (sharded there when there is a mesh); ``tokenizer``: decodes prompts, samples and
+    references to the texts the scorer reads, and gives the EOS id that ends a sample; ``mesh``:
+    the run's mesh, whose data x fsdp devices split the rows of each sampling batch, or None;
+    ``scorer``: a sdpo_jax.scorers.Scorer, ``scorer(prompts, completions, references)`` -> one
+    float per completion, higher is better; ``settings``: the stage's GenerateSettings (samples per
+    prompt, temperature, top_p, max_new_tokens, chosen, min_margin, prompts per batch); ``seed``:
+    ``train.seed``, which with the stage and the batch index seeds each batch (``_batch_seed``).
+    """
 
     def __init__(
         self,
@@ -200,7 +210,16 @@ def generated_stage(
     note: Callable[[str], None],
 ) -> tuple[Path, dict]:
     """(the pairs file, its summary) of ``stage``, sampled now or reused from ``folder`` (module docstring);
-    ``note`` hears how much a killed run had saved."""
+    ``note`` hears how much a killed run had saved.
+
+    ``folder``: where the stage's files live (the run's ``generated/``); ``stage``: t, 1-based;
+    ``sampler``: the StageSampler of M(t-1) with the stage's settings and scorer; ``prompts``: the
+    chunk's distinct prompts in chunk order (`chunk_prompts`, the same list on every process);
+    ``key``: `sampling_key` of the model, prompts, settings, seed and stage: saved files (final or
+    partial) are reused only under the same key; ``progress``: ``progress(items, count)`` ->
+    the items, wrapping the loop over the batches still to sample (a progress bar); ``note``:
+    takes one line of text (the run's log). Every process samples; process 0 writes the files.
+    """
     final, meta_path = folder / f"stage_{stage}.jsonl", folder / f"stage_{stage}.meta.json"
     if meta_path.exists() and json.loads(meta_path.read_text())["key"] == key and final.exists():
         return final, json.loads(meta_path.read_text())["summary"]

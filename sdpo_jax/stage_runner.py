@@ -96,7 +96,20 @@ def run_stage(
     stop: dict,
     report: list[StageReport],
 ) -> StageReport:
-    """Stage t (module docstring); ``report`` holds the stages before it."""
+    """Stage t (module docstring); ``report`` holds the stages before it.
+
+    ``ctx``: what every stage of the run shares (config, model, mesh, tokenizer, log, checkpoints,
+    compiled steps); ``settings``: this stage's StageSettings (``ctx.stages[t - 1]``: t itself,
+    loss, optimizer, reference and stage data settings); ``models``: M0 and M(t-1), with their
+    cache keys; ``chunk``: the stage's chunk of the training pairs (TokenizedPairs), trained on as
+    it is (offline) or whose prompts are sampled (generated); ``sources``: the names of the sources
+    the chunk comes from, for the log and the report; ``held_out``: the held-out pairs and M0's
+    log-probs of them (``held_out.pairs`` None: no held-out evaluation); ``stop``:
+    ``{"requested": bool}``, set by the SIGTERM handler; once it is true on any process, every
+    process saves the state at the same step and `Preempted` is raised (unless that step ends the
+    stage); ``report``: the StageReports of stages 1..t-1, in order (run-wide step numbers, and
+    the measurements of M(t-1) taken after stage t-1). Returns stage t's StageReport.
+    """
     prepared = _prepare(ctx, settings, models, chunk, sources, held_out, report)
     state = _train(ctx, prepared, stop)
     return _finish(ctx, prepared, state, held_out)
@@ -152,7 +165,13 @@ def _prepare(
     held_out: HeldOut,
     report: list[StageReport],
 ) -> _Prepared:
-    """The stage's pairs, reference, data order, optimizer and compiled step, and its starting state."""
+    """The stage's pairs, reference, data order, optimizer and compiled step, and its starting state.
+
+    The arguments are `run_stage`'s (``report``: the earlier stages' reports). The state is the
+    newest intact mid-stage checkpoint of the stage when there is one (refused when its pairs or
+    reference differ, unless ``checkpoint.force_resume``), else fresh from M(t-1) (or M0) after
+    `_checks_before`.
+    """
     config, log, stage = ctx.config, ctx.log, settings.stage
     pairs, generated = _stage_pairs(ctx, settings, models, chunk)
     initial = settings.reference == "initial"
@@ -279,7 +298,17 @@ def _checks_before(
     previous: StageReport | None,
 ) -> None:
     """Held-out metrics, answers, choice accuracy and reward of M(t-1), into ``entry`` (what the previous
-    stage measured after training is reused)."""
+    stage measured after training is reused).
+
+    ``entry``: the stage's StageReport, whose ``*_before`` fields are filled in; ``params``:
+    M(t-1)'s parameters, placed on the mesh; ``held_out``: as in `run_stage` (no pairs: no
+    held-out eval); ``settings``: the stage's StageSettings (its number and DPO settings for the
+    eval); ``step_offset``: the run-wide step of this stage's step 0 (the earlier stages' steps
+    summed), under which the 'before' metrics are logged; ``previous``: the report of stage t-1,
+    whose answers, choice accuracy and reward after training are M(t-1)'s and are copied, or None
+    for stage 1, where M0 is measured now. The held-out eval (against M0's log-probs) is run anew
+    either way.
+    """
     stage, log = settings.stage, ctx.log
     if held_out.pairs is not None:
         entry.eval_before = ctx.evaluate(

@@ -96,7 +96,16 @@ def make_train_step(
 def _accumulated_gradients(
     settings: DPOSettings, logps_of: Callable, params: Any, ref_params: Any, batch: dict, grad_accum: int, totals: tuple
 ) -> tuple[Any, dict]:
-    """(gradient, metric sums) as the sum over micro-batches of the gradients of their loss shares."""
+    """(gradient, metric sums) as the sum over micro-batches of the gradients of their loss shares.
+
+    ``settings``: the loss's DPOSettings; ``logps_of``: ``logps_of(params, ref_params, batch)`` ->
+    the PairLogps (loss inputs) of a (micro-)batch's pairs; ``params``: the policy's;
+    ``ref_params``: the reference's, or None when its log-probs are precomputed in ``batch``;
+    ``batch``: the global batch of B pairs; ``grad_accum``: A, the number of micro-batches of B/A
+    pairs (rows i, i+A, i+2A, ...), run one after another in a ``lax.scan`` (1: the whole batch in
+    one pass); ``totals``: (valid pairs, their chosen tokens) of the whole batch, float32 scalars
+    at least 1, the loss's denominators (``batch_loss_sum``), so the micro-batch shares add up.
+    """
 
     def micro_loss(params, micro):
         logps = logps_of(params, ref_params, micro)
@@ -134,6 +143,11 @@ def _coupled_gradients(
     of those and its cotangent g = dL/d(per-pair log-probs) follow. Pass 2 runs each micro-batch
     forward and backward again on sum_i g_i . logps_i(params), whose gradients add up to dL/dparams
     (chain rule). Cost: one more policy forward per micro-batch than the one-pass path.
+
+    ``model`` and ``chunk_size`` (positions per output-layer chunk, sdpo_jax.logprobs) serve pass
+    2's policy forward; ``logps_of``, ``totals`` and the rest are `_accumulated_gradients`'s:
+    ``logps_of(params, ref_params, batch)`` -> PairLogps, ``totals`` = (valid pairs, their chosen
+    tokens) of the whole batch; ``grad_accum`` (> 1 here) is the number of micro-batches.
     """
     micro_batches = _split_microbatches(batch, grad_accum)
     stacked = jax.lax.map(lambda micro: logps_of(params, ref_params, micro), micro_batches)
@@ -168,7 +182,18 @@ def jit_train_step(
     """``make_train_step``'s step jitted for ``mesh``: the state laid out and donated as ``shardings``
     says, the batch split over the mesh's batch axes, ``ref_params`` laid out as the parameters
     (``with_reference_params``) or None (log-probs precomputed in the batch), the metrics replicated.
-    Build once, reuse."""
+    Build once, reuse.
+
+    ``settings``: the loss's DPOSettings; ``optimizer``: the stage's optax transformation (AdamW
+    and schedule, sdpo_jax.optim); ``shardings``: a TrainState of NamedShardings
+    (sdpo_jax.placement.state_shardings); ``with_reference_params``: True when the step computes
+    the reference's log-probs itself from ``ref_params`` (a moving reference, or
+    ``train.precompute_reference`` off); ``grad_accum``: A, micro-batches per optimizer step
+    (``train.grad_accum``): the global batch's B pairs must split into A micro-batches of B/A
+    pairs, each spread over the devices; it changes memory and time, not the result (up to float
+    rounding); ``chunk_size``: positions per chunk of the output layer (``model.logprob_chunk``,
+    sdpo_jax.logprobs), bounding the logits in memory to rows x chunk_size x vocab.
+    """
     ref_sharding = shardings.params if with_reference_params else None
     return jax.jit(
         make_train_step(model, settings, optimizer, grad_accum, chunk_size),

@@ -88,6 +88,12 @@ def evaluate_choices(
 ) -> dict:
     """``acc``, ``acc_norm``, ``num_questions`` (and ``num_rows``, ``boundary_merges``, ``truncated``).
 
+    ``tokenizer`` is the model's Hugging Face tokenizer (texts are tokenized here, see encode.py);
+    ``questions`` the question set (ChoiceQuestion: question text, choice texts, index of the
+    answer); ``chat_template``: False scores the plain lm-eval prompt ("Question: ...\\nAnswer:"
+    then " choice"), True wraps the question in the tokenizer's chat template as one user turn
+    with the generation prompt and scores the choice as the start of the assistant's reply (for
+    instruct models; the tokenizer must have a template).
     ``batch_size`` questions go through the model per forward pass (one packed row each, at most
     ``max_length`` tokens: longer contexts lose tokens from the left). ``step`` is a `choice_step`
     built for the same model and mesh: pass one to reuse its compiled shapes across calls (say

@@ -96,7 +96,21 @@ def staging_layout(indices: np.ndarray, owner: np.ndarray, process_count: int) -
 
 
 class PairBatcher:
-    """Iterator over this process's slice of bucketed global batches (see module docstring)."""
+    """Iterator over this process's slice of bucketed global batches (see module docstring).
+
+    ``pairs``: the tokenized pairs (sdpo_jax.data.TokenizedPairs) to batch; every process passes
+    the same pairs (same lengths), holding the tokens of all of them or of its own shard only
+    (``pairs.owner``); ``batch_size``: pairs per global batch (one optimizer step) over all
+    processes, a positive multiple of ``process_count``; ``seed``: with the epoch, seeds the
+    shuffles of an epoch's plan (unused without ``shuffle``); ``buckets``: the allowed padded
+    sequence lengths, which must hold the longest pair (``resolve_buckets``; with
+    ``prefix_sharing`` they are also the completion widths, and the sequence lengths are extended
+    by doubling); ``process_index``, ``process_count``: this process and how many feed the batch
+    (``jax.process_index()``, ``jax.process_count()``); ``shuffle``: False plans the pairs in
+    order (interleaved by holder) and keeps the batches in plan order, for reference log-probs and
+    evaluation; ``prefix_sharing``: True makes each pair one packed row, prompt + chosen +
+    rejected (sdpo_jax.prefix_sharing), instead of a chosen row and a rejected row.
+    """
 
     def __init__(
         self,

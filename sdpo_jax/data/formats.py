@@ -97,6 +97,17 @@ def normalize(
 ) -> NormalizedSource:
     """Maps, checks and converts every record of `raw`; invalid ones go to `problems`.
 
+    ``raw``: the records of one source this process reads (sdpo_jax.data.sources.RawSource);
+    ``data_format``: ``data.format``, 'auto' (detected from the first readable record) or one of
+    the four formats of the module docstring, which every record must then have; ``columns``: the
+    parsed column map {source field (dotted for nested): destination field, '' drops it}
+    (``parse_columns``); empty applies the built-in map of a recognised known layout;
+    ``extra_fields``: ``data.extra_fields``, 'error' refuses fields the format does not use,
+    'ignore' passes over them; ``assistant_marker``: the text that starts an assistant turn in
+    shared_prefix text transcripts (e.g. "\\n\\nAssistant:"); ``vocab_size``: the model's, for
+    checking the ids of the tokenized format (each in [0, vocab_size)); ``problems``: collects
+    invalid records (raises the first unless ``data.skip_invalid``).
+
     The format ('auto') and the kind every record must share come from the source's first
     readable and first valid record, read from `raw.lead` when `raw` is a later shard, so each
     shard of a source is read exactly as the whole source would be.

@@ -58,7 +58,15 @@ def load_datasets(
     progress_bars: bool = True,
     log_sources: bool = True,
 ) -> tuple[TokenizedPairs, TokenizedPairs | None]:
-    """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any."""
+    """(train, eval) pairs from `config` (the `data` ConfigDict); eval is None without any.
+
+    ``tokenizer``: the model's Hugging Face tokenizer (it needs an EOS token); ``vocab_size``: the
+    model's vocabulary size (token ids of pre-tokenized data must lie in [0, vocab_size));
+    ``process_index``, ``process_count``: this process and the number of processes
+    (``jax.process_index()``, ``jax.process_count()``; each reads its shard of every source);
+    ``progress_bars``, ``log_sources``: as in `load_pairs`. Eval pairs come from ``data.eval``,
+    else from a held-out ``data.eval_fraction`` of the train pairs (seeded by ``data.eval_seed``).
+    """
     load = functools.partial(
         load_pairs,
         tokenizer=tokenizer,
@@ -128,6 +136,13 @@ def load_pairs(
     log_sources: bool = True,
 ) -> TokenizedPairs:
     """Loads, tokenizes (cached) and truncates `sources` into one `TokenizedPairs`.
+
+    ``sources``: source specs, in order (a file, ``sample:NAME/FILE``, a dataset folder or a hub
+    name, each optionally with ``@split``); ``tokenizer``: the model's Hugging Face tokenizer;
+    ``config``: the `data` ConfigDict (format, column map, limits, truncation, cache, ...);
+    ``vocab_size``: the model's vocabulary size (token ids must lie in [0, vocab_size));
+    ``process_index``, ``process_count``: this process and the number of processes, which must be
+    ``jax.process_count()``.
 
     Each of the `process_count` processes reads and tokenizes only its shard of every source
     (`read_shard`); the processes then exchange each pair's lengths, source and record number
@@ -316,6 +331,17 @@ def _check_config(config: Any) -> None:
 def _load_source(
     spec: str, encoder: PairEncoder, identity: str, config: Any, vocab_size: int, shard: tuple[int, int], bars: bool
 ):
+    """(tokenized dataset, meta) of this process's shard of one source, from the cache or made and cached now.
+
+    ``spec``: one source spec (see `load_pairs`); ``encoder``: the tokenizer's `PairEncoder`;
+    ``identity``: `tokenizer_identity` of the tokenizer (part of the cache key); ``config``: the
+    `data` ConfigDict; ``vocab_size``: the model's (part of the key, bounds the token ids);
+    ``shard``: (process index, process count), the contiguous block of the source's records read;
+    ``bars``: show a tokenization progress bar. The dataset has the columns number, prompt_ids,
+    chosen_ids and rejected_ids; meta is the source's report (name, unit, format, pair and skip
+    counts, ...) with the source's cache ``key`` (without the shard), the ``shard`` and
+    ``from_cache``.
+    """
     columns = parse_columns(config.columns)
     name, split = parse_spec(spec, config.split)
     cache_dir = config.cache_dir or str(sdpo_cache_dir("data"))
@@ -348,6 +374,14 @@ def _load_source(
 
 
 def _tokenize_source(spec, encoder, config, columns, vocab_size, shard, bars):
+    """(tokenized dataset, meta) of shard ``shard`` of source ``spec``, read, normalized and tokenized now.
+
+    ``encoder``: the tokenizer's `PairEncoder`; ``config``: the `data` ConfigDict; ``columns``: the
+    parsed column map (`parse_columns` of ``data.columns``); ``vocab_size``: the model's (bounds
+    pre-tokenized ids); ``shard``: (process index, process count); ``bars``: show the progress bar.
+    Records that fail (in reading, normalization or tokenization) go to a `Problems` built from
+    ``data.skip_invalid``: the first is raised, or each is skipped and counted in meta.
+    """
     import datasets
 
     raw = read_source(spec, config.split, config.limit, config.sample_seed, shard=shard)

@@ -40,7 +40,16 @@ def truncate(
     max_prompt_length: int,
     mode: str,
 ) -> Truncation:
-    """Applies the rules of the module docstring to arrays of lengths."""
+    """Applies the rules of the module docstring to arrays of lengths.
+
+    ``prompt_len``, ``chosen_len``, ``rejected_len``: [pairs] token counts of each pair's prompt
+    and completions before truncation; ``starts_with_bos``: [pairs] bool, whether the prompt's
+    first token is the tokenizer's BOS (then a 'keep_end' cut to at least 2 tokens keeps it first,
+    as ``head``); ``max_length``: the most tokens of prompt plus one completion
+    (``data.max_length``, > 0); ``max_prompt_length``: the most prompt tokens
+    (``data.max_prompt_length``; 0: no limit but ``max_length``); ``mode``:
+    ``data.truncation_mode``, 'keep_end' or 'keep_start', which part of a cut prompt stays.
+    """
     if mode not in ("keep_end", "keep_start"):
         raise ValueError(f"data.truncation_mode must be 'keep_end' or 'keep_start', got {mode!r}")
     if max_length <= 0:
