@@ -10,7 +10,8 @@ warmed up; then the trees take one step each in turn, the order reversed every r
 from other processes falls on all of them alike within milliseconds, which separate processes
 (benchmarks/knobs.py) cannot promise. Printed per tree: the median wall time and CPU time (the
 process's, all threads: steps never overlap, so it belongs to the step) per step, and pairs/s.
-``--host-allocator retain`` in --common applies to the whole process, so to every tree. A module
+The host allocator (throughput.py's ``--host-allocator``, by default sdpo-train's) applies to the
+whole process, so to every tree. A module
 missing from a tree (one added later) is imported from the installed sdpo_jax instead.
 """
 
@@ -62,10 +63,10 @@ def main(argv=None):
     for index, (label, tree) in enumerate(trees):
         throughput = _import_tree(tree)
         args = throughput.parse_args(flags)
-        if index == 0 and args.host_allocator == "retain":
-            from sdpo_jax.host_memory import retain_host_allocations
+        if index == 0:
+            from sdpo_jax.host_memory import apply_host_allocator
 
-            retain_host_allocations()
+            apply_host_allocator(args.host_allocator)  # before the first tree starts JAX's backend
         step, state, ref, batches, _ = throughput.build(args)
         built.append(
             {

@@ -25,8 +25,9 @@ included, prompt tokens once per row they occupy):
                      or + 0 when the reference is precomputed)
 MFU = flops_per_pair * pairs_per_s / peak_flops, where peak_flops is a measured matmul peak in the
 same dtype on this machine (bf16 with float32 accumulation), measured in the same run.
---host-allocator retain first calls sdpo_jax.host_memory.retain_host_allocations (glibc keeps the
-step's freed temporary buffer instead of mapping it afresh every step; docs/performance.md).
+--host-allocator is sdpo-train's train.host_allocator (default: configs/default.py's, auto: glibc keeps
+the step's freed temporary buffer instead of mapping it afresh every step when JAX runs on the CPU;
+sdpo_jax/host_memory.py, docs/performance.md); the result says which was in effect.
 cpu_s_per_step_median is the process's CPU time (all threads) per step: on a machine shared with
 other work it varies far less than wall time, so it is the better number for A/B comparisons.
 """
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs.default import get_config as default_config
-from sdpo_jax.host_memory import retain_host_allocations
+from sdpo_jax.host_memory import HOST_ALLOCATORS, apply_host_allocator, host_allocations_retained
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models import LlamaForCausalLM, ModelConfig
 from sdpo_jax.models.llama import init_params
@@ -97,9 +98,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--host-allocator",
-        choices=("retain", "default"),
-        default="default",
-        help="retain: call sdpo_jax.host_memory.retain_host_allocations() first; default: glibc malloc as configured",
+        choices=HOST_ALLOCATORS,
+        default=trainer.train.host_allocator,
+        help="train.host_allocator, applied before JAX starts (sdpo_jax.host_memory): retain keeps XLA's freed step "
+        "buffers mapped, system leaves glibc as configured, auto retains when JAX runs on the CPU only",
     )
     p.add_argument("--json", action="store_true", help="print one JSON line")
     return p.parse_args(argv)
@@ -250,13 +252,13 @@ def run(a) -> dict:
         "mfu": flops * pairs_per_s / peak,
         memory_name: memory,
         "final_loss": float(metrics["loss"]),
+        "host_allocator": "retain" if host_allocations_retained() else "system",
     }
 
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.host_allocator == "retain":
-        retain_host_allocations()  # before the first JAX computation
+    apply_host_allocator(a.host_allocator)  # before JAX starts its backend
     result = run(a)
     if a.json:
         print(json.dumps(result))

@@ -1,26 +1,36 @@
 """sdpo_jax vs TRL's DPOTrainer: the same Llama shape, the same random pairs, the same batch.
 
-    python benchmarks/vs_trl.py [--hidden 256 --layers 4 --heads 8 --kv-heads 4 --vocab 8192
-        --prompt-len 64 --completion-len 64 --batch 8 --steps 10] [--dtypes float32,bfloat16]
-        [--ours "EXTRA throughput.py FLAGS"] [--rounds 3] [--json]
+    python benchmarks/vs_trl.py [--shapes small,smollm2-135m] [--environments default,tuned]
+        [--dtypes float32,bfloat16] [--rounds R] [--ours "EXTRA throughput.py FLAGS"] [--json]
+        [--hidden ... --layers ... (override the shapes' sizes)]
 
-For each dtype: TRL 1.16 (PyTorch CPU; bf16=True for bfloat16, no gradient checkpointing, the
-reference model forward in the step as TRL does by default) trains a random-init
-transformers LlamaForCausalLM on pre-tokenized pairs, timed per optimizer step with a trainer
-callback; then benchmarks/throughput.py runs the same shape in a subprocess (so the two
-frameworks never share threads) with sdpo-train's own settings (throughput.py's defaults: prefix
-sharing, full rematerialisation) and, like TRL, the reference forward inside every step; --ours
-adds throughput.py flags (the same pairs, batch and model either way, only our layout of them
-and what the backward pass keeps). With --rounds R both run R
-times in turn and the medians are reported (a shared machine's load then hits both alike).
-Prints pairs/s of each and the ratio (extra `bench`), and the ratio of CPU seconds per step (all
-threads, TRL's over ours), which a shared machine's load disturbs less than wall time.
+Shapes (random init): ``small`` hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 8192, MLP 704,
+prompt 64 + completion 64, batch 8; ``smollm2-135m`` SmolLM2-135M's: hidden 576, 30 layers, 9
+heads, 3 kv heads, vocab 49152, MLP 1536, prompt 128 + completion 64, batch 4.
+
+Environments: ``default`` runs each library as it starts (TRL with glibc's malloc as configured,
+sdpo_jax with sdpo-train's own ``train.host_allocator`` default); ``tuned`` gives BOTH processes
+the glibc settings that keep large freed blocks mapped (GLIBC_TUNABLES, the settings of
+sdpo_jax.host_memory), which speed up PyTorch's CPU training step as much as XLA's: TRL at its
+fastest on this machine.
+
+For each shape, environment and dtype: TRL 1.16 (PyTorch CPU; bf16=True for bfloat16, which is
+autocast; no gradient checkpointing; the reference model forward in the step as TRL does by
+default) trains a random-init transformers LlamaForCausalLM on pre-tokenized pairs, timed per
+optimizer step with a trainer callback, in a subprocess of its own; then benchmarks/throughput.py
+runs the same shape in another subprocess with sdpo-train's own settings (throughput.py's
+defaults: prefix sharing, full rematerialisation, the host allocator) and, like TRL, the reference
+forward inside every step; --ours adds throughput.py flags. With --rounds R both run R times in
+turn and the medians are reported (a shared machine's load then hits both alike). Prints pairs/s
+of each and the ratio, the ratio of CPU seconds per step (all threads, TRL's over ours), which a
+shared machine's load disturbs less than wall time, and our MFU against the measured matmul peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -32,6 +42,33 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+SHAPES = {
+    "small": {
+        "hidden": 256,
+        "layers": 4,
+        "heads": 8,
+        "kv_heads": 4,
+        "vocab": 8192,
+        "intermediate": 704,
+        "prompt_len": 64,
+        "completion_len": 64,
+        "batch": 8,
+    },
+    "smollm2-135m": {
+        "hidden": 576,
+        "layers": 30,
+        "heads": 9,
+        "kv_heads": 3,
+        "vocab": 49152,
+        "intermediate": 1536,
+        "prompt_len": 128,
+        "completion_len": 64,
+        "batch": 4,
+    },
+}
+# glibc's malloc told to keep large freed blocks mapped: sdpo_jax.host_memory's settings, as environment variables.
+TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.trim_threshold=2147483647"
+ENVIRONMENTS = {"default": {}, "tuned": {"GLIBC_TUNABLES": TUNED_MALLOC}}
 
 
 def trl_pairs_per_s(a, dtype: str) -> dict:
@@ -126,7 +163,8 @@ def _byte_tokenizer():
     return Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
 
 
-def ours(a, dtype: str) -> dict:
+def ours(a, dtype: str, environment: str) -> dict:
+    """throughput.py's result for ``a``'s shape in ``dtype``, in its own process under ``environment``."""
     flags = [
         f"--{k}={v}"
         for k, v in (
@@ -146,70 +184,120 @@ def ours(a, dtype: str) -> dict:
         )
     ]
     flags += shlex.split(a.ours)
-    result = subprocess.run(
-        [sys.executable, str(HERE / "throughput.py"), *flags, "--json"], capture_output=True, text=True, check=True
-    )
+    return _json_subprocess([str(HERE / "throughput.py"), *flags], environment)
+
+
+def trl(a, dtype: str, environment: str) -> dict:
+    """``trl_pairs_per_s`` for ``a``'s shape in ``dtype``, in its own process under ``environment``."""
+    shape = [f"--{name.replace('_', '-')}={getattr(a, name)}" for name in (*SHAPES["small"], "steps", "warmup")]
+    return _json_subprocess([str(Path(__file__).resolve()), "--trl-only", dtype, *shape], environment)
+
+
+def _json_subprocess(command: list[str], environment: str) -> dict:
+    env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **ENVIRONMENTS[environment]}
+    result = subprocess.run([sys.executable, *command, "--json"], capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _comparison(a, dtype: str, environment: str) -> dict:
+    """Both libraries, ``a.rounds`` times in turn, at ``a``'s shape: medians and per-round values."""
+    runs = [(trl(a, dtype, environment), ours(a, dtype, environment)) for _ in range(a.rounds)]
+    return {
+        "environment": environment,
+        "dtype": dtype,
+        "trl_pairs_per_s": statistics.median(t["pairs_per_s"] for t, _ in runs),
+        "sdpo_jax_pairs_per_s": statistics.median(m["pairs_per_s"] for _, m in runs),
+        "ratio": statistics.median(m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs),
+        "ratio_per_round": [m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs],
+        "trl_pairs_per_s_per_round": [t["pairs_per_s"] for t, _ in runs],
+        "sdpo_jax_pairs_per_s_per_round": [m["pairs_per_s"] for _, m in runs],
+        "cpu_ratio": statistics.median(t["cpu_s_per_step_median"] / m["cpu_s_per_step_median"] for t, m in runs),
+        "sdpo_jax_mfu": statistics.median(m["mfu"] for _, m in runs),
+        "peak_flops": statistics.median(m["peak_flops"] for _, m in runs),
+        "trl_step_s": statistics.median(t["step_s_median"] for t, _ in runs),
+        "sdpo_jax_step_s": statistics.median(m["step_s_median"] for _, m in runs),
+        "sdpo_jax_host_allocator": runs[0][1]["host_allocator"],
+    }
+
+
+def _shape_args(a, shape: str) -> argparse.Namespace:
+    """``a`` with ``shape``'s sizes where no size flag was given."""
+    sizes = {name: getattr(a, name) if getattr(a, name) is not None else value for name, value in SHAPES[shape].items()}
+    return argparse.Namespace(**{**vars(a), **sizes})
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, default in (
-        ("hidden", 256),
-        ("layers", 4),
-        ("heads", 8),
-        ("kv-heads", 4),
-        ("vocab", 8192),
-        ("prompt-len", 64),
-        ("completion-len", 64),
-        ("batch", 8),
-        ("steps", 10),
-        ("warmup", 2),
-        ("intermediate", 0),
-    ):
-        p.add_argument(f"--{name}", type=int, default=default)
+    for name in SHAPES["small"]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help="overrides the shapes' value")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--shapes", default="small", help=f"comma-separated, of {', '.join(SHAPES)}")
+    p.add_argument("--environments", default="default,tuned", help=f"comma-separated, of {', '.join(ENVIRONMENTS)}")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument(
         "--ours", default="", help="extra throughput.py flags for sdpo_jax (default: none, i.e. sdpo-train's settings)"
     )
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--trl-only", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
+    if a.trl_only:
+        print(json.dumps(trl_pairs_per_s(_shape_args(a, "small"), a.trl_only)))
+        return
     rows = []
-    for dtype in a.dtypes.split(","):
-        runs = [(trl_pairs_per_s(a, dtype), ours(a, dtype)) for _ in range(a.rounds)]
-        theirs = statistics.median(t["pairs_per_s"] for t, _ in runs)
-        mine = statistics.median(m["pairs_per_s"] for _, m in runs)
-        rows.append(
-            {
-                "dtype": dtype,
-                "trl_pairs_per_s": theirs,
-                "sdpo_jax_pairs_per_s": mine,
-                "ratio": mine / theirs,
-                "ratio_per_round": [m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs],
-                "trl_pairs_per_s_per_round": [t["pairs_per_s"] for t, _ in runs],
-                "sdpo_jax_pairs_per_s_per_round": [m["pairs_per_s"] for _, m in runs],
-                "cpu_ratio": statistics.median(
-                    t["cpu_s_per_step_median"] / m["cpu_s_per_step_median"] for t, m in runs
-                ),
-                "sdpo_jax_mfu": statistics.median(m["mfu"] for _, m in runs),
-                "peak_flops": statistics.median(m["peak_flops"] for _, m in runs),
-                "trl_step_s": statistics.median(t["step_s_median"] for t, _ in runs),
-                "sdpo_jax_step_s": statistics.median(m["step_s_median"] for _, m in runs),
-            }
-        )
+    for shape in a.shapes.split(","):
+        shaped = _shape_args(a, shape)
+        for environment in a.environments.split(","):
+            for dtype in a.dtypes.split(","):
+                rows.append(
+                    {
+                        "shape": shape,
+                        **{k: getattr(shaped, k) for k in SHAPES[shape]},
+                        **_comparison(shaped, dtype, environment),
+                    }
+                )
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if a.json:
-        print(json.dumps({"shape": vars(a), "results": rows}))
-    else:
+        print(json.dumps({"args": vars(a), "machine": _machine(), "results": rows}))
+        return
+    print(
+        f"{'shape':14s} {'environment':12s} {'dtype':9s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} "
+        f"{'ratio':>7s} {'CPU ratio':>10s} {'sdpo_jax MFU':>13s}"
+    )
+    for r in rows:
         print(
-            f"{'dtype':10s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} {'ratio':>7s} {'CPU ratio':>10s} "
-            f"{'sdpo_jax MFU':>13s}"
+            f"{r['shape']:14s} {r['environment']:12s} {r['dtype']:9s} {r['trl_pairs_per_s']:12.3f} "
+            f"{r['sdpo_jax_pairs_per_s']:17.3f} {r['ratio']:7.2f} {r['cpu_ratio']:10.2f} {r['sdpo_jax_mfu']:13.1%}"
         )
-        for r in rows:
-            print(
-                f"{r['dtype']:10s} {r['trl_pairs_per_s']:12.2f} {r['sdpo_jax_pairs_per_s']:17.2f} {r['ratio']:7.2f} "
-                f"{r['cpu_ratio']:10.2f} {r['sdpo_jax_mfu']:13.1%}"
-            )
+
+
+def _machine() -> dict:
+    """When and where: the date, CPU model and count, the libraries' versions."""
+    import platform
+
+    import jax
+    import torch
+    import trl
+
+    model = (
+        next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+            platform.processor(),
+        )
+        if os.path.exists("/proc/cpuinfo")
+        else platform.processor()
+    )
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+        "torch": torch.__version__,
+        "trl": trl.__version__,
+    }
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.0
     c.train.max_grad_norm = 1.0
     c.train.precompute_reference = True  # reference log-probs once per stage, ref params off device
+    # auto: glibc keeps XLA's freed step buffers when JAX runs on the CPU (sdpo_jax/host_memory.py) | retain | system
+    c.train.host_allocator = "auto"
     c.train.log_every = 1
 
     # The preference loss: TRL 1.16 DPOConfig's fields, names and defaults (sdpo_jax/losses.py, docs/config.md)

@@ -37,6 +37,7 @@ import ml_collections
 from sdpo_jax.data.config import FORMATS, TRUNCATION_MODES
 from sdpo_jax.data.sources import local_source_problem
 from sdpo_jax.errors import ConfigError
+from sdpo_jax.host_memory import HOST_ALLOCATORS
 from sdpo_jax.losses import DPOSettings
 from sdpo_jax.models.attention import ATTENTION_IMPLEMENTATIONS
 from sdpo_jax.models.llama import REMAT_POLICIES
@@ -275,6 +276,7 @@ FIELD_RULES: dict[str, Callable] = {
     "train.weight_decay": _number(0.0),
     "train.max_grad_norm": _number(0.0),
     "train.precompute_reference": _boolean,
+    "train.host_allocator": _choice(*HOST_ALLOCATORS),
     "train.log_every": _integer(1),
     "eval.prompts": _sequence(_text()),
     "eval.max_new_tokens": _integer(1),
@@ -625,6 +627,7 @@ RESUME_NEUTRAL = frozenset(
         "checkpoint.keep_stages",
         "checkpoint.async_save",
         "train.log_every",
+        "train.host_allocator",
         "model.remat",
         "model.logprob_chunk",
     }

@@ -42,6 +42,7 @@ from sdpo_jax.data.batching import resolve_buckets
 from sdpo_jax.data.load import load_datasets, source_lines
 from sdpo_jax.errors import ConfigError
 from sdpo_jax.host_exchange import on_main_process
+from sdpo_jax.host_memory import host_allocations_retained
 from sdpo_jax.models.loading import load_model, load_tokenizer
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
 from sdpo_jax.partition import plan_stages
@@ -222,7 +223,8 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
         "layers, "
         f"compute {config.model.dtype}, attention {config.model.attention}, remat {config.model.remat}",
         f"mesh {dict(run.mesh.shape)} over {jax.device_count()} {jax.default_backend()} device(s), "
-        f"{jax.process_count()} process(es)",
+        f"{jax.process_count()} process(es); host allocator "
+        f"{'retain' if host_allocations_retained() else 'system'} (train.host_allocator {config.train.host_allocator})",
         f"data {len(train_pairs)} train pairs, {len(eval_pairs) if eval_pairs else 0} held-out pairs, length buckets "
         f"{run.buckets}, {config.train.batch_size} pairs per step",
         f"{config.sdpo.num_stages} stage(s), partition {config.sdpo.partition}, policy starts from "

@@ -41,6 +41,10 @@ def test_the_shipped_configs_pass():
             "train.lr_schedule: expected one of linear, cosine, constant, got 'cosin' (did you mean 'cosine'?)",
         ),
         ({"train__warmup_ratio": 1.5}, "train.warmup_ratio: must be <= 1, got 1.5"),
+        (
+            {"train__host_allocator": "retained"},
+            "train.host_allocator: expected one of auto, retain, system, got 'retained' (did you mean 'retain'?)",
+        ),
         ({"train__grad_accum": 3}, "train.grad_accum: train.batch_size 4 does not split into 3 micro-batches"),
         ({"model__dtype": "fp16"}, "model.dtype: expected one of float32, bfloat16, got 'fp16'"),
         ({"model__remat": "ful"}, "model.remat: expected one of none, full, dots, got 'ful' (did you mean 'full'?)"),

@@ -1,7 +1,9 @@
-"""retain_host_allocations: a large block freed by a worker thread is reused, not mapped afresh."""
+"""retain_host_allocations: a large block freed by a worker thread is reused, not mapped afresh; and
+sdpo-train's train.host_allocator choice (auto: only when JAX runs on the CPU)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -54,3 +56,41 @@ def test_freed_large_block_is_reused_without_page_faults():
     assert applied == "True"
     assert plain > pages // 2, plain  # without: every round faults the block in again
     assert retained < pages // 20, retained  # with: the second and third rounds reuse the pages
+
+
+@pytest.mark.parametrize("platforms, cpu_only", [("cpu", True), ("cuda", False), ("cpu,tpu", False), ("tpu", False)])
+def test_auto_reads_the_platforms_jax_was_told(monkeypatch, platforms, cpu_only):
+    from sdpo_jax.host_memory import jax_runs_on_cpu_only
+
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert jax_runs_on_cpu_only() is cpu_only
+
+
+def test_auto_sees_an_installed_accelerator_plugin(monkeypatch):
+    """Without JAX_PLATFORMS, an installed libtpu (or a jax_plugins module: CUDA, ROCm) means an accelerator."""
+    import importlib.util
+
+    from sdpo_jax import host_memory
+
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("jax_platforms", raising=False)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "libtpu" else real_find_spec(name, *a)
+    )
+    assert host_memory.jax_runs_on_cpu_only() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.parametrize(
+    "choice, platforms, applied",
+    [("system", "cpu", False), ("auto", "cuda", False), ("auto", "cpu", True), ("retain", "cuda", True)],
+)
+def test_the_choice_applies_the_settings_or_not(choice, platforms, applied):
+    script = (
+        "from sdpo_jax.host_memory import apply_host_allocator, host_allocations_retained\n"
+        f"print(apply_host_allocator({choice!r}), host_allocations_retained())"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": platforms}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == [str(applied), str(applied)]

@@ -350,7 +350,7 @@ def test_tiny_config_smoke_run_then_export(tmp_path):
     """`sdpo-train --config configs/tiny.py` (the one-minute smoke run: a tiny random Llama on the shipped
     orca + hh-rlhf samples, chat template, easy-to-hard, eval, generation, multiple choice) and `sdpo-export`."""
     run = tmp_path / "run"
-    env = {**os.environ, "SDPO_JAX_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "SDPO_JAX_CACHE": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu"}
     flags = [
         "--config",
         str(Path(__file__).resolve().parents[1] / "configs" / "tiny.py"),
@@ -362,6 +362,8 @@ def test_tiny_config_smoke_run_then_export(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     # stderr is a pipe, not a terminal: a plain log (the summary, one line per step), no progress bars
     assert "tokenizing" not in result.stderr and "%|" not in result.stderr and "stage 1 step 1/" in result.stderr
+    # train.host_allocator auto on a CPU-only JAX: glibc keeps XLA's step buffers (sdpo_jax.host_memory)
+    assert "host allocator retain (train.host_allocator auto)" in result.stderr, result.stderr[:3000]
     report = json.loads((run / "stage_report.json").read_text())["stages"]
     assert len(report) == 2 and {s["sources"][0].split("/")[-1] for s in report} == {
         "validation-100.jsonl",

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         print_help(HELP)
     with user_errors("sdpo-train"):
         config, options = parse_command_line(argv, configs.default.__file__, _define_flags)
+        from sdpo_jax.host_memory import apply_host_allocator
+
+        # Before JAX starts its backend (a bad value is refused by check_config below, having done nothing).
+        apply_host_allocator(config.get("train", {}).get("host_allocator", "system"))
         import jax
         from absl import logging
 
