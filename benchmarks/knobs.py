@@ -26,9 +26,15 @@ def run_once(script: str, flags: list[str], env_flags: str) -> dict:
     env = dict(os.environ)
     if env_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + env_flags).strip()
-    result = subprocess.run([sys.executable, script, *flags, "--json"], capture_output=True, text=True, env=env)
+    return run_json([script, *flags], env)
+
+
+def run_json(command: list[str], env: dict[str, str]) -> dict:
+    """The last stdout line, as JSON, of ``python COMMAND --json`` in its own process with ``env``; a
+    failure stops the benchmark with the end of its stderr."""
+    result = subprocess.run([sys.executable, *command, "--json"], capture_output=True, text=True, env=env)
     if result.returncode:
-        raise SystemExit(f"{script} {' '.join(flags)} failed:\n{result.stderr[-2000:]}")
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

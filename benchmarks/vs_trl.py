@@ -33,13 +33,13 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from knobs import run_json
 
 HERE = Path(__file__).resolve().parent
 SHAPES = {
@@ -195,10 +195,7 @@ def trl(a, dtype: str, environment: str) -> dict:
 
 def _json_subprocess(command: list[str], environment: str) -> dict:
     env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **ENVIRONMENTS[environment]}
-    result = subprocess.run([sys.executable, *command, "--json"], capture_output=True, text=True, env=env)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_json(command, env)
 
 
 def _comparison(a, dtype: str, environment: str) -> dict:
