@@ -28,9 +28,10 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
-def provenance(argv: list[str] | None = None) -> dict:
+def provenance(program: str, argv: list[str] | None = None) -> dict:
     """The commit (None outside a git clone), whether tracked or untracked files differ from it, the versions
-    of ``NUMERIC_PACKAGES``, the device kind and count, the Python version and the command line."""
+    of ``NUMERIC_PACKAGES``, the device kind and count, the Python version and the command line (``program``,
+    e.g. ``python -m experiments.stepwise``, followed by ``argv``, by default this process's arguments)."""
     status = _git("status", "--porcelain")
     devices = jax.devices()
     return {
@@ -41,8 +42,16 @@ def provenance(argv: list[str] | None = None) -> dict:
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
         "python": sys.version.split()[0],
-        "command": " ".join(["python -m experiments.stepwise", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join([program, *(sys.argv[1:] if argv is None else argv)]),
     }
+
+
+def provenance_line(record: dict) -> str:
+    """One line naming where a result was made: ``commit 9067360 (clean), cpu x1, jax 0.10.2, ...``."""
+    commit = (record.get("commit") or "none")[:7]
+    tree = {True: "dirty", False: "clean"}.get(record.get("dirty"), "unknown tree")
+    packages = ", ".join(f"{name} {version}" for name, version in record.get("packages", {}).items())
+    return f"commit {commit} ({tree}), {record.get('device_kind')} x{record.get('device_count')}, {packages}"
 
 
 def same_platform(a: dict, b: dict) -> bool:

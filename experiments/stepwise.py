@@ -32,7 +32,7 @@ import numpy as np
 
 from experiments.measure import greedy_quality, stage_params
 from experiments.pairs import describe, sample_pairs, split_by_difficulty, write_jsonl
-from experiments.provenance import provenance, same_platform
+from experiments.provenance import provenance, provenance_line, same_platform
 from experiments.reproduce import differences
 from experiments.sft import SFTSettings, save_model_folder, train_sft
 from experiments.sorting import sample_problems
@@ -53,6 +53,7 @@ class ExperimentSettings:
     chosen: str = "gold"  # experiments.pairs: 'gold' or 'best'
 
 
+PROGRAM = "python -m experiments.stepwise"
 #: The committed results behind docs/experiments.md.
 PUBLISHED = Path(__file__).resolve().parent / "results" / "stepwise.json"
 
@@ -106,7 +107,7 @@ def run_seed(seed: int, out: Path, settings: ExperimentSettings, variants, log=p
     )
     result = {
         "seed": seed,
-        "provenance": provenance(),
+        "provenance": provenance(PROGRAM),
         "settings": settings_record(settings),
         "m0": {**m0, "sft_final_loss": losses[-1]},
         "pairs": describe(pairs),
@@ -176,7 +177,7 @@ def settings_from_record(record: dict) -> ExperimentSettings:
 
 def publish(results: list[dict], summary: dict, names: list[str], path: Path) -> None:
     """Write the committed results: every seed (with its provenance) and the summary over them."""
-    head = provenance()
+    head = provenance(PROGRAM)
     made = [r.get("provenance", {}) for r in results]
     stale = [
         r["seed"] for r, p in zip(results, made) if p.get("commit") != head["commit"] or p.get("dirty") is not False
@@ -199,12 +200,8 @@ def check(out: Path, published: Path) -> int:
     now = run_seed(0, out / "check" / "seed_0", settings_from_record(seed0["settings"]), variants)
     found = differences(seed0, now)
     same = same_platform(seed0["provenance"], now["provenance"])
-    made = seed0["provenance"]
-    print(f"committed: commit {made['commit']}, {made['device_kind']} x{made['device_count']}, {made['packages']}")
-    print(
-        f"now:       commit {now['provenance']['commit']}, {now['provenance']['device_kind']} "
-        f"x{now['provenance']['device_count']}, {now['provenance']['packages']}"
-    )
+    print("committed: " + provenance_line(seed0["provenance"]))
+    print("now:       " + provenance_line(now["provenance"]))
     if not found:
         print(f"check passed: every number of seed 0 ({len(variants)} variants) equals the committed one")
         return 0

@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from experiments.pairs import Pair, split_by_difficulty
-from experiments.provenance import provenance, same_platform
+from experiments.provenance import provenance, provenance_line, same_platform
 from experiments.reproduce import differences
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
 from experiments.stepwise import QUICK, run_seed, settings_from_record, settings_record
@@ -155,10 +155,11 @@ def test_check_names_every_number_that_differs_and_ignores_timings():
 
 
 def test_provenance_names_the_commit_packages_and_device():
-    record = provenance(["--check"])
+    record = provenance("python -m experiments.stepwise", ["--check"])
     assert set(record["packages"]) == {"jax", "jaxlib", "flax", "optax", "numpy"}
     assert record["platform"] == "cpu" and record["command"] == "python -m experiments.stepwise --check"
     assert record["commit"] is None or len(record["commit"]) == 40
+    assert provenance_line(record).startswith(f"commit {(record['commit'] or 'none')[:7]} (")
     assert same_platform(record, record) and not same_platform(record, record | {"device_kind": "TPU v5e"})
 
 
