@@ -58,3 +58,21 @@ def same_platform(a: dict, b: dict) -> bool:
     """Whether two provenance records share the device kind, device count and numeric package versions."""
     keys = ("platform", "device_kind", "device_count", "packages")
     return all(a.get(k) == b.get(k) for k in keys)
+
+
+def require_made_at_head(records: list[dict], program: str) -> None:
+    """Stop (SystemExit) unless every result record was made at HEAD from a clean tree: what is published
+    must be what the committed code produces."""
+    head = provenance(program)
+    stale = sorted(
+        {
+            f"seed {r.get('seed')}"
+            for r in records
+            if r["provenance"].get("commit") != head["commit"] or r["provenance"].get("dirty") is not False
+        }
+    )
+    if head["commit"] is None or stale:
+        raise SystemExit(
+            f"--publish: {', '.join(stale) or 'results'} not made at HEAD ({head['commit']}) from a clean tree; "
+            "rerun them (delete their result files) after committing"
+        )
