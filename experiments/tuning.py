@@ -12,7 +12,7 @@ learning rate, then the higher beta (the smaller step, the stronger pull to the 
 
 ``tuning.json`` records every point's R_val (and per seed) for every variant, the chosen point, the
 grid, the experiment settings it was tuned under and its provenance; the normal run reads it and
-trains each variant at its chosen point (`tuned_dpo`).
+trains each variant at its chosen point (`tuned_dpo`). `tune` runs the grid.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from experiments.provenance import provenance
+from experiments.seed_run import PROGRAM, ExperimentSettings, prepare_seed, run_variant, settings_record
 from experiments.variants import DPOSettings
 
 
@@ -48,12 +50,10 @@ def best_point(points: list[dict]) -> dict:
     return max(points, key=lambda p: (p["validation_reward"], -p["learning_rate"], p["beta"]))
 
 
-def tuning_record(
-    settings_record: dict, tuning: TuningSettings, seeds: list[int], rewards: dict, provenance: dict
-) -> dict:
-    """The contents of tuning.json. ``settings_record``: the experiment settings tuned under
-    (experiments.stepwise.settings_record); ``rewards``: {variant: {(learning_rate, beta): [R_val of each
-    seed, in ``seeds`` order]}}; ``provenance``: experiments.provenance.provenance of this command."""
+def tuning_record(tuned_under: dict, tuning: TuningSettings, seeds: list[int], rewards: dict, made_by: dict) -> dict:
+    """The contents of tuning.json. ``tuned_under``: the record of the experiment settings tuned
+    under (experiments.seed_run.settings_record); ``rewards``: {variant: {(learning_rate, beta): [R_val of each
+    seed, in ``seeds`` order]}}; ``made_by``: experiments.provenance.provenance of this command."""
     variants = {}
     for name, by_point in rewards.items():
         points = [
@@ -71,20 +71,20 @@ def tuning_record(
             "best": {k: best[k] for k in ("learning_rate", "beta", "validation_reward")},
         }
     return {
-        "provenance": provenance,
-        "settings": settings_record,
+        "provenance": made_by,
+        "settings": tuned_under,
         "tuning": json.loads(json.dumps(dataclasses.asdict(tuning))),
         "seeds": seeds,
         "variants": variants,
     }
 
 
-def tuned_dpo(path: Path, settings_record: dict, dpo: DPOSettings, names: list[str]) -> dict[str, DPOSettings]:
+def tuned_dpo(path: Path, run_settings: dict, dpo: DPOSettings, names: list[str]) -> dict[str, DPOSettings]:
     """Each variant's DPOSettings: ``dpo`` at the variant's chosen learning rate and beta from tuning.json at
     ``path``; refused (SystemExit naming the file) when it was tuned under other settings (anything but the
-    two tuned fields differs from ``settings_record``) or lacks a variant of ``names``."""
+    two tuned fields differs from ``run_settings``, this run's settings record) or lacks a variant of ``names``."""
     stored = json.loads(path.read_text())
-    if _untuned_part(stored["settings"]) != _untuned_part(settings_record):
+    if _untuned_part(stored["settings"]) != _untuned_part(run_settings):
         raise SystemExit(
             f"{path}: tuned under other experiment settings than this command's; rerun --tune for them, pass "
             "another --tuned file, or --untuned"
@@ -102,7 +102,53 @@ def tuned_dpo(path: Path, settings_record: dict, dpo: DPOSettings, names: list[s
     }
 
 
-def _untuned_part(settings_record: dict) -> dict:
+def _untuned_part(record: dict) -> dict:
     """A settings record without the two fields the grid sets."""
-    dpo = {k: v for k, v in settings_record["dpo"].items() if k not in ("learning_rate", "beta")}
-    return {**settings_record, "dpo": dpo}
+    dpo = {k: v for k, v in record["dpo"].items() if k not in ("learning_rate", "beta")}
+    return {**record, "dpo": dpo}
+
+
+def tune(
+    seeds: list[int], out: Path, settings: ExperimentSettings, tuning: TuningSettings, variants, log=print
+) -> dict:
+    """The tuning grid (experiments.tuning): every variant at every grid point on every seed, scored on the
+    seed's validation prompts; returns the tuning.json record. Each point's result is kept in
+    OUT/tune/seed_<s>/<variant>/<point>/result.json and reused by a rerun with the same settings."""
+    record = settings_record(settings)
+    rewards: dict[str, dict] = {v.name: {point: [] for point in tuning.grid()} for v in variants}
+    for seed in seeds:
+        folder, data = out / "tune" / f"seed_{seed}", None
+        for variant in variants:
+            for learning_rate, beta in tuning.grid():
+                point = folder / variant.name / point_name(learning_rate, beta)
+                stored = _stored_point(point / "result.json", record, tuning)
+                if stored is None:
+                    data = data or prepare_seed(seed, folder, settings, variants, tuning.validation_prompts, log)
+                    dpo = dataclasses.replace(settings.dpo, learning_rate=learning_rate, beta=beta)
+                    done = run_variant(variant, data, seed, settings, dpo, point / "run", data.validation)
+                    stored = {
+                        "seed": seed,
+                        "variant": variant.name,
+                        "validation_reward": done["stages"][-1]["reward"],
+                        **done,
+                        "settings": record,
+                        "validation_prompts": tuning.validation_prompts,
+                        "provenance": provenance(PROGRAM),
+                    }
+                    (point / "result.json").write_text(json.dumps(stored, indent=1))
+                log(
+                    f"tune seed {seed} {variant.name} lr {learning_rate:g} beta {beta:g}: validation reward "
+                    f"{stored['validation_reward']:.3f} ({stored['seconds']:.0f} s)"
+                )
+                rewards[variant.name][(learning_rate, beta)].append(stored["validation_reward"])
+    return tuning_record(record, tuning, seeds, rewards, provenance(PROGRAM))
+
+
+def _stored_point(path: Path, record: dict, tuning: TuningSettings) -> dict | None:
+    """A grid point's finished result, if made under these settings (another's is refused, not reused)."""
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    if stored["settings"] != record or stored["validation_prompts"] != tuning.validation_prompts:
+        raise SystemExit(f"{path}: made with other settings than this command's; use another --out or delete it")
+    return stored

@@ -12,8 +12,9 @@ import transformers
 from experiments.pairs import Pair, split_by_difficulty
 from experiments.provenance import provenance, provenance_line, same_platform
 from experiments.reproduce import differences
+from experiments.seed_run import QUICK, seed_problems, settings_from_record, settings_record
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
-from experiments.stepwise import QUICK, main, run_seed, seed_problems, settings_from_record, settings_record
+from experiments.stepwise import main, run_seed
 from experiments.summary import _color, markdown_table, summarize
 from experiments.tuning import best_point, tuned_dpo
 from experiments.variants import VARIANT_NAMES, VARIANTS, DPOSettings, variant_config
