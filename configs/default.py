@@ -48,6 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.sdpo.stage_data = (
         "offline"  # offline: the chunk's pairs | generated: pairs of M(t-1)'s samples on the chunk's prompts
     )
+    c.sdpo.replay_fraction = 0.0  # offline stage t >= 2 also trains on round(f * |D_t|) pairs of D_1..D_(t-1) (0 = off)
     c.sdpo.stage_overrides = ()  # e.g. ("2:dpo.beta=0.2", "2:train.learning_rate=2e-7", "2:sdpo.stage_data=generated")
 
     # On-policy stage data (sdpo.stage_data = generated) and the scorer of eval.reward_prompts

@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from experiments.measure import greedy_answers, stage_params
+from experiments.seed_run import ExperimentSettings, seed_problems
 from experiments.sorting import reward, strip_eos
-from experiments.stepwise import ExperimentSettings, seed_problems
 from sdpo_jax.models.loading import load_model
 
 BANDS = ((2, 5), (6, 9), (10, 12))

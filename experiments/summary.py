@@ -7,6 +7,7 @@ averaged the same way (paired: every variant of a seed starts from that seed's M
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ def mean_std(values) -> dict:
 
 
 def summarize(results: list[dict], names: list[str]) -> dict:
-    """Per variant: final reward, exact-match rate, held-out preference accuracy, gain over M0,
-    and per stage reward and gamma; each as mean/std over seeds."""
+    """Per variant: its learning rate and beta (the same in every seed), final reward, exact-match rate,
+    held-out preference accuracy, gain over M0, and per stage reward and gamma; each as mean/std over seeds."""
     m0 = [r["m0"]["reward"] for r in results]
     bands = length_bands(results)
     summary = {
@@ -44,6 +45,7 @@ def summarize(results: list[dict], names: list[str]) -> dict:
         runs = [r["variants"][name]["stages"] for r in results]
         final = [stages[-1] for stages in runs]
         summary["variants"][name] = {
+            **_dpo_setting(results, name),
             "reward": mean_std([f["reward"] for f in final]),
             "gain": mean_std([f["reward"] - base for f, base in zip(final, m0)]),
             "exact": mean_std([f["exact"] for f in final]),
@@ -59,6 +61,15 @@ def summarize(results: list[dict], names: list[str]) -> dict:
             },
         }
     return summary
+
+
+def _dpo_setting(results: list[dict], name: str) -> dict:
+    """{'learning_rate', 'beta'} a variant was trained at; refused when the seeds disagree."""
+    used = {(r["variants"][name]["learning_rate"], r["variants"][name]["beta"]) for r in results}
+    if len(used) != 1:
+        raise ValueError(f"{name}: the seeds were trained at different (learning rate, beta): {sorted(used)}")
+    learning_rate, beta = used.pop()
+    return {"learning_rate": learning_rate, "beta": beta}
 
 
 def length_bands(results: list[dict]) -> dict[str, list[int]]:
@@ -84,16 +95,16 @@ def markdown_table(summary: dict) -> str:
         f"Seeds {seeds} (mean ± sample std over seeds); M0 reward {_pm(summary['m0']['reward'])}, "
         f"exact {_pm(summary['m0']['exact'])}; {_pm(summary['pairs'], 0)} training pairs.",
         "",
-        "| variant | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | gamma per "
-        "stage |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | lr | beta | final reward | gain vs M0 | exact match | held-out pref. acc. | reward per stage | "
+        "gamma per stage |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, v in summary["variants"].items():
         per_stage = " → ".join(f"{s['mean']:.3f}" for s in v["stage_reward"])
         gammas = " → ".join(_pm(g, 2) for g in v["gamma"])
         lines.append(
-            f"| {name} | {_pm(v['reward'])} | {_pm(v['gain'])} | {_pm(v['exact'])} | "
-            f"{_pm(v['eval_accuracy'])} | {per_stage} | {gammas} |"
+            f"| {name} | {v['learning_rate']:g} | {v['beta']:g} | {_pm(v['reward'])} | {_pm(v['gain'])} | "
+            f"{_pm(v['exact'])} | {_pm(v['eval_accuracy'])} | {per_stage} | {gammas} |"
         )
     bands = list(summary["m0"]["reward_by_band"])
     lines += [
@@ -152,15 +163,21 @@ def plot(summary: dict, path: Path) -> None:
     figure.savefig(path)
 
 
+#: Plot colour of each variant family (the name without its stage count).
+COLORS = {
+    "dpo": "tab:gray",
+    "random": "tab:blue",
+    "true": "tab:green",
+    "model": "tab:orange",
+    "true-init-sft": "tab:red",
+    "onpolicy": "tab:purple",
+    "onpolicy-gold": "tab:pink",
+    "replay": "tab:cyan",
+}
+
+
 def _color(name: str) -> str:
-    family = name.split("-")[0]
-    return (
-        {"dpo": "tab:gray", "random": "tab:blue", "true": "tab:green", "model": "tab:orange", "onpolicy": "tab:purple"}[
-            family
-        ]
-        if "init-sft" not in name
-        else "tab:red"
-    )
+    return COLORS[re.sub(r"-\d+", "", name)]
 
 
 def _style(name: str) -> str:

@@ -16,6 +16,15 @@ steps (``epochs`` passes over all pairs, split over the T stages):
                      (experiments.sorting:score): chosen the best sample, rejected the worst
     onpolicy-gold-T  onpolicy-T, but chosen is the correct answer (generate.chosen='gold'), as in the
                      offline pairs: only the rejected answers (M(t-1)'s worst) are on-policy
+    replay-T         true-T, but stage t >= 2 also trains on a replay of earlier chunks
+                     (sdpo.replay_fraction = 0.5: half as many pairs as its own chunk, drawn uniformly
+                     from D_1..D_(t-1)), the natural fix for the forgetting easy-to-hard shows
+
+The replay share 0.5 is fixed in advance, not tuned (a tuned share would give this variant a third
+grid axis the others do not get): the stage's own chunk keeps 2/3 of its pairs, and with equal
+chunks the replay stays within what the earlier chunks hold (stage 2 of T=2 draws half of D_1).
+The replayed pairs share the stage's optimizer steps (train.steps_per_stage is set per variant
+below), so every variant keeps the same total steps.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class Variant:
     policy_init: str = "previous"
     stage_data: str = "offline"  # 'offline' | 'generated'
     chosen: str = "best"  # a generated pair's chosen answer: 'best' sample | 'gold' (the correct one)
+    replay_fraction: float = 0.0  # sdpo.replay_fraction: replayed earlier pairs per pair of the stage's chunk
 
 
 VARIANTS = (
@@ -52,6 +62,8 @@ VARIANTS = (
     Variant("onpolicy-3", 3, "random", stage_data="generated"),
     Variant("onpolicy-gold-2", 2, "random", stage_data="generated", chosen="gold"),
     Variant("onpolicy-gold-3", 3, "random", stage_data="generated", chosen="gold"),
+    Variant("replay-2", 2, "true", replay_fraction=0.5),
+    Variant("replay-3", 3, "true", replay_fraction=0.5),
 )
 VARIANT_NAMES = tuple(v.name for v in VARIANTS)
 
@@ -102,6 +114,7 @@ def variant_config(
     c.sdpo.difficulty = "pair_logratio"
     c.sdpo.policy_init = variant.policy_init
     c.sdpo.stage_data = variant.stage_data
+    c.sdpo.replay_fraction = variant.replay_fraction
     c.generate.scorer = "experiments.sorting:score"
     c.generate.samples_per_prompt = samples
     c.generate.temperature = temperature

@@ -14,6 +14,7 @@ What is checked:
     vary per stage, the value is valid for that field in that stage;
   * stage count vs data: one source per stage where the partition puts one source per stage, and
     at least one pair per stage within ``data.limit``;
+  * replay (``sdpo.replay_fraction``) only from stage 2 on and only among offline stages;
   * ``data.prefix_sharing`` only with an attention path that takes its dense mask (not splash);
   * the mesh against ``device_count``, and the batch rules on it: ``train.batch_size`` splits into
     ``train.grad_accum`` micro-batches, each a multiple of the batch-sharded devices
@@ -65,6 +66,7 @@ STAGE_FIELDS = (
     "sdpo.ref_sync_steps",
     "sdpo.ref_mixup_alpha",
     "sdpo.stage_data",
+    "sdpo.replay_fraction",
     "generate.scorer",
     "generate.samples_per_prompt",
     "generate.temperature",
@@ -257,6 +259,7 @@ FIELD_RULES: dict[str, Callable] = {
     "sdpo.ref_sync_steps": _integer(0),
     "sdpo.ref_mixup_alpha": _number(0.0, 1.0, low_open=True),
     "sdpo.stage_data": _choice(*STAGE_DATA),
+    "sdpo.replay_fraction": _number(0.0, 1.0, high_open=True),
     "sdpo.stage_overrides": _sequence(_text()),
     "generate.scorer": _text(allow_empty=True),
     "generate.samples_per_prompt": _integer(1),
@@ -332,6 +335,7 @@ class StageSettings:
     ref_sync_steps: int  # TR-DPO soft update every N steps (0: the reference stays frozen)
     ref_mixup_alpha: float
     stage_data: str  # 'offline' | 'generated'
+    replay_fraction: float  # replayed pairs of earlier chunks per pair of the stage's own chunk (0: none)
     generate: GenerateSettings
 
     @property
@@ -420,6 +424,7 @@ def check_config(config: ml_collections.ConfigDict, device_count: int, local_fil
     _check_attention(config)
     stages = tuple(_stage_settings(config, stage, local_files) for stage in range(1, config.sdpo.num_stages + 1))
     _check_stage_data(config)
+    _check_replay(config, stages)
     if config.eval.reward_prompts and not config.generate.scorer:
         raise ConfigError("eval.reward_prompts: scoring the answers to held-out prompts needs generate.scorer")
     shape = _check_mesh(config, device_count)
@@ -553,6 +558,27 @@ def _check_generated_stage(settings: StageSettings, where: str, local_files: boo
             f"{where}generate.samples_per_prompt: chosen=best pairs the best and the worst of at least "
             f"2 samples, got {g.samples_per_prompt}"
         )
+
+
+def _check_replay(config, stages: tuple[StageSettings, ...]) -> None:
+    """Replay (``sdpo.replay_fraction``, sdpo_jax.partition.replay_sample) draws from the offline chunks of the
+    stages before: stage 1 has none (the run-wide value starts at stage 2; an override asking stage 1 for
+    replay is refused), and with a generated stage up to and including the replaying one it is not defined
+    yet (a generated stage trains on samples, not on its chunk)."""
+    where = "stage {}: " if config.sdpo.stage_overrides else ""
+    first = stages[0]
+    if first.replay_fraction and first.replay_fraction != config.sdpo.replay_fraction:
+        raise ConfigError(
+            f"stage 1: sdpo.replay_fraction: {first.replay_fraction:g}, but stage 1 has no earlier chunks to replay"
+        )
+    for settings in stages[1:]:
+        generated = [s.stage for s in stages[: settings.stage] if s.stage_data == "generated"]
+        if settings.replay_fraction and generated:
+            raise ConfigError(
+                f"{where.format(settings.stage)}sdpo.replay_fraction: {settings.replay_fraction:g}, but stage(s) "
+                f"{', '.join(map(str, generated))} use sdpo.stage_data=generated; replay is defined for offline "
+                "stages only for now"
+            )
 
 
 def _check_stage_data(config) -> None:

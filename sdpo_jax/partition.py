@@ -17,6 +17,10 @@ Strategies (``sdpo.partition``):
             m = [log pi_probe(y_w|x) - log pi_SFT(y_w|x)] - [log pi_probe(y_l|x) - log pi_SFT(y_l|x)]
         (pairs the model learns fastest are the easy ones); the caller passes m as ``gamma``.
 Every pair lands in exactly one chunk; chunks keep the pairs' original order.
+
+Replay (``sdpo.replay_fraction`` f > 0, `with_replay`): stage t >= 2 trains on its chunk D_t plus a
+seeded uniform sample of round(f |D_t|) pairs of the earlier chunks D_1 u ... u D_(t-1)
+(`replay_sample`); the chunks themselves do not change.
 """
 
 from __future__ import annotations
@@ -38,6 +42,16 @@ class StagePlan:
     indices: list[np.ndarray]
     sources: list[list[str]]
     source_scores: dict[str, float] = dataclasses.field(default_factory=dict)
+    replayed: list[np.ndarray] = dataclasses.field(default_factory=list)  # per stage, from `with_replay` (or none)
+
+    def replayed_count(self, stage: int) -> int:
+        """How many earlier-chunk pairs stage ``stage`` (1-based) replays."""
+        return len(self.replayed[stage - 1]) if self.replayed else 0
+
+    def training_indices(self, stage: int) -> np.ndarray:
+        """Stage ``stage``'s (1-based) training pairs: its chunk and its replay sample, in the pairs' order."""
+        chunk = self.indices[stage - 1]
+        return np.sort(np.concatenate([chunk, self.replayed[stage - 1]])) if self.replayed else chunk
 
 
 def chunk_sizes(total: int, num_stages: int, fractions=()) -> list[int]:
@@ -116,3 +130,40 @@ def plan_stages(
 
 def _sources_of(chunk: np.ndarray, source_id: np.ndarray, source_names: list[str]) -> list[str]:
     return [source_names[k] for k in np.unique(source_id[chunk])]
+
+
+def replay_sample(chunks: list[np.ndarray], stage: int, fraction: float, seed: int) -> np.ndarray:
+    """The earlier chunks' pairs that stage ``stage`` replays beside its own chunk (``sdpo.replay_fraction``):
+
+        R_t = a uniform sample without replacement of k_t = floor(f |D_t| + 1/2) pairs of D_1 u ... u D_(t-1)
+
+    (k_t is f |D_t| rounded to the nearest integer, halves up), drawn by numpy's ``default_rng`` seeded with
+    (``seed``, t), so every rerun and resume plans the same sample; returned sorted. Stage 1, or f = 0,
+    replays nothing. R_t never meets D_t (the chunks are disjoint).
+
+    ``chunks``: the stage chunks D_1..D_T (`StagePlan.indices`, pair indices); ``stage``: t, 1-based;
+    ``fraction``: f in [0, 1), the stage's ``sdpo.replay_fraction``; ``seed``: ``train.seed``.
+    Raises ConfigError when the earlier chunks hold fewer than k_t pairs (nothing is clipped).
+    """
+    earlier = np.sort(np.concatenate(chunks[: stage - 1])) if stage > 1 else np.zeros(0, np.int64)
+    own = len(chunks[stage - 1])
+    wanted = int(np.floor(fraction * own + 0.5)) if stage > 1 else 0
+    if wanted > len(earlier):
+        raise ConfigError(
+            f"sdpo.replay_fraction: stage {stage} replays {fraction:g} x its {own} pairs = {wanted} pairs, but "
+            f"the chunks of {earlier_stages(stage)} hold only {len(earlier)}"
+        )
+    picks = np.random.default_rng([seed, stage]).choice(len(earlier), size=wanted, replace=False)
+    return np.sort(earlier[picks])
+
+
+def with_replay(plan: StagePlan, fractions: list[float], seed: int) -> StagePlan:
+    """``plan`` with every stage's replay sample (`replay_sample`; ``fractions``: each stage's
+    ``sdpo.replay_fraction``, stage 1 first; ``seed``: ``train.seed``)."""
+    replayed = [replay_sample(plan.indices, t, f, seed) for t, f in enumerate(fractions, start=1)]
+    return dataclasses.replace(plan, replayed=replayed)
+
+
+def earlier_stages(stage: int) -> str:
+    """The stages a replay of stage ``stage`` draws from, for messages: 'stage 1', 'stages 1-2', ..."""
+    return "stage 1" if stage == 2 else f"stages 1-{stage - 1}"

@@ -433,7 +433,8 @@ def partition_lines(run: RunData) -> list[str]:
     unfinished = set(run.unfinished)
     rows = []
     for t, plan in sorted(planned.items()):
-        row = [str(t), ", ".join(short_source(s) for s in plan["sources"]), str(plan["num_pairs"])]
+        replayed = f" + {plan['replayed']} replayed" if plan.get("replayed") else ""
+        row = [str(t), ", ".join(short_source(s) for s in plan["sources"]), f"{plan['num_pairs']}{replayed}"]
         if scores:
             row.append(", ".join(_num(scores.get(s), ".3f") for s in plan["sources"]))
         rows.append(row + ["unfinished" if t in unfinished else "finished"])

@@ -1,7 +1,10 @@
 """What the run records about one stage: `StageReport`, one entry of stage_report.json.
 
-    stage, num_pairs, sources, steps        the chunk (or generated pairs) and its optimizer steps
-    ref_logratio_mean                       gamma_t: mean over the stage's pairs of
+    stage, num_pairs, sources, steps        the stage's training pairs (its chunk, any replayed pairs, or its
+                                            generated pairs), its chunk's sources and its optimizer steps
+    replayed                                how many of num_pairs are replayed from earlier chunks
+                                            (sdpo.replay_fraction; 0: none)
+    ref_logratio_mean                       gamma_t: mean over the stage's pairs (replayed ones too) of
                                             log pi_ref(y_w|x) - log pi_ref(y_l|x)
                                             under the stage's reference as the stage starts
     reference                               {"model": "M0" | "M<t-1>", "moved": bool, "sync_steps", "mixup_alpha"}
@@ -30,6 +33,7 @@ class StageReport:
     reference: dict[str, Any]
     dpo: dict[str, Any]
     learning_rate: float
+    replayed: int = 0
     eval_before: dict = dataclasses.field(default_factory=dict)
     eval_after: dict = dataclasses.field(default_factory=dict)
     generations_before: list = dataclasses.field(default_factory=list)

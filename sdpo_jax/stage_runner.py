@@ -1,8 +1,9 @@
 """One stage of sDPO, in three parts: prepare, train, finish.
 
-    run_stage(ctx, settings, models, chunk, sources, held_out, stop, report) -> StageReport
+    run_stage(ctx, settings, models, chunk, sources, replayed, held_out, stop, report) -> StageReport
 
-prepare: the stage's pairs (the offline chunk, or pairs from M(t-1)'s samples, sdpo_jax.stage_data);
+prepare: the stage's pairs (the offline chunk with any replayed earlier pairs, or pairs from M(t-1)'s
+    samples, sdpo_jax.stage_data);
     its reference, M(t-1) or M0 (``sdpo.reference``), and that reference's log-probs of the pairs;
     the data order, optimizer and compiled step; the train state restored from the newest intact
     mid-stage checkpoint, or fresh from M(t-1) (M0 with ``sdpo.policy_init = sft``) after the
@@ -30,6 +31,7 @@ from sdpo_jax.divergence import LossWatch, first_non_finite
 from sdpo_jax.errors import SdpoError, TrainingDiverged
 from sdpo_jax.host_exchange import LaggedAgreement
 from sdpo_jax.optim import make_optimizer
+from sdpo_jax.partition import earlier_stages
 from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.progress import progress
 from sdpo_jax.reference import attach_reference, mix_reference
@@ -92,6 +94,7 @@ def run_stage(
     models: StageModels,
     chunk,
     sources: list[str],
+    replayed: int,
     held_out: HeldOut,
     stop: dict,
     report: list[StageReport],
@@ -102,15 +105,17 @@ def run_stage(
     compiled steps); ``settings``: this stage's StageSettings (``ctx.stages[t - 1]``: t itself,
     loss, optimizer, reference and stage data settings); ``models``: M0 and M(t-1), with their
     cache keys; ``chunk``: the stage's chunk of the training pairs (TokenizedPairs), trained on as
-    it is (offline) or whose prompts are sampled (generated); ``sources``: the names of the sources
-    the chunk comes from, for the log and the report; ``held_out``: the held-out pairs and M0's
+    it is (offline: with its replayed earlier pairs, ``sdpo.replay_fraction``) or whose prompts are
+    sampled (generated); ``sources``: the names of the sources the chunk comes from, for the log and
+    the report; ``replayed``: how many of ``chunk``'s pairs are replayed from earlier chunks (0: none);
+    ``held_out``: the held-out pairs and M0's
     log-probs of them (``held_out.pairs`` None: no held-out evaluation); ``stop``:
     ``{"requested": bool}``, set by the SIGTERM handler; once it is true on any process, every
     process saves the state at the same step and `Preempted` is raised (unless that step ends the
     stage); ``report``: the StageReports of stages 1..t-1, in order (run-wide step numbers, and
     the measurements of M(t-1) taken after stage t-1). Returns stage t's StageReport.
     """
-    prepared = _prepare(ctx, settings, models, chunk, sources, held_out, report)
+    prepared = _prepare(ctx, settings, models, chunk, sources, replayed, held_out, report)
     state = _train(ctx, prepared, stop)
     return _finish(ctx, prepared, state, held_out)
 
@@ -162,6 +167,7 @@ def _prepare(
     models: StageModels,
     chunk,
     sources,
+    replayed: int,
     held_out: HeldOut,
     report: list[StageReport],
 ) -> _Prepared:
@@ -207,6 +213,7 @@ def _prepare(
     entry = StageReport(
         stage=stage,
         num_pairs=len(pairs),
+        replayed=replayed,
         sources=sources,
         steps=steps,
         ref_logratio_mean=gamma,
@@ -247,6 +254,8 @@ def _prepare(
         )
         start_step = 0
     origin = generated_origin(stage, sources) if generated else ", ".join(sources)
+    if replayed:
+        origin += f" and {replayed} replayed from {earlier_stages(stage)}"
     log.info(
         f"stage {stage}/{config.sdpo.num_stages}: {len(pairs)} pairs from {origin}, {steps} steps, "
         f"reference {ref_name}{' (moving, TR-DPO)' if settings.moving_reference else ''}, reference log-ratio mean "

@@ -9,6 +9,8 @@ noted; sdpo_jax.config_check builds one immutable `StageSettings` record per sta
   * ``sdpo.ref_sync_steps`` N > 0: TR-DPO's soft update of the reference inside the stage;
   * ``sdpo.stage_data = generated``: D_t is built from M_{t-1}'s own scored samples on the chunk's
     prompts (sdpo_jax.stage_data);
+  * ``sdpo.replay_fraction`` f > 0: offline stage t >= 2 trains on D_t plus a seeded sample of
+    round(f |D_t|) pairs of D_1..D_(t-1) (sdpo_jax.partition.replay_sample; planned at the start);
   * ``sdpo.policy_init = sft`` (run-wide): the ablation whose policy starts every stage from M_0.
 What happens in stage t is `sdpo_jax.stage_runner.run_stage`; what every stage shares (model, mesh,
 compiled steps, caches) is `sdpo_jax.run_context.RunContext`; what a stage records is
@@ -45,7 +47,7 @@ from sdpo_jax.host_exchange import on_main_process
 from sdpo_jax.host_memory import host_allocations_retained
 from sdpo_jax.models.loading import load_model, load_tokenizer
 from sdpo_jax.optim import OptimizerSettings, make_optimizer
-from sdpo_jax.partition import plan_stages
+from sdpo_jax.partition import earlier_stages, plan_stages, with_replay
 from sdpo_jax.placement import global_batch, place, state_shardings
 from sdpo_jax.progress import bars_enabled, progress
 from sdpo_jax.reference import attach_reference
@@ -189,8 +191,9 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
                 ctx,
                 ctx.stages[stage - 1],
                 models,
-                train_pairs.subset(plan.indices[stage - 1]),
+                train_pairs.subset(plan.training_indices(stage)),
                 plan.sources[stage - 1],
+                plan.replayed_count(stage),
                 held_out,
                 stop,
                 report,
@@ -214,10 +217,8 @@ def _train_locked(checked: CheckedConfig, log: RunLog) -> list[StageReport]:
 def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
     """The start-up summary: model, mesh, data, the stages and their steps, where outputs go."""
     config, model = run.config, run.model
-    steps = [
-        settings.steps(-(-len(indices) // config.train.batch_size))
-        for settings, indices in zip(run.stages, plan.indices)
-    ]
+    sizes = [len(plan.training_indices(settings.stage)) for settings in run.stages]
+    steps = [settings.steps(-(-size // config.train.batch_size)) for settings, size in zip(run.stages, sizes)]
     lines = [
         f"model {run.model_folder}: {model.config.num_params / 1e6:.1f}M params, {model.config.num_hidden_layers} "
         "layers, "
@@ -231,7 +232,8 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
         f"{'M(t-1)' if config.sdpo.policy_init == 'previous' else 'M0 (ablation)'}:",
     ]
     for settings, indices, sources, count in zip(run.stages, plan.indices, plan.sources, steps):
-        lines.append(f"  stage {settings.stage}: {_stage_line(settings, len(indices), sources, count)}")
+        replayed = plan.replayed_count(settings.stage)
+        lines.append(f"  stage {settings.stage}: {_stage_line(settings, len(indices), replayed, sources, count)}")
     for pairs in (
         train_pairs,
         eval_pairs if config.data.eval else None,
@@ -248,8 +250,9 @@ def _summary(run: RunContext, train_pairs, eval_pairs, plan) -> None:
         run.log.info(line)
 
 
-def _stage_line(settings, pairs: int, sources: list[str], steps: int) -> str:
-    """How a stage gets its pairs and reference, for the start-up summary."""
+def _stage_line(settings, pairs: int, replayed: int, sources: list[str], steps: int) -> str:
+    """How a stage gets its pairs and reference, for the start-up summary (``pairs``: its chunk's;
+    ``replayed``: the earlier chunks' pairs it replays besides)."""
     t, g = settings.stage, settings.generate
     if settings.stage_data == "generated":
         line = (
@@ -258,7 +261,12 @@ def _stage_line(settings, pairs: int, sources: list[str], steps: int) -> str:
             + (f"{settings.steps_per_stage} steps" if settings.steps_per_stage else "one epoch of them")
         )
     else:
-        line = f"{pairs} pairs from {', '.join(sources)}; {steps} steps"
+        line = f"{pairs} pairs from {', '.join(sources)}"
+        if replayed:
+            line += (
+                f" + {replayed} replayed from {earlier_stages(t)} (sdpo.replay_fraction {settings.replay_fraction:g})"
+            )
+        line += f"; {steps} steps"
     line += f"; reference {'M0' if settings.reference == 'initial' else f'M{t - 1}'}"
     if settings.moving_reference:
         line += f", moving (TR-DPO: every {settings.ref_sync_steps} steps, alpha {settings.ref_mixup_alpha:g})"
@@ -291,7 +299,7 @@ def _plan(run: RunContext, train_pairs, sft_params, key: str):
     if config.sdpo.partition == "easy_to_hard":
         gamma = _difficulty_scores(run, train_pairs, sft_params, key)
     names = [name for name, _ in train_pairs.sources]
-    plan = plan_stages(
+    chunks = plan_stages(
         config.sdpo.partition,
         config.sdpo.num_stages,
         train_pairs.source_id,
@@ -301,6 +309,7 @@ def _plan(run: RunContext, train_pairs, sft_params, key: str):
         difficulty=config.sdpo.difficulty,
         gamma=gamma,
     )
+    plan = with_replay(chunks, [settings.replay_fraction for settings in run.stages], config.train.seed)
     run.log.write_json(
         "partition.json",
         {
@@ -308,7 +317,7 @@ def _plan(run: RunContext, train_pairs, sft_params, key: str):
             "difficulty": config.sdpo.difficulty if gamma is not None else None,
             "source_scores": plan.source_scores,
             "stages": [
-                {"stage": t + 1, "num_pairs": len(idx), "sources": src}
+                {"stage": t + 1, "num_pairs": len(idx), "sources": src, "replayed": plan.replayed_count(t + 1)}
                 for t, (idx, src) in enumerate(zip(plan.indices, plan.sources))
             ],
         },

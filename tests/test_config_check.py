@@ -69,6 +69,14 @@ def test_the_shipped_configs_pass():
             "one source per stage and data.train has 2 source(s)",
         ),
         ({"sdpo__policy_init": "m0"}, "sdpo.policy_init: expected one of previous, sft, got 'm0'"),
+        ({"sdpo__replay_fraction": 1.0}, "sdpo.replay_fraction: must be < 1, got 1"),
+        ({"sdpo__replay_fraction": -0.1}, "sdpo.replay_fraction: must be >= 0, got -0.1"),
+        ({"sdpo__replay_fraction": "0.5"}, "sdpo.replay_fraction: expected a number, got string '0.5'"),
+        (
+            {"sdpo__replay_fraction": 0.5, "sdpo__stage_data": "generated", "generate__scorer": "exact_match"},
+            "sdpo.replay_fraction: 0.5, but stage(s) 1, 2 use sdpo.stage_data=generated; replay is defined for "
+            "offline stages only for now",
+        ),
         ({"dpo__beta": 0.0}, "dpo.beta"),
         ({"dpo__loss_type": "sigmod"}, "dpo.loss_type"),
         ({"eval__choices": "sample:arc_easy/nope.json"}, "eval.choices: 'sample:arc_easy/nope.json': no such file"),
@@ -202,3 +210,23 @@ def test_the_check_writes_nothing(tmp_path):
     with pytest.raises(ConfigError):
         check_config(config, device_count=1)
     assert not (tmp_path / "run").exists()
+
+
+def test_replay_may_vary_per_stage_but_not_ask_stage_one_or_follow_a_generated_stage():
+    second = check_config(_config(sdpo__stage_overrides=("2:sdpo.replay_fraction=0.3",)), device_count=1).stages[1]
+    assert second.replay_fraction == 0.3
+    run_wide = check_config(_config(sdpo__replay_fraction=0.5), device_count=1).stages
+    assert [s.replay_fraction for s in run_wide] == [0.5, 0.5]  # stage 1 has nothing to replay: 0 pairs
+    with pytest.raises(ConfigError, match=r"^stage 1: sdpo.replay_fraction: 0.2, but stage 1 has no earlier chunks"):
+        check_config(_config(sdpo__stage_overrides=("1:sdpo.replay_fraction=0.2",)), device_count=1)
+    with pytest.raises(ConfigError, match=r"^stage 2: sdpo.replay_fraction: 0.5, but stage\(s\) 1 use sdpo.stage_data"):
+        check_config(
+            _config(
+                sdpo__replay_fraction=0.5,
+                generate__scorer="exact_match",
+                sdpo__stage_overrides=("1:sdpo.stage_data=generated",),
+            ),
+            device_count=1,
+        )
+    generated_first = _config(generate__scorer="exact_match", sdpo__stage_overrides=("1:sdpo.stage_data=generated",))
+    assert check_config(generated_first, device_count=1).stages[0].stage_data == "generated"  # no replay: accepted

@@ -3,6 +3,7 @@ end-to-end run of the pipeline (SFT -> pairs -> stage driver -> greedy reward ->
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -11,10 +12,12 @@ import transformers
 from experiments.pairs import Pair, split_by_difficulty
 from experiments.provenance import provenance, provenance_line, same_platform
 from experiments.reproduce import differences
+from experiments.seed_run import QUICK, seed_problems, settings_from_record, settings_record
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
-from experiments.stepwise import QUICK, run_seed, settings_from_record, settings_record
-from experiments.summary import markdown_table, summarize
-from experiments.variants import VARIANTS, DPOSettings, variant_config
+from experiments.stepwise import main, run_seed
+from experiments.summary import _color, markdown_table, summarize
+from experiments.tuning import best_point, tuned_dpo
+from experiments.variants import VARIANT_NAMES, VARIANTS, DPOSettings, variant_config
 
 
 def ids(text: str) -> list[int]:
@@ -123,6 +126,10 @@ def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
     assert result["pairs"]["num_pairs"] > 0 and result["pairs"]["mean_chosen_reward"] == 1.0
     for variant in variants:
         stages = result["variants"][variant.name]["stages"]
+        assert (result["variants"][variant.name]["learning_rate"], result["variants"][variant.name]["beta"]) == (
+            QUICK.dpo.learning_rate,
+            QUICK.dpo.beta,
+        )
         assert [s["stage"] for s in stages] == list(range(1, variant.stages + 1))
         for s in stages:
             assert 0.0 <= s["reward"] <= 1.0 and 0.0 <= s["eval_accuracy"] <= 1.0 and math.isfinite(s["gamma"])
@@ -131,7 +138,7 @@ def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
     summary = summarize([result], [v.name for v in variants])
     assert summary["variants"]["true-2"]["gamma"][1]["mean"] == pytest.approx(true_stages[1]["gamma"])
     table = markdown_table(summary)
-    assert "| dpo |" in table and "| true-2 |" in table
+    assert "| dpo | 0.0005 | 0.5 |" in table and "| true-2 | 0.0005 | 0.5 |" in table
 
 
 def test_check_names_every_number_that_differs_and_ignores_timings():
@@ -165,3 +172,96 @@ def test_provenance_names_the_commit_packages_and_device():
 
 def test_committed_settings_round_trip():
     assert settings_from_record(settings_record(QUICK)) == QUICK
+
+
+def _config_of(name: str, num_pairs: int = 960):
+    return variant_config(
+        next(v for v in VARIANTS if v.name == name),
+        model_folder="m0",
+        all_pairs="all.jsonl",
+        stage_files={2: ["a.jsonl", "b.jsonl"], 3: ["a.jsonl", "b.jsonl", "c.jsonl"]},
+        eval_pairs="eval.jsonl",
+        num_pairs=num_pairs,
+        output_dir="out",
+        cache_dir="cache",
+        seed=0,
+        dpo=DPOSettings(),
+        samples=4,
+        temperature=1.0,
+        max_new_tokens=14,
+    )
+
+
+def test_replay_variants_are_true_difficulty_stages_with_half_a_chunk_replayed_in_the_same_steps():
+    for t in (2, 3):
+        replay, true = _config_of(f"replay-{t}"), _config_of(f"true-{t}")
+        assert (replay.sdpo.partition, replay.sdpo.replay_fraction, true.sdpo.replay_fraction) == ("datasets", 0.5, 0)
+        assert replay.data.train == true.data.train and replay.train.steps_per_stage == true.train.steps_per_stage
+
+
+def test_every_variant_family_has_its_own_plot_colour():
+    families = {name.replace("-2", "").replace("-3", ""): _color(name) for name in VARIANT_NAMES}
+    assert len(set(families.values())) == len(families) == 8
+
+
+def test_validation_prompts_come_after_the_other_draws_and_share_no_list_with_them():
+    without = seed_problems(0, QUICK)
+    train, eval_pairs, heldout, validation = seed_problems(0, QUICK, validation=200)
+    assert (train, eval_pairs, heldout) == without[:3] and without[3] == [] and len(validation) == 200
+    assert not {p.digits for p in validation} & {p.digits for p in train + eval_pairs + heldout}
+    assert {p.difficulty for p in validation} == set(range(QUICK.sft.lengths[0], QUICK.sft.lengths[1] + 1))
+
+
+def test_the_best_grid_point_breaks_ties_to_the_lower_learning_rate_then_the_higher_beta(tmp_path):
+    points = [
+        {"learning_rate": 1e-3, "beta": 0.5, "validation_reward": 0.8},
+        {"learning_rate": 5e-4, "beta": 0.1, "validation_reward": 0.8},
+        {"learning_rate": 5e-4, "beta": 0.5, "validation_reward": 0.8},
+        {"learning_rate": 2.5e-4, "beta": 0.5, "validation_reward": 0.7},
+    ]
+    assert best_point(points) == points[2]
+    record = settings_record(QUICK)
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps({"settings": record, "variants": {"dpo": {"best": points[0]}}}))
+    assert tuned_dpo(path, record, QUICK.dpo, ["dpo"])["dpo"] == DPOSettings(
+        batch_size=16, max_length=16, learning_rate=1e-3, beta=0.5
+    )
+    with pytest.raises(SystemExit, match="has no tuned setting for true-2"):
+        tuned_dpo(path, record, QUICK.dpo, ["dpo", "true-2"])
+    other = settings_record(QUICK) | {"samples": 4}
+    with pytest.raises(SystemExit, match="tuned under other experiment settings"):
+        tuned_dpo(path, other, QUICK.dpo, ["dpo"])
+
+
+@pytest.mark.slow
+def test_quick_tuning_writes_every_grid_point_and_the_run_trains_each_variant_at_its_best(tmp_path, capsys):
+    out, tuned = tmp_path / "out", tmp_path / "tuning.json"
+    common = ["--quick", "--out", str(out), "--tuned", str(tuned), "--plot", str(tmp_path / "plot.png")]
+    assert main(["--tune", "--variants", "dpo", "replay-2", *common]) == 0
+    record = json.loads(tuned.read_text())
+    assert record["seeds"] == [0] and record["tuning"] == {
+        "learning_rates": [5e-4, 1e-3],
+        "betas": [0.5],
+        "validation_prompts": 32,
+    }
+    assert record["settings"] == settings_record(QUICK) and record["provenance"]["commit"] == provenance("x")["commit"]
+    for name in ("dpo", "replay-2"):
+        grid = record["variants"][name]["grid"]
+        assert [(p["learning_rate"], p["beta"]) for p in grid] == [(5e-4, 0.5), (1e-3, 0.5)]
+        for p in grid:
+            stored = json.loads(
+                (out / "tune" / "seed_0" / name / f"lr{p['learning_rate']:g}_beta0.5" / "result.json").read_text()
+            )
+            assert p["per_seed"] == [stored["validation_reward"]] == [stored["stages"][-1]["reward"]]
+        best = max(grid, key=lambda p: (p["validation_reward"], -p["learning_rate"]))
+        assert record["variants"][name]["best"] == {k: best[k] for k in ("learning_rate", "beta", "validation_reward")}
+    replay = json.loads((out / "tune" / "seed_0" / "replay-2" / "lr0.0005_beta0.5" / "result.json").read_text())
+    assert replay["stages"][0]["replayed"] == 0 and replay["stages"][1]["replayed"] > 0
+    assert main(["--tune", "--variants", "dpo", "replay-2", *common]) == 0  # every point reused, nothing trained
+    assert json.loads(tuned.read_text())["variants"] == record["variants"]
+    assert "tune seed 0 dpo lr 0.0005 beta 0.5: validation reward" in capsys.readouterr().out
+    assert main(["--seeds", "0", "--variants", "dpo", *common]) == 0
+    used = json.loads((out / "seed_0" / "results.json").read_text())["variants"]["dpo"]
+    assert (used["learning_rate"], used["beta"]) == tuple(
+        record["variants"]["dpo"]["best"][k] for k in ("learning_rate", "beta")
+    )

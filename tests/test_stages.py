@@ -313,6 +313,46 @@ def test_dpo_probe_partition_and_stage_overrides(setup, tmp_path):
     assert probe_file.stat().st_mtime_ns == stamp
 
 
+def test_replay_adds_earlier_pairs_to_stage_two_and_a_resume_plans_the_same_sample(
+    setup, tmp_path, monkeypatch, capsys
+):
+    """sdpo.replay_fraction 0.5: stage 2 trains one epoch over its chunk plus round(0.5 x chunk) pairs of
+    stage 1's chunk, with gamma over all of them; killed after stage 1, the rerun replays the same pairs."""
+    import sdpo_jax.stages as stages_module
+
+    _, _, overrides = setup
+    replay = {**overrides, "sdpo.replay_fraction": 0.5}
+    report = train(_config(replay, tmp_path / "replay"))
+    planned = json.loads((tmp_path / "replay" / "partition.json").read_text())["stages"]
+    first, second = (stage["num_pairs"] for stage in planned)
+    wanted = int(np.floor(0.5 * second + 0.5))
+    assert [stage["replayed"] for stage in planned] == [0, wanted] and 0 < wanted <= first
+    assert [(e["num_pairs"], e["replayed"]) for e in report] == [(first, 0), (second + wanted, wanted)]
+    assert report[1]["steps"] == -(-(second + wanted) // 2)  # steps_per_stage 0: one epoch over chunk + replay
+    reference = np.load(tmp_path / "replay" / "reference" / "stage_2.npz")
+    assert len(reference["chosen"]) == second + wanted
+    np.testing.assert_allclose(report[1]["ref_logratio_mean"], np.mean(reference["chosen"] - reference["rejected"]))
+    log = capsys.readouterr().err
+    assert f"{second} pairs from" in log and f"+ {wanted} replayed from stage 1 (sdpo.replay_fraction 0.5)" in log
+    assert f"stage 2/2: {second + wanted} pairs from" in log and f"and {wanted} replayed from stage 1" in log
+
+    real_run_stage = stages_module.run_stage
+
+    def killed_before_stage_two(ctx, settings, *args):
+        if settings.stage == 2:
+            raise KeyboardInterrupt
+        return real_run_stage(ctx, settings, *args)
+
+    monkeypatch.setattr(stages_module, "run_stage", killed_before_stage_two)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(replay, tmp_path / "resumed"))
+    monkeypatch.setattr(stages_module, "run_stage", real_run_stage)
+    resumed = train(_config(replay, tmp_path / "resumed"))
+    assert resumed[1]["num_pairs"] == second + wanted
+    assert resumed[1]["ref_logratio_mean"] == report[1]["ref_logratio_mean"]
+    assert resumed[1]["eval_after"] == report[1]["eval_after"]
+
+
 def test_policy_init_from_sft_keeps_the_chained_reference(setup, baseline, tmp_path):
     """Ablation: stage 2's policy starts at M0 while its reference is still M1.
 
