@@ -8,6 +8,7 @@ same kind of device with the same numerical packages (where a rerun should agree
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,19 +61,23 @@ def same_platform(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def require_made_at_head(records: list[dict], program: str) -> None:
-    """Stop (SystemExit) unless every result record was made at HEAD from a clean tree: what is published
-    must be what the committed code produces."""
+def publish(path: Path, payload: dict, records: list[dict], program: str) -> None:
+    """Write the committed results ``payload`` (JSON) to ``path``, refused (SystemExit) unless every result
+    record in ``records`` (each with its 'seed' and 'provenance') was made at HEAD from a clean tree: what is
+    published must be what the committed code produces."""
     head = provenance(program)
     stale = sorted(
         {
-            f"seed {r.get('seed')}"
+            r["seed"]
             for r in records
             if r["provenance"].get("commit") != head["commit"] or r["provenance"].get("dirty") is not False
         }
     )
     if head["commit"] is None or stale:
         raise SystemExit(
-            f"--publish: {', '.join(stale) or 'results'} not made at HEAD ({head['commit']}) from a clean tree; "
+            f"--publish: seeds {stale} were not made at HEAD ({head['commit']}) from a clean tree; "
             "rerun them (delete their result files) after committing"
         )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"published {path}")

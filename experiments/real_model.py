@@ -45,9 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from configs.default import get_config
+from experiments.compile_cache import persistent_compilation_cache
 from experiments.largest import Problem, problems_per_length, reward, sample_problems
 from experiments.measure import stage_params
-from experiments.provenance import provenance, require_made_at_head
+from experiments.provenance import provenance, publish
 from experiments.real_model_eval import ArcEasy, answers, exact_accuracy
 from experiments.real_model_summary import markdown_table, summarize
 from sdpo_jax.models.loading import load_model, load_tokenizer
@@ -64,18 +65,18 @@ class Settings:
     model: str = get_config().model.path
     dtype: str = "bfloat16"
     lengths: tuple[int, int] = (3, 8)  # list lengths, inclusive
-    train_prompts: int = 600
-    eval_pair_prompts: int = 120
-    test_per_length: int = 50
+    train_prompts: int = 288
+    eval_pair_prompts: int = 64
+    test_per_length: int = 30
     samples: int = 4
-    temperature: float = 1.0
-    max_new_tokens: int = 24
+    temperature: float = 0.7
+    max_new_tokens: int = 16
     batch_size: int = 8
-    learning_rate: float = 2e-6
+    learning_rate: float = 3e-6
     beta: float = 0.1
     epochs: float = 1.0
     warmup_ratio: float = 0.1
-    max_length: int = 96
+    max_length: int = 96  # prompts are 49-71 tokens (chat template included), answers at most max_new_tokens + 2
     arc_limit: int = 0  # ARC-Easy questions (0 = all 570)
 
 
@@ -156,7 +157,7 @@ def variant_config(name: str, s: Settings, files: dict, num_pairs: int, out: Pat
     c.data.skip_invalid = False
     c.data.eval_fraction = 0.0
     c.data.max_length = s.max_length
-    c.data.max_prompt_length = s.max_length - s.max_new_tokens - 8  # room for the template's end-of-turn tokens
+    c.data.max_prompt_length = s.max_length - s.max_new_tokens - 4  # room for the end-of-turn tokens
     c.data.length_buckets = (s.max_length,)
     c.data.cache_dir = str(out / "cache")
     c.sdpo.num_stages = stages
@@ -312,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     settings = dataclasses.replace(Settings(), **(QUICK_SIZES if args.quick else {}), **overrides)
+    persistent_compilation_cache(args.out)
     started = time.perf_counter()
     results = []
     for seed in args.seeds:
@@ -327,12 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wall time {summary['wall_seconds_this_invocation']:.0f} s; {args.out / 'summary.json'}")
     if args.publish:
-        require_made_at_head([r["m0"] for r in results] + [v for r in results for v in r["variants"].values()], PROGRAM)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(
-            json.dumps({"variants": args.variants, "seeds": results, "summary": summary}, indent=1) + "\n"
-        )
-        print(f"published {args.results}")
+        records = [r["m0"] for r in results] + [v for r in results for v in r["variants"].values()]
+        publish(args.results, {"variants": args.variants, "seeds": results, "summary": summary}, records, PROGRAM)
     return 0
 
 

@@ -36,10 +36,9 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-
+from experiments.compile_cache import persistent_compilation_cache
 from experiments.measure import greedy_quality
-from experiments.provenance import provenance, provenance_line, same_platform
+from experiments.provenance import provenance, provenance_line, publish, same_platform
 from experiments.reproduce import differences
 from experiments.seed_run import (
     PROGRAM,
@@ -93,23 +92,6 @@ def run_seed(
     result["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def publish(results: list[dict], summary: dict, names: list[str], path: Path) -> None:
-    """Write the committed results: every seed (with its provenance) and the summary over them."""
-    head = provenance(PROGRAM)
-    made = [r.get("provenance", {}) for r in results]
-    stale = [
-        r["seed"] for r, p in zip(results, made) if p.get("commit") != head["commit"] or p.get("dirty") is not False
-    ]
-    if head["commit"] is None or stale:
-        raise SystemExit(
-            f"--publish: seeds {stale} were not made at HEAD ({head['commit']}) from a clean tree; "
-            "rerun them (delete their results.json) after committing"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"variants": names, "seeds": results, "summary": summary}, indent=1) + "\n")
-    print(f"published {path}")
 
 
 def check(out: Path, published: Path) -> int:
@@ -236,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if one_setting and not args.tune and not args.untuned:
         parser.error("--learning-rate and --beta set one setting for every variant: add --untuned")
     out = Path(args.out)
-    _persistent_compilation_cache(out)
+    persistent_compilation_cache(out)
     if args.check:
         return check(out, args.results)
     base = QUICK if args.quick else ExperimentSettings()
@@ -300,15 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wall time {summary['wall_seconds_this_invocation']:.0f} s; {out / 'summary.json'}, {args.plot}")
     if args.publish:
-        publish(results, summary, names, args.results)
+        publish(args.results, {"variants": names, "seeds": results, "summary": summary}, results, PROGRAM)
     return 0
-
-
-def _persistent_compilation_cache(out: Path) -> None:
-    """Variants compile the same train/eval steps again and again (each stages.train builds its own
-    jitted functions); XLA's persistent cache turns the repeats into cache reads."""
-    jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").absolute()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 if __name__ == "__main__":
