@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -175,9 +176,12 @@ class RunContext:
         so that all of them recompute together)."""
         found = None
         if cache.exists():
-            stored = np.load(cache)
-            if str(stored["key"]) == key:
-                found = stored["chosen"], stored["rejected"]
+            try:
+                with np.load(cache) as stored:
+                    if str(stored["key"]) == key:
+                        found = stored["chosen"], stored["rejected"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                found = None  # a damaged cache file is recomputed (and replaced), as a stale one is
         return None if any_process(found is None) else found
 
     def progress(self, batcher: PairBatcher, description: str):

@@ -247,7 +247,9 @@ def generated_stage(
         tmp = final.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(pair) + "\n" for pair in pairs), encoding="utf-8")
         tmp.replace(final)
-        meta_path.write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")
+        meta_tmp = meta_path.with_suffix(".tmp")
+        meta_tmp.write_text(json.dumps({"key": key, "summary": summary}, indent=2) + "\n")
+        meta_tmp.replace(meta_path)  # a kill leaves the old meta file or the new one, never half of one
         partial.unlink()
     barrier(f"generated_stage_{stage}")
     return final, summary

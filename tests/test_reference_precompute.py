@@ -71,3 +71,22 @@ def test_precomputed_chunk_equals_in_step_reference(hf_checkpoint, tmp_path):
         np.testing.assert_allclose(metrics_a["loss"], metrics_b["loss"], rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(state_a.params), jax.tree_util.tree_leaves(state_b.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_damaged_reference_cache_is_recomputed_not_a_crash(tmp_path):
+    """A cache file cut short or overwritten by something else reads as absent (recomputed), like a stale one."""
+    from sdpo_jax.run_context import RunContext
+
+    good = tmp_path / "good.npz"
+    np.savez(good, key="k", chosen=np.arange(3.0), rejected=-np.arange(3.0))
+    chosen, rejected = RunContext.stored_logps(good, "k")
+    np.testing.assert_array_equal(chosen, np.arange(3.0))
+    assert RunContext.stored_logps(good, "other key") is None
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[:100])
+    assert RunContext.stored_logps(cut, "k") is None
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, something=np.zeros(2))
+    assert RunContext.stored_logps(foreign, "k") is None
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert RunContext.stored_logps(tmp_path / "text.npz", "k") is None
