@@ -33,10 +33,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sdpo_jax.checkpoint.hf_import import CheckpointError
+from sdpo_jax.data.chat_template import ChatTemplateRefused, render_chat, user_turn
 from sdpo_jax.data.validation import token_range_problem
 from sdpo_jax.models.loading import load_tokenizer
 from sdpo_jax.models.reward import LlamaForSequenceClassification, load_reward_model
 from sdpo_jax.placement import whole_batch_on_mesh
+from sdpo_jax.scorers import ScorerError
 from sdpo_jax.sharding import batch_row_multiple, replicated
 
 WIDTH_MULTIPLE = 64
@@ -102,12 +104,14 @@ def render_texts(tokenizer: Any, prompts: Sequence[str], completions: Sequence[s
     [user: prompt, assistant: completion] when the tokenizer has one, else prompt + completion."""
     if not tokenizer.chat_template:
         return [p + c for p, c in zip(prompts, completions)], True
-    return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
-        )
-        for p, c in zip(prompts, completions)
-    ], False
+    texts = []
+    for p, c in zip(prompts, completions):
+        conversation = [*user_turn(p), {"role": "assistant", "content": c}]
+        try:
+            texts.append(render_chat(tokenizer, conversation, generation_prompt=False, needed_by="the reward model"))
+        except ChatTemplateRefused as err:
+            raise ScorerError(f"reward model: its chat template refuses a (prompt, completion) pair: {err}") from None
+    return texts, False
 
 
 def reward_batches(ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:

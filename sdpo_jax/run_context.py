@@ -28,6 +28,7 @@ from sdpo_jax.checkpointing import RunCheckpoints
 from sdpo_jax.choice_eval import choice_loglikelihoods, choice_metrics, choice_step
 from sdpo_jax.config_check import StageSettings
 from sdpo_jax.data.batching import PairBatcher
+from sdpo_jax.data.chat_template import ChatTemplateRefused, render_chat, user_turn
 from sdpo_jax.errors import ConfigError
 from sdpo_jax.evaluation import evaluate_pairs, jit_eval_step
 from sdpo_jax.generation import generate
@@ -53,11 +54,10 @@ def folder_identity(folder: Path) -> str:
 
 def prompt_ids(tokenizer, text: str) -> list[int]:
     """A user prompt as the model sees it at generation time: the chat template with its generation
-    prompt when the tokenizer has one, else the text with the tokenizer's special tokens (BOS)."""
+    prompt when the tokenizer has one, else the text with the tokenizer's special tokens (BOS).
+    A template that refuses the prompt raises `ChatTemplateRefused`."""
     if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        rendered = render_chat(tokenizer, user_turn(text), generation_prompt=True, needed_by="a user prompt")
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
 
@@ -231,7 +231,12 @@ class RunContext:
 
     def user_prompt_ids(self, texts, field: str) -> list[list[int]]:
         """Token ids of user prompts (``field`` names them in errors); one the vocabulary cannot hold is an error."""
-        prompts = [prompt_ids(self.tokenizer, text) for text in texts]
+        prompts = []
+        for i, text in enumerate(texts):
+            try:
+                prompts.append(prompt_ids(self.tokenizer, text))
+            except ChatTemplateRefused as err:
+                raise ConfigError(f"{field}[{i}]: the tokenizer's chat template refuses this prompt: {err}") from None
         vocab = self.model.config.vocab_size
         for i, ids in enumerate(prompts):
             if max(ids, default=-1) >= vocab:

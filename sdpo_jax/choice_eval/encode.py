@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from sdpo_jax.choice_eval.questions import ChoiceQuestion
+from sdpo_jax.data.chat_template import ChatTemplateRefused, render_chat, user_turn
 from sdpo_jax.data.errors import DataError
 from sdpo_jax.data.validation import token_range_problem
 
@@ -78,11 +79,12 @@ def prompt_texts(tokenizer: Any, question: ChoiceQuestion, chat_template: bool) 
     """(context, continuations) of one question, per the module docstring."""
     if not chat_template:
         return PLAIN_CONTEXT.format(question=question.question), [f" {choice}" for choice in question.choices]
-    if not tokenizer.chat_template:
-        raise DataError("tokenizer", "the chat-template prompt needs a chat template, and this tokenizer has none")
-    context = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question.question}], tokenize=False, add_generation_prompt=True
-    )
+    try:
+        context = render_chat(
+            tokenizer, user_turn(question.question), generation_prompt=True, needed_by="the chat-template prompt"
+        )
+    except ChatTemplateRefused as err:
+        raise DataError(question.where, f"the tokenizer's chat template refuses this question: {err}") from None
     return context, list(question.choices)
 
 

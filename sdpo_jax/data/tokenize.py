@@ -33,6 +33,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from sdpo_jax.data.chat_template import render_chat
 from sdpo_jax.data.errors import DataError
 from sdpo_jax.data.validation import token_range_problem
 
@@ -104,14 +105,6 @@ class PairEncoder:
 
     def _render(self, batch: dict[str, list], out: dict[str, list]) -> dict[str, list[str]]:
         """Chat template text of each prompt (with generation prompt) and of each completion."""
-        import jinja2  # transformers renders chat templates with it; a missing package stops the run
-
-        if not self.tokenizer.chat_template:
-            raise DataError(
-                "tokenizer",
-                "conversational data needs a chat template, and this "
-                "tokenizer has none (set chat_template in tokenizer_config.json)",
-            )
         texts: dict[str, list[str]] = {side: [] for side in SIDES}
         for i, prompt in enumerate(batch["prompt"]):
             rendered = {side: "" for side in SIDES}
@@ -125,16 +118,18 @@ class PairEncoder:
                             "generation prompt) as a prefix of the conversation"
                         )
                     rendered[side] = full[len(rendered["prompt"]) :]
-            except jinja2.TemplateSyntaxError as err:  # the tokenizer's fault, not the record's
-                raise DataError("tokenizer", f"its chat template does not parse: {err}") from None
-            except (jinja2.TemplateError, ValueError) as err:  # this conversation (e.g. roles must alternate)
+            except DataError:  # no template, or one that does not parse: the tokenizer's fault, it stops the load
+                raise
+            except ValueError as err:  # ChatTemplateRefused or not a prefix: this conversation, not the tokenizer
                 out["error"][i], out["error_field"][i] = f"chat template: {err}", "prompt"
             for side in SIDES:
                 texts[side].append(rendered[side])
         return texts
 
     def _template(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return render_chat(
+            self.tokenizer, messages, generation_prompt=generation_prompt, needed_by="conversational data"
+        )
 
     def _encode(self, texts: Sequence[str], add_special: bool) -> list[list[int]]:
         ids = self.tokenizer(list(texts), add_special_tokens=add_special, verbose=False)["input_ids"]
