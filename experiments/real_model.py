@@ -86,7 +86,7 @@ QUICK_SIZES = dict(
     eval_pair_prompts=8,
     test_per_length=4,
     samples=2,
-    max_new_tokens=8,
+    max_new_tokens=12,  # "The largest number in this list is 57." is 11 tokens
     batch_size=4,
     arc_limit=8,
 )
