@@ -2,13 +2,16 @@
 
 Every experiment run records ``provenance()`` beside its numbers, so that a published table can be
 traced to a commit and rerun there; ``same_platform`` says whether two records were made on the
-same kind of device with the same numerical packages (where a rerun should agree bit for bit).
+same kind of device with the same numerical packages (where a rerun should agree bit for bit). On a CPU
+the device includes the processor's vector instruction sets: XLA compiles for the host's, and a machine
+with other ones (AVX-512, AMX) rounds some sums differently, which can flip a sampled token of a bf16 model.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,8 @@ import jax
 #: The packages whose versions can change the numbers.
 NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 REPOSITORY = Path(__file__).resolve().parent.parent
+#: The CPU instruction sets that change what XLA's CPU backend compiles (vector widths, bf16 and fp16 units).
+NUMERIC_CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_bf16", "amx_tile")
 
 
 def _git(*args: str) -> str | None:
@@ -29,9 +34,25 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip()
 
 
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """The host processor: its model name and which of ``NUMERIC_CPU_FLAGS`` it has (from ``cpuinfo`` on Linux;
+    elsewhere the platform's processor name and no flags)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return {"model": platform.processor() or platform.machine(), "flags": []}
+    fields = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        fields.setdefault(key.strip(), value.strip())  # the first processor's
+    flags = set(fields.get("flags", "").split())
+    model = fields.get("model name", platform.machine())
+    return {"model": model, "flags": [flag for flag in NUMERIC_CPU_FLAGS if flag in flags]}
+
+
 def provenance(program: str, argv: list[str] | None = None) -> dict:
     """The commit (None outside a git clone), whether tracked or untracked files differ from it, the versions
-    of ``NUMERIC_PACKAGES``, the device kind and count, the Python version and the command line (``program``,
+    of ``NUMERIC_PACKAGES``, the device kind and count, the host CPU (`cpu_description`), the Python version and
+    the command line (``program``,
     e.g. ``python -m experiments.stepwise``, followed by ``argv``, by default this process's arguments)."""
     status = _git("status", "--porcelain")
     devices = jax.devices()
@@ -42,6 +63,7 @@ def provenance(program: str, argv: list[str] | None = None) -> dict:
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
+        "cpu": cpu_description(),
         "python": sys.version.split()[0],
         "command": " ".join([program, *(sys.argv[1:] if argv is None else argv)]),
     }
@@ -52,11 +74,16 @@ def provenance_line(record: dict) -> str:
     commit = (record.get("commit") or "none")[:7]
     tree = {True: "dirty", False: "clean"}.get(record.get("dirty"), "unknown tree")
     packages = ", ".join(f"{name} {version}" for name, version in record.get("packages", {}).items())
-    return f"commit {commit} ({tree}), {record.get('device_kind')} x{record.get('device_count')}, {packages}"
+    cpu = record.get("cpu")
+    host = f"{cpu['model']} ({' '.join(cpu['flags']) or 'no listed flags'})" if cpu else "host CPU not recorded"
+    return f"commit {commit} ({tree}), {record.get('device_kind')} x{record.get('device_count')} on {host}, {packages}"
 
 
 def same_platform(a: dict, b: dict) -> bool:
-    """Whether two provenance records share the device kind, device count and numeric package versions."""
+    """Whether two provenance records share the device kind and count, the host CPU's instruction sets and the
+    numeric package versions (a record made before the CPU was recorded matches no other)."""
+    if a.get("cpu") is None or b.get("cpu") is None or a["cpu"]["flags"] != b["cpu"]["flags"]:
+        return False
     keys = ("platform", "device_kind", "device_count", "packages")
     return all(a.get(k) == b.get(k) for k in keys)
 

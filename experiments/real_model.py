@@ -45,12 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from configs.default import get_config
-from experiments.compile_cache import persistent_compilation_cache
 from experiments.largest import Problem, problems_per_length, reward, sample_problems
 from experiments.measure import stage_params
 from experiments.provenance import provenance, publish
 from experiments.real_model_eval import ArcEasy, answers, exact_accuracy
 from experiments.real_model_summary import markdown_table, summarize
+from experiments.runtime import start_experiment
 from sdpo_jax.models.loading import load_model, load_tokenizer
 from sdpo_jax.partition import chunk_sizes
 from sdpo_jax.stages import train
@@ -144,6 +144,26 @@ def write_jsonl(path: Path, pairs: list[Pair]) -> str:
     return str(path)
 
 
+def length_buckets(s: Settings) -> tuple[int, int, int]:
+    """``data.length_buckets`` of the pairs: (completion bucket, max_length, longest packed pair), multiples of 8.
+
+    With prefix sharing a batch is [rows, L] (prompt + chosen + rejected, L the smallest bucket holding its
+    longest pair) and its log-prob head reads [rows, K] positions per side (K the smallest bucket holding its
+    longest completion; sdpo_jax.data.batching). A completion here is at most max_new_tokens + 2 tokens (the
+    end-of-turn tokens) and a prompt at most max_prompt_length, so K = the first bucket and L = one of the other
+    two: never more padding than one bucket step, and at most two shapes per compiled step (a single bucket of
+    max_length made K = 96 and sent a fifth of the pairs to a doubled L of 192: 1.4x the step's work).
+    """
+    completion = s.max_new_tokens + 2
+    packed = max_prompt_length(s) + 2 * completion
+    return tuple(-(-n // 8) * 8 for n in (completion, s.max_length, packed))
+
+
+def max_prompt_length(s: Settings) -> int:
+    """The prompt budget: max_length less an answer and room for the end-of-turn tokens."""
+    return s.max_length - s.max_new_tokens - 4
+
+
 def variant_config(name: str, s: Settings, files: dict, num_pairs: int, out: Path, seed: int):
     """The stage-driver config of variant ``name`` (configs/default.py with the experiment's settings)."""
     stages = 1 if name == "dpo" else 2
@@ -157,8 +177,8 @@ def variant_config(name: str, s: Settings, files: dict, num_pairs: int, out: Pat
     c.data.skip_invalid = False
     c.data.eval_fraction = 0.0
     c.data.max_length = s.max_length
-    c.data.max_prompt_length = s.max_length - s.max_new_tokens - 4  # room for the end-of-turn tokens
-    c.data.length_buckets = (s.max_length,)
+    c.data.max_prompt_length = max_prompt_length(s)
+    c.data.length_buckets = length_buckets(s)
     c.data.cache_dir = str(out / "cache")
     c.sdpo.num_stages = stages
     c.sdpo.partition = "datasets" if name == "easy-2" else "random"
@@ -187,10 +207,14 @@ def variant_config(name: str, s: Settings, files: dict, num_pairs: int, out: Pat
 
 
 class Seed:
-    """One seed's M0, data and measures; ``m0()`` and ``variant(name)`` each cache their result as JSON."""
+    """One seed's M0, data and measures; ``m0()`` and ``variant(name)`` each cache their result as JSON in ``out``.
 
-    def __init__(self, seed: int, out: Path, s: Settings, log=print):
-        self.seed, self.out, self.s, self.log = seed, out, s, log
+    M0's ARC-Easy accuracy has nothing random in it, so it is measured once for all seeds and cached in
+    ``shared`` (the folder above the seeds' folders).
+    """
+
+    def __init__(self, seed: int, out: Path, s: Settings, shared: Path, log=print):
+        self.seed, self.out, self.s, self.shared, self.log = seed, out, s, shared, log
         model_config = get_config().model
         model_config.path, model_config.dtype = s.model, s.dtype
         self.model, self.params, folder = load_model(model_config)
@@ -199,20 +223,13 @@ class Seed:
         self.arc = ArcEasy(self.model, self.tokenizer, s.arc_limit)
 
     def _cached(self, name: str, build) -> dict:
-        path = self.out / f"{name}.json"
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            if stored["settings"] != settings_record(self.s):
-                raise SystemExit(
-                    f"{path}: made with other settings than this command's; use another --out or delete it"
-                )
-            return stored
-        started = time.perf_counter()
-        result = {"seed": self.seed, "settings": settings_record(self.s), "provenance": provenance(PROGRAM), **build()}
-        result["seconds"] = time.perf_counter() - started
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
-        return result
+        return cached_result(self.out / f"{name}.json", self.s, lambda: {"seed": self.seed, **build()})
+
+    def m0_arc_easy(self) -> dict:
+        """M0's ARC-Easy metrics, from ``shared``/m0_arc_easy.json when an earlier seed measured them."""
+        return cached_result(self.shared / "m0_arc_easy.json", self.s, lambda: {"arc_easy": self.arc(self.params)})[
+            "arc_easy"
+        ]
 
     def m0(self) -> dict:
         """M0's measures and the pair files (rebuilt from the seed when missing: the sampling is seeded)."""
@@ -229,7 +246,7 @@ class Seed:
             write_jsonl(data / f"train_easy_stage{k + 1}.jsonl", chunk)
         quality = exact_accuracy(self.model, self.params, self.tokenizer, self.test, s.max_new_tokens)
         result = {
-            "m0": {**quality, "arc_easy": self.arc(self.params)},
+            "m0": {**quality, "arc_easy": self.m0_arc_easy()},
             "pairs": describe(pairs, self.train_problems, s.samples),
             "eval_pairs": describe(eval_pairs, self.eval_problems, s.samples),
         }
@@ -278,6 +295,22 @@ class Seed:
         return {"stages": stages}
 
 
+def cached_result(path: Path, s: Settings, build) -> dict:
+    """The JSON result at ``path`` when it was made with settings ``s``; else ``build()`` with the settings, its
+    provenance and its seconds, written there. One made with other settings stops the run (SystemExit)."""
+    if path.is_file():
+        stored = json.loads(path.read_text())
+        if stored["settings"] != settings_record(s):
+            raise SystemExit(f"{path}: made with other settings than this command's; use another --out or delete it")
+        return stored
+    started = time.perf_counter()
+    result = {"settings": settings_record(s), "provenance": provenance(PROGRAM), **build()}
+    result["seconds"] = time.perf_counter() - started
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def describe(pairs: list[Pair], problems: list[Problem], samples: int) -> dict:
     """Counts for the write-up: prompts, pairs, M0's mean sample accuracy on all prompts and on the paired ones."""
     return {
@@ -313,11 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     settings = dataclasses.replace(Settings(), **(QUICK_SIZES if args.quick else {}), **overrides)
-    persistent_compilation_cache(args.out)
+    start_experiment(args.out)
     started = time.perf_counter()
     results = []
     for seed in args.seeds:
-        run = Seed(seed, args.out / f"seed_{seed}", settings)
+        run = Seed(seed, args.out / f"seed_{seed}", settings, args.out)
         results.append({"seed": seed, "m0": run.m0(), "variants": {name: run.variant(name) for name in args.variants}})
     summary = summarize(results, list(args.variants))
     summary["settings"] = settings_record(settings)

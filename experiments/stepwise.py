@@ -36,10 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.compile_cache import persistent_compilation_cache
 from experiments.measure import greedy_quality
 from experiments.provenance import provenance, provenance_line, publish, same_platform
 from experiments.reproduce import differences
+from experiments.runtime import start_experiment
 from experiments.seed_run import (
     PROGRAM,
     QUICK,
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if one_setting and not args.tune and not args.untuned:
         parser.error("--learning-rate and --beta set one setting for every variant: add --untuned")
     out = Path(args.out)
-    persistent_compilation_cache(out)
+    start_experiment(out)
     if args.check:
         return check(out, args.results)
     base = QUICK if args.quick else ExperimentSettings()

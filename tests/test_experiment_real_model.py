@@ -3,14 +3,27 @@ pair rows as the stage driver reads them, and a tiny end-to-end run that resumes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
+import experiments.real_model_eval
 from experiments.largest import Problem, problem_in, problems_per_length, reward, sample_problems, score, stated_number
-from experiments.real_model import Pair, Settings, easy_to_hard, main, variant_config, write_jsonl
+from experiments.real_model import (
+    QUICK_SIZES,
+    Pair,
+    Seed,
+    Settings,
+    easy_to_hard,
+    length_buckets,
+    main,
+    variant_config,
+    write_jsonl,
+)
 from hf_fixtures import make_chat_checkpoint
+from sdpo_jax.data.batching import PairBatcher, resolve_buckets
 from sdpo_jax.data.load import load_pairs
 from sdpo_jax.models.loading import load_tokenizer
 from sdpo_jax.run_context import prompt_ids
@@ -76,6 +89,39 @@ def test_pair_rows_reach_the_driver_with_the_prompt_the_model_was_sampled_with(t
     pairs = load_pairs([path], tokenizer, config.data, vocab_size=32000, progress_bars=False, log_sources=False)
     assert list(pairs.prompt_ids(0)) == prompt_ids(tokenizer, problem.question)
     assert json.loads(open(path).readline())["chosen"] == [{"role": "assistant", "content": problem.gold}]
+
+
+def test_batches_pad_completions_to_the_answer_budget_and_pairs_to_the_packed_prompt_budget(tmp_path):
+    s = Settings()
+    assert length_buckets(s) == (24, 96, 112)  # answers <= 16 + 2 tokens; prompts <= 76 tokens
+    assert length_buckets(Settings(max_new_tokens=12, max_length=64)) == (16, 64, 80)
+    folder = make_chat_checkpoint(tmp_path / "model")
+    tokenizer = load_tokenizer(folder)
+    problems = [Problem(tuple(range(10 * k, 10 * k + n))) for k, n in enumerate((3, 8, 5, 8))]
+    path = write_jsonl(tmp_path / "pairs.jsonl", [Pair(p, "I think it is 3.", 0.0) for p in problems])
+    config = variant_config("dpo", Settings(model=str(folder)), {"all": path, "eval": path}, 4, tmp_path, 0)
+    pairs = load_pairs([path], tokenizer, config.data, vocab_size=32000, progress_bars=False, log_sources=False)
+    buckets = resolve_buckets(config.data.length_buckets, config.data.max_length)
+    batch = next(PairBatcher(pairs, 4, seed=0, buckets=buckets, prefix_sharing=True))
+    assert batch["chosen_labels"].shape == batch["rejected_labels"].shape == (4, 24)
+    assert batch["input_ids"].shape[1] in (96, 112)
+
+
+def test_m0_arc_easy_is_measured_once_for_all_seeds(tmp_path, monkeypatch):
+    folder = make_chat_checkpoint(tmp_path / "model")
+    s = Settings(model=str(folder), dtype="float32", **QUICK_SIZES)
+    calls = []
+    measure = experiments.real_model_eval.ArcEasy.__call__
+    monkeypatch.setattr(
+        experiments.real_model_eval.ArcEasy, "__call__", lambda self, params: calls.append(1) or measure(self, params)
+    )
+    out = tmp_path / "out"
+    first = Seed(0, out / "seed_0", s, out).m0_arc_easy()
+    second = Seed(1, out / "seed_1", s, out).m0_arc_easy()
+    assert len(calls) == 1 and first == second and first["num_questions"] == QUICK_SIZES["arc_limit"]
+    assert json.loads((out / "m0_arc_easy.json").read_text())["arc_easy"] == first
+    with pytest.raises(SystemExit, match="other settings"):
+        Seed(0, out / "seed_0", dataclasses.replace(s, arc_limit=4), out).m0_arc_easy()
 
 
 def test_quick_run_end_to_end_and_resumed_from_its_cache(tmp_path, capsys):

@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 from experiments.pairs import Pair, split_by_difficulty
-from experiments.provenance import provenance, provenance_line, same_platform
+from experiments.provenance import NUMERIC_CPU_FLAGS, cpu_description, provenance, provenance_line, same_platform
 from experiments.reproduce import differences
 from experiments.seed_run import QUICK, seed_problems, settings_from_record, settings_record
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
@@ -168,6 +168,26 @@ def test_provenance_names_the_commit_packages_and_device():
     assert record["commit"] is None or len(record["commit"]) == 40
     assert provenance_line(record).startswith(f"commit {(record['commit'] or 'none')[:7]} (")
     assert same_platform(record, record) and not same_platform(record, record | {"device_kind": "TPU v5e"})
+    assert set(record["cpu"]) == {"model", "flags"} and set(record["cpu"]["flags"]) <= set(NUMERIC_CPU_FLAGS)
+    assert " on " in provenance_line(record)
+
+
+def test_a_cpu_with_other_vector_units_is_another_platform(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Xeon X\nflags\t\t: fpu sse2 avx avx2 fma avx512f amx_bf16\n\n"
+        "processor\t: 1\nmodel name\t: Xeon X\nflags\t\t: fpu sse2 avx avx2 fma avx512f amx_bf16\n"
+    )
+    cpu = cpu_description(cpuinfo)
+    assert cpu == {"model": "Xeon X", "flags": ["avx", "avx2", "fma", "avx512f", "amx_bf16"]}
+    assert cpu_description(tmp_path / "absent")["flags"] == []
+    record = provenance("python -m experiments.stepwise", ["--check"]) | {"cpu": cpu}
+    avx2_only = record | {"cpu": {"model": "Xeon X", "flags": ["avx", "avx2", "fma"]}}
+    assert same_platform(record, dict(record)) and not same_platform(record, avx2_only)
+    unrecorded = {k: v for k, v in record.items() if k != "cpu"}  # made before the CPU was recorded
+    assert not same_platform(record, unrecorded) and not same_platform(unrecorded, unrecorded)
+    assert "host CPU not recorded" in provenance_line(unrecorded)
+    assert "Xeon X (avx avx2 fma avx512f amx_bf16)" in provenance_line(record)
 
 
 def test_committed_settings_round_trip():
