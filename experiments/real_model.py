@@ -152,7 +152,8 @@ def length_buckets(s: Settings) -> tuple[int, int, int]:
     longest completion; sdpo_jax.data.batching). A completion here is at most max_new_tokens + 2 tokens (the
     end-of-turn tokens) and a prompt at most max_prompt_length, so K = the first bucket and L = one of the other
     two: never more padding than one bucket step, and at most two shapes per compiled step (a single bucket of
-    max_length made K = 96 and sent a fifth of the pairs to a doubled L of 192: 1.4x the step's work).
+    max_length made K = 96 and sent a fifth of the pairs to a doubled L of 192; seed 0's dpo stage took
+    155.7 s in the stage driver then, 110.8 s with these buckets).
     """
     completion = s.max_new_tokens + 2
     packed = max_prompt_length(s) + 2 * completion
