@@ -88,22 +88,20 @@ def same_platform(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in keys)
 
 
-def publish(path: Path, payload: dict, records: list[dict], program: str) -> None:
-    """Write the committed results ``payload`` (JSON) to ``path``, refused (SystemExit) unless every result
-    record in ``records`` (each with its 'seed' and 'provenance') was made at HEAD from a clean tree: what is
-    published must be what the committed code produces."""
+def publish(path: Path, payload: dict, records: dict[str, dict], program: str) -> None:
+    """Write the committed results ``payload`` (JSON) to ``path``, refused (SystemExit naming them) unless every
+    result record in ``records`` ({label: a record with its 'provenance'}, e.g. ``{"seed 0": ...}``) was made at
+    HEAD from a clean tree: what is published must be what the committed code produces."""
     head = provenance(program)
-    stale = sorted(
-        {
-            r["seed"]
-            for r in records
-            if r["provenance"].get("commit") != head["commit"] or r["provenance"].get("dirty") is not False
-        }
-    )
+    stale = [
+        label
+        for label, record in records.items()
+        if record["provenance"].get("commit") != head["commit"] or record["provenance"].get("dirty") is not False
+    ]
     if head["commit"] is None or stale:
         raise SystemExit(
-            f"--publish: seeds {stale} were not made at HEAD ({head['commit']}) from a clean tree; "
-            "rerun them (delete their result files) after committing"
+            f"--publish: {', '.join(stale) or 'these results'} were not made at HEAD ({head['commit']}) from a clean "
+            "tree; rerun them (delete their result files) after committing"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1) + "\n")

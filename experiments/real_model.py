@@ -57,6 +57,8 @@ from sdpo_jax.stages import train
 
 PROGRAM = "python -m experiments.real_model"
 PUBLISHED = Path(__file__).resolve().parent / "results" / "real_model.json"
+#: M0's ARC-Easy metrics, measured once per output folder (nothing in them is random) and shared by its seeds.
+M0_ARC_EASY = "m0_arc_easy.json"
 VARIANTS = ("dpo", "random-2", "easy-2", "onpolicy-2")
 
 
@@ -228,9 +230,7 @@ class Seed:
 
     def m0_arc_easy(self) -> dict:
         """M0's ARC-Easy metrics, from ``shared``/m0_arc_easy.json when an earlier seed measured them."""
-        return cached_result(self.shared / "m0_arc_easy.json", self.s, lambda: {"arc_easy": self.arc(self.params)})[
-            "arc_easy"
-        ]
+        return cached_result(self.shared / M0_ARC_EASY, self.s, lambda: {"arc_easy": self.arc(self.params)})["arc_easy"]
 
     def m0(self) -> dict:
         """M0's measures and the pair files (rebuilt from the seed when missing: the sampling is seeded)."""
@@ -363,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wall time {summary['wall_seconds_this_invocation']:.0f} s; {args.out / 'summary.json'}")
     if args.publish:
-        records = [r["m0"] for r in results] + [v for r in results for v in r["variants"].values()]
+        records = {f"seed {r['seed']} m0": r["m0"] for r in results}
+        records |= {f"seed {r['seed']} {name}": v for r in results for name, v in r["variants"].items()}
+        arc = args.out / M0_ARC_EASY
+        if arc.is_file():  # the seeds' m0 records took M0's ARC-Easy from it
+            records[str(arc)] = json.loads(arc.read_text())
         publish(args.results, {"variants": args.variants, "seeds": results, "summary": summary}, records, PROGRAM)
     return 0
 

@@ -5,7 +5,8 @@ except what is not a result: wall-clock times (``seconds``) and the provenance r
 platform the committed results were made on (same device kind, device count and numeric package
 versions, see ``experiments.provenance``) a deterministic rerun agrees exactly, so every
 difference is reported; elsewhere the differences are reported with their size, and it is the
-reader's call whether they are within what another platform's arithmetic explains.
+reader's call whether they are within what another platform's arithmetic explains (`largest_final_change`
+puts the largest change of a variant's final reward beside the seed-to-seed spread to help).
 """
 
 from __future__ import annotations
@@ -61,3 +62,13 @@ def differences(committed: dict, now: dict) -> list[Difference]:
 
 def _both_nan(a, b) -> bool:
     return isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+
+
+def largest_final_change(committed: dict, now: dict) -> tuple[float, str]:
+    """max over variants v of |final reward_now(v) - final reward_committed(v)| for one seed's results, and
+    that variant's name."""
+    return max(
+        (abs(now["variants"][name]["stages"][-1]["reward"] - variant["stages"][-1]["reward"]), name)
+        for name, variant in committed["variants"].items()
+        if name in now["variants"]
+    )

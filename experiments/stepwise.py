@@ -38,7 +38,7 @@ from pathlib import Path
 
 from experiments.measure import greedy_quality
 from experiments.provenance import provenance, provenance_line, publish, same_platform
-from experiments.reproduce import differences
+from experiments.reproduce import differences, largest_final_change
 from experiments.runtime import start_experiment
 from experiments.seed_run import (
     PROGRAM,
@@ -115,6 +115,12 @@ def check(out: Path, published: Path) -> int:
     )
     for difference in found:
         print("  " + difference.describe())
+    change, name = largest_final_change(seed0, now)
+    spread = [v["gain"]["std"] for v in committed["summary"]["variants"].values()]
+    print(
+        f"largest change of a final reward: {change:.3f} ({name}); the committed gains over M0 vary by a "
+        f"seed-to-seed std of {min(spread):.3f}-{max(spread):.3f}"
+    )
     return 1
 
 
@@ -282,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"wall time {summary['wall_seconds_this_invocation']:.0f} s; {out / 'summary.json'}, {args.plot}")
     if args.publish:
-        publish(args.results, {"variants": names, "seeds": results, "summary": summary}, results, PROGRAM)
+        records = {f"seed {r['seed']}": r for r in results}
+        publish(args.results, {"variants": names, "seeds": results, "summary": summary}, records, PROGRAM)
     return 0
 
 

@@ -1,8 +1,11 @@
-"""Mean and spread over seeds, the markdown table and the plot of the stepwise experiment.
+"""Mean and spread over seeds, the paired per-seed counts, the markdown tables and the plot of the stepwise
+experiment.
 
 For a quantity q measured once per seed s = 1..S: mean = sum_s q_s / S and std = the sample
 standard deviation (ddof = 1; 0 for one seed). "vs M0" is the per-seed difference q_s - q_s(M0)
-averaged the same way (paired: every variant of a seed starts from that seed's M0).
+averaged the same way (paired: every variant of a seed starts from that seed's M0). The paired counts
+are the firmer evidence when means differ by less than a std: for variants a and b,
+#{s : final reward_s(a) > final reward_s(b)} out of S.
 """
 
 from __future__ import annotations
@@ -59,8 +62,54 @@ def summarize(results: list[dict], names: list[str]) -> dict:
             "reward_by_band": {
                 band: mean_std([_band_reward(f, lengths) for f in final]) for band, lengths in bands.items()
             },
+            "seeds_above_m0": sum(f["reward"] > base for f, base in zip(final, m0)),
+            "seeds_gamma_rises": sum(_rises([stage["gamma"] for stage in stages]) for stages in runs),
         }
+    for name in names:
+        summary["variants"][name]["seeds_best"] = sum(
+            all(_final(r, name) > _final(r, other) for other in names if other != name) for r in results
+        )
+    summary["paired"] = [
+        {"a": a, "b": b, "a_above_b": sum(_final(r, a) > _final(r, b) for r in results), "of": len(results)}
+        for a, b in COMPARISONS
+        if a in names and b in names
+    ]
     return summary
+
+
+#: The paired comparisons the write-up quotes, as (a, b): each claim's variant against its baseline.
+COMPARISONS = (
+    ("dpo", "random-2"),
+    ("random-2", "random-3"),
+    ("random-2", "true-2"),
+    ("random-2", "model-2"),
+    ("random-3", "true-3"),
+    ("random-3", "model-3"),
+    ("true-2", "true-2-init-sft"),
+    ("true-3", "true-3-init-sft"),
+    ("onpolicy-2", "random-2"),
+    ("onpolicy-3", "random-3"),
+    ("onpolicy-gold-2", "random-2"),
+    ("onpolicy-gold-3", "random-3"),
+    ("onpolicy-gold-2", "onpolicy-2"),
+    ("onpolicy-gold-3", "onpolicy-3"),
+    ("onpolicy-2", "true-2"),
+    ("onpolicy-3", "true-3"),
+    ("replay-2", "true-2"),
+    ("replay-3", "true-3"),
+    ("replay-2", "random-2"),
+    ("replay-3", "random-3"),
+)
+
+
+def _final(result: dict, name: str) -> float:
+    """A seed's final-stage reward of a variant."""
+    return result["variants"][name]["stages"][-1]["reward"]
+
+
+def _rises(values: list[float]) -> bool:
+    """Whether a stage-by-stage series rises at every stage (False for a single stage)."""
+    return len(values) > 1 and all(later > earlier for earlier, later in zip(values, values[1:]))
 
 
 def _dpo_setting(results: list[dict], name: str) -> dict:
@@ -117,7 +166,30 @@ def markdown_table(summary: dict) -> str:
     ]
     for name, v in summary["variants"].items():
         lines.append(f"| {name} | " + " | ".join(_pm(v["reward_by_band"][b]) for b in bands) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *per_seed_table(summary)]) + "\n"
+
+
+def per_seed_table(summary: dict) -> list[str]:
+    """The per-seed evidence as markdown lines: each variant's gain over M0 in every seed, the seeds in which
+    it is above M0, the best variant, and its gamma rises at every stage; then the paired counts."""
+    seeds = len(summary["seeds"])
+    m0 = ", ".join(f"{value:.3f}" for value in summary["m0"]["reward"]["values"])
+    lines = [
+        f"Per seed ({', '.join(str(s) for s in summary['seeds'])}; M0 reward {m0}): gain over M0, and in how many of "
+        f"the {seeds} seeds the variant is above M0, the best of all variants, and has gamma rising at every stage:",
+        "",
+        "| variant | gain vs M0 per seed | above M0 | best | gamma rises |",
+        "|---|---|---|---|---|",
+    ]
+    for name, v in summary["variants"].items():
+        gains = ", ".join(f"{value:+.3f}" for value in v["gain"]["values"])
+        rises = f"{v['seeds_gamma_rises']}/{seeds}" if len(v["gamma"]) > 1 else ""
+        lines.append(f"| {name} | {gains} | {v['seeds_above_m0']}/{seeds} | {v['seeds_best']}/{seeds} | {rises} |")
+    if summary["paired"]:
+        lines += ["", "Paired counts (final reward): a above b in k of the seeds.", "", "| a | b | a above b |"]
+        lines.append("|---|---|---|")
+        lines += [f"| {p['a']} | {p['b']} | {p['a_above_b']}/{p['of']} |" for p in summary["paired"]]
+    return lines
 
 
 def plot(summary: dict, path: Path) -> None:

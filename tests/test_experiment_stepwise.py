@@ -9,9 +9,17 @@ import math
 import pytest
 import transformers
 
+import experiments.provenance
 from experiments.pairs import Pair, split_by_difficulty
-from experiments.provenance import NUMERIC_CPU_FLAGS, cpu_description, provenance, provenance_line, same_platform
-from experiments.reproduce import differences
+from experiments.provenance import (
+    NUMERIC_CPU_FLAGS,
+    cpu_description,
+    provenance,
+    provenance_line,
+    publish,
+    same_platform,
+)
+from experiments.reproduce import differences, largest_final_change
 from experiments.seed_run import QUICK, seed_problems, settings_from_record, settings_record
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
 from experiments.stepwise import main, run_seed
@@ -141,6 +149,52 @@ def test_pipeline_end_to_end_produces_the_table_fields(tmp_path):
     assert "| dpo | 0.0005 | 0.5 |" in table and "| true-2 | 0.0005 | 0.5 |" in table
 
 
+def _seed_result(seed: int, m0: float, finals: dict[str, list[tuple[float, float]]]) -> dict:
+    """A results.json of one seed: M0's reward and each variant's (reward, gamma) per stage."""
+    by_length = {"2": m0, "3": m0, "4": m0}
+    return {
+        "seed": seed,
+        "m0": {"reward": m0, "exact": 0.5, "reward_by_length": by_length},
+        "pairs": {"num_pairs": 100},
+        "variants": {
+            name: {
+                "learning_rate": 5e-4,
+                "beta": 0.5,
+                "seconds": 1.0,
+                "stages": [
+                    {"reward": r, "gamma": g, "exact": 0.5, "eval_accuracy": 0.7, "reward_by_length": by_length}
+                    for r, g in stages
+                ],
+            }
+            for name, stages in finals.items()
+        },
+    }
+
+
+def test_summary_counts_the_paired_per_seed_evidence():
+    results = [
+        _seed_result(0, 0.70, {"dpo": [(0.75, 3.0)], "random-2": [(0.72, 3.0), (0.74, 3.5)]}),
+        _seed_result(1, 0.80, {"dpo": [(0.79, 3.0)], "random-2": [(0.81, 3.0), (0.82, 2.5)]}),
+        _seed_result(2, 0.60, {"dpo": [(0.66, 3.0)], "random-2": [(0.61, 3.0), (0.62, 3.1)]}),
+    ]
+    summary = summarize(results, ["dpo", "random-2"])
+    dpo, random2 = summary["variants"]["dpo"], summary["variants"]["random-2"]
+    assert (dpo["seeds_above_m0"], dpo["seeds_best"]) == (2, 2)
+    assert (random2["seeds_above_m0"], random2["seeds_best"], random2["seeds_gamma_rises"]) == (3, 1, 2)
+    assert summary["paired"] == [{"a": "dpo", "b": "random-2", "a_above_b": 2, "of": 3}]
+    table = markdown_table(summary)
+    assert "| random-2 | +0.040, +0.020, +0.020 | 3/3 | 1/3 | 2/3 |" in table
+    assert "| dpo | +0.050, -0.010, +0.060 | 2/3 | 2/3 |  |" in table
+    assert "| dpo | random-2 | 2/3 |" in table
+
+
+def test_largest_final_change_names_the_variant_that_moved_most():
+    committed = _seed_result(0, 0.7, {"dpo": [(0.75, 3.0)], "true-2": [(0.72, 3.0), (0.70, 3.5)]})
+    now = _seed_result(0, 0.7, {"dpo": [(0.76, 3.0)], "true-2": [(0.50, 3.0), (0.73, 3.5)]})
+    change, name = largest_final_change(committed, now)
+    assert name == "true-2" and change == pytest.approx(0.03)
+
+
 def test_check_names_every_number_that_differs_and_ignores_timings():
     committed = {
         "seed": 0,
@@ -188,6 +242,22 @@ def test_a_cpu_with_other_vector_units_is_another_platform(tmp_path):
     assert not same_platform(record, unrecorded) and not same_platform(unrecorded, unrecorded)
     assert "host CPU not recorded" in provenance_line(unrecorded)
     assert "Xeon X (avx avx2 fma avx512f amx_bf16)" in provenance_line(record)
+
+
+def test_publish_refuses_every_record_not_made_at_head_from_a_clean_tree(tmp_path, monkeypatch):
+    head = {"commit": "c" * 40, "dirty": False}
+    monkeypatch.setattr(experiments.provenance, "provenance", lambda program, argv=None: head)
+    path = tmp_path / "results.json"
+    fresh = {"seed": 0, "provenance": head}
+    stale = {
+        "seed 1": {"provenance": {"commit": "c" * 40, "dirty": True}},
+        "out/m0_arc_easy.json": {"provenance": {"commit": "d" * 40, "dirty": False}},  # a record without a seed
+    }
+    with pytest.raises(SystemExit, match=r"seed 1, out/m0_arc_easy.json were not made at HEAD"):
+        publish(path, {"seeds": [fresh]}, {"seed 0": fresh, **stale}, "python -m experiments.x")
+    assert not path.exists()
+    publish(path, {"seeds": [fresh]}, {"seed 0": fresh}, "python -m experiments.x")
+    assert json.loads(path.read_text()) == {"seeds": [fresh]}
 
 
 def test_committed_settings_round_trip():
