@@ -24,6 +24,12 @@ forward inside every step; --ours adds throughput.py flags. With --rounds R both
 turn and the medians are reported (a shared machine's load then hits both alike). Prints pairs/s
 of each and the ratio, the ratio of CPU seconds per step (all threads, TRL's over ours), which a
 shared machine's load disturbs less than wall time, and our MFU against the measured matmul peak.
+
+Each library's MFU counts the model FLOPs of its own step (`trl_flops_per_pair`: TRL keeps chosen and
+rejected in two rows and scores every position through the output layer; we pack a pair into one row
+and score its completion positions only), against the same measured peak. The ceiling is the ratio
+our step would reach at 100% of that peak, peak / (our FLOPs per pair x TRL's pairs/s): no kernel
+work on our side can move the ratio past it, only doing less arithmetic per pair can.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import throughput
 from knobs import run_json
 
 HERE = Path(__file__).resolve().parent
@@ -193,6 +200,21 @@ def trl(a, dtype: str, environment: str) -> dict:
     return _json_subprocess([str(Path(__file__).resolve()), "--trl-only", dtype, *shape], environment)
 
 
+def trl_flops_per_pair(a) -> float:
+    """The model FLOPs of one pair in TRL 1.16's DPO step at ``a``'s shape, by throughput.py's count: two rows
+    (chosen, rejected) of P + C tokens, the output layer at every position but the last of each (on a CPU its fused
+    LM head scores them all; only on Triton devices does it gather the completion positions:
+    ``trl.trainer.utils.add_fused_lm_head``), and the reference forward in the step."""
+    layout = argparse.Namespace(
+        prompt_len=a.prompt_len,
+        completion_len=a.completion_len,
+        prefix_sharing=False,
+        pad_to=0,
+        logprob_chunk=a.prompt_len + a.completion_len,  # one chunk: every position reaches the head
+    )
+    return throughput.flops_per_pair(throughput.model_config(a), layout, reference_in_step=True)
+
+
 def _json_subprocess(command: list[str], environment: str) -> dict:
     env = {**{k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}, **ENVIRONMENTS[environment]}
     return run_json(command, env)
@@ -201,10 +223,13 @@ def _json_subprocess(command: list[str], environment: str) -> dict:
 def _comparison(a, dtype: str, environment: str) -> dict:
     """Both libraries, ``a.rounds`` times in turn, at ``a``'s shape: medians and per-round values."""
     runs = [(trl(a, dtype, environment), ours(a, dtype, environment)) for _ in range(a.rounds)]
+    peak = statistics.median(m["peak_flops"] for _, m in runs)
+    trl_flops, our_flops = trl_flops_per_pair(a), runs[0][1]["model_flops_per_pair"]
+    trl_pairs_per_s = statistics.median(t["pairs_per_s"] for t, _ in runs)
     return {
         "environment": environment,
         "dtype": dtype,
-        "trl_pairs_per_s": statistics.median(t["pairs_per_s"] for t, _ in runs),
+        "trl_pairs_per_s": trl_pairs_per_s,
         "sdpo_jax_pairs_per_s": statistics.median(m["pairs_per_s"] for _, m in runs),
         "ratio": statistics.median(m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs),
         "ratio_per_round": [m["pairs_per_s"] / t["pairs_per_s"] for t, m in runs],
@@ -212,7 +237,11 @@ def _comparison(a, dtype: str, environment: str) -> dict:
         "sdpo_jax_pairs_per_s_per_round": [m["pairs_per_s"] for _, m in runs],
         "cpu_ratio": statistics.median(t["cpu_s_per_step_median"] / m["cpu_s_per_step_median"] for t, m in runs),
         "sdpo_jax_mfu": statistics.median(m["mfu"] for _, m in runs),
-        "peak_flops": statistics.median(m["peak_flops"] for _, m in runs),
+        "trl_mfu": trl_flops * trl_pairs_per_s / peak,
+        "peak_flops": peak,
+        "trl_flops_per_pair": trl_flops,
+        "sdpo_jax_flops_per_pair": our_flops,
+        "ratio_ceiling": peak / our_flops / trl_pairs_per_s,
         "trl_step_s": statistics.median(t["step_s_median"] for t, _ in runs),
         "sdpo_jax_step_s": statistics.median(m["step_s_median"] for _, m in runs),
         "sdpo_jax_host_allocator": runs[0][1]["host_allocator"],
@@ -262,12 +291,13 @@ def main(argv=None):
         return
     print(
         f"{'shape':14s} {'environment':12s} {'dtype':9s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} "
-        f"{'ratio':>7s} {'CPU ratio':>10s} {'sdpo_jax MFU':>13s}"
+        f"{'ratio':>7s} {'CPU ratio':>10s} {'TRL MFU':>8s} {'sdpo_jax MFU':>13s} {'ceiling':>8s}"
     )
     for r in rows:
         print(
             f"{r['shape']:14s} {r['environment']:12s} {r['dtype']:9s} {r['trl_pairs_per_s']:12.3f} "
-            f"{r['sdpo_jax_pairs_per_s']:17.3f} {r['ratio']:7.2f} {r['cpu_ratio']:10.2f} {r['sdpo_jax_mfu']:13.1%}"
+            f"{r['sdpo_jax_pairs_per_s']:17.3f} {r['ratio']:7.2f} {r['cpu_ratio']:10.2f} {r['trl_mfu']:8.1%} "
+            f"{r['sdpo_jax_mfu']:13.1%} {r['ratio_ceiling']:8.2f}"
         )
 
 
