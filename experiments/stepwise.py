@@ -50,7 +50,7 @@ from experiments.seed_run import (
     settings_record,
 )
 from experiments.summary import markdown_table, plot, summarize
-from experiments.tuning import QUICK_TUNING, TuningSettings, tune, tuned_dpo
+from experiments.tuning import QUICK_TUNING, TuningSettings, grid_table, tune, tuned_dpo
 from experiments.variants import VARIANT_NAMES, VARIANTS, DPOSettings
 
 #: The committed results behind docs/experiments.md.
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 + ")"
             )
+        print(grid_table(record))
         print(f"wrote {tuned}")
         return 0
     dpo_of = None

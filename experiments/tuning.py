@@ -81,6 +81,35 @@ def tuning_record(tuned_under: dict, tuning: TuningSettings, seeds: list[int], r
     }
 
 
+def grid_table(record: dict) -> str:
+    """tuning.json's grid as a markdown table: one row per variant, the validation reward at every point
+    (learning rate / beta), the chosen one in bold, and which edges of the grid the choice sits on."""
+    learning_rates, betas = record["tuning"]["learning_rates"], record["tuning"]["betas"]
+    points = [(learning_rate, beta) for learning_rate in learning_rates for beta in betas]
+    lines = [
+        "| variant | " + " | ".join(f"{lr:g} / {beta:g}" for lr, beta in points) + " | chosen | on the grid's edge |",
+        "|---|" + "---|" * (len(points) + 2),
+    ]
+    for name, variant in record["variants"].items():
+        reward = {(p["learning_rate"], p["beta"]): p["validation_reward"] for p in variant["grid"]}
+        best = (variant["best"]["learning_rate"], variant["best"]["beta"])
+        cells = [f"**{reward[p]:.3f}**" if p == best else f"{reward[p]:.3f}" for p in points]
+        edges = [
+            label
+            for label, on_edge in (
+                ("smallest lr", best[0] == min(learning_rates)),
+                ("largest lr", best[0] == max(learning_rates)),
+                ("smallest beta", best[1] == min(betas)),
+                ("largest beta", best[1] == max(betas)),
+            )
+            if on_edge
+        ]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {best[0]:g} / {best[1]:g} | {', '.join(edges) or 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def tuned_dpo(path: Path, run_settings: dict, dpo: DPOSettings, names: list[str]) -> dict[str, DPOSettings]:
     """Each variant's DPOSettings: ``dpo`` at the variant's chosen learning rate and beta from tuning.json at
     ``path``; refused (SystemExit naming the file) when it was tuned under other settings (anything but the

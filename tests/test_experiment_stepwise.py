@@ -24,7 +24,7 @@ from experiments.seed_run import QUICK, seed_problems, settings_from_record, set
 from experiments.sorting import EOS_ID, TOKEN_ID, Problem, build_tokenizer, reward, score, strip_eos
 from experiments.stepwise import main, run_seed
 from experiments.summary import _color, markdown_table, summarize
-from experiments.tuning import best_point, tuned_dpo
+from experiments.tuning import best_point, grid_table, tuned_dpo
 from experiments.variants import VARIANT_NAMES, VARIANTS, DPOSettings, variant_config
 
 
@@ -321,6 +321,23 @@ def test_the_best_grid_point_breaks_ties_to_the_lower_learning_rate_then_the_hig
     other = settings_record(QUICK) | {"samples": 4}
     with pytest.raises(SystemExit, match="tuned under other experiment settings"):
         tuned_dpo(path, other, QUICK.dpo, ["dpo"])
+
+
+def test_grid_table_marks_the_choice_and_the_edges_it_sits_on():
+    grid = [
+        {"learning_rate": lr, "beta": beta, "validation_reward": reward}
+        for (lr, beta), reward in zip([(1e-4, 0.5), (1e-4, 1.0), (2e-4, 0.5), (2e-4, 1.0)], [0.70, 0.72, 0.75, 0.71])
+    ]
+    record = {
+        "tuning": {"learning_rates": [1e-4, 2e-4], "betas": [0.5, 1.0]},
+        "variants": {"dpo": {"grid": grid, "best": best_point(grid)}},
+    }
+    table = grid_table(record)
+    assert (
+        table.splitlines()[0]
+        == "| variant | 0.0001 / 0.5 | 0.0001 / 1 | 0.0002 / 0.5 | 0.0002 / 1 | chosen | on the grid's edge |"
+    )
+    assert "| dpo | 0.700 | 0.720 | **0.750** | 0.710 | 0.0002 / 0.5 | largest lr, smallest beta |" in table
 
 
 @pytest.mark.slow
