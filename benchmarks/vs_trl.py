@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py [--shapes small,smollm2-135m] [--environments default,tuned]
         [--dtypes float32,bfloat16] [--rounds R] [--ours "EXTRA throughput.py FLAGS"] [--json]
         [--hidden ... --layers ... (override the shapes' sizes)]
+    python benchmarks/vs_trl.py --render benchmarks/results/vs_trl_DATE.json ...   # a saved run's table
 
 Shapes (random init): ``small`` hidden 256, 4 layers, 8 heads, 4 kv heads, vocab 8192, MLP 704,
 prompt 64 + completion 64, batch 8; ``smollm2-135m`` SmolLM2-135M's: hidden 576, 30 layers, 9
@@ -293,7 +294,11 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--trl-only", choices=("float32", "bfloat16"), help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--render", nargs="+", metavar="JSON", help="print the table of saved --json outputs and exit")
     a = p.parse_args(argv)
+    if a.render:
+        print(markdown_table([row for path in a.render for row in json.loads(Path(path).read_text())["results"]]))
+        return
     if a.trl_only:
         print(json.dumps(trl_pairs_per_s(_shape_args(a, "small"), a.trl_only)))
         return
@@ -313,16 +318,23 @@ def main(argv=None):
     if a.json:
         print(json.dumps({"args": vars(a), "machine": _machine(), "results": rows}))
         return
-    print(
-        f"{'shape':14s} {'environment':12s} {'dtype':9s} {'TRL pairs/s':>12s} {'sdpo_jax pairs/s':>17s} "
-        f"{'ratio':>7s} {'CPU ratio':>10s} {'TRL MFU':>8s} {'sdpo_jax MFU':>13s} {'ceiling':>8s}"
-    )
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The comparison as a markdown table, one row per shape, environment and dtype."""
+    lines = [
+        "| shape | environment | dtype | TRL pairs/s | sdpo_jax pairs/s | ratio | CPU-time ratio | TRL MFU | "
+        "sdpo_jax MFU | peak GFLOP/s | ceiling |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for r in rows:
-        print(
-            f"{r['shape']:14s} {r['environment']:12s} {r['dtype']:9s} {r['trl_pairs_per_s']:12.3f} "
-            f"{r['sdpo_jax_pairs_per_s']:17.3f} {r['ratio']:7.2f} {r['cpu_ratio']:10.2f} {r['trl_mfu']:8.1%} "
-            f"{r['sdpo_jax_mfu']:13.1%} {r['ratio_ceiling']:8.2f}"
+        lines.append(
+            f"| {r['shape']} | {r['environment']} | {r['dtype']} | {r['trl_pairs_per_s']:.3g} | "
+            f"{r['sdpo_jax_pairs_per_s']:.3g} | {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x | {r['trl_mfu']:.0%} | "
+            f"{r['sdpo_jax_mfu']:.0%} | {r['peak_flops'] / 1e9:.0f} | {r['ratio_ceiling']:.2f}x |"
         )
+    return "\n".join(lines)
 
 
 def _machine() -> dict:
