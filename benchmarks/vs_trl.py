@@ -81,17 +81,14 @@ TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:glibc.malloc.tr
 ENVIRONMENTS = {"default": {}, "tuned": {"GLIBC_TUNABLES": TUNED_MALLOC}}
 
 
-def trl_pairs_per_s(a, dtype: str) -> dict:
-    import torch
+def llama_config(a):
+    """The transformers LlamaConfig of ``a``'s shape, TRL's model in this comparison."""
     import transformers
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
 
-    intermediate = a.intermediate or int(round(8 * a.hidden / 3 / 64)) * 64
-    config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=a.vocab,
         hidden_size=a.hidden,
-        intermediate_size=intermediate,
+        intermediate_size=a.intermediate or int(round(8 * a.hidden / 3 / 64)) * 64,
         num_hidden_layers=a.layers,
         num_attention_heads=a.heads,
         num_key_value_heads=a.kv_heads,
@@ -100,6 +97,15 @@ def trl_pairs_per_s(a, dtype: str) -> dict:
         eos_token_id=2,
         bos_token_id=1,
     )
+
+
+def trl_pairs_per_s(a, dtype: str) -> dict:
+    import torch
+    import transformers
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    config = llama_config(a)
     torch.manual_seed(0)
     policy = transformers.AutoModelForCausalLM.from_config(config)
     reference = transformers.AutoModelForCausalLM.from_config(config)

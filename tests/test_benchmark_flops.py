@@ -22,18 +22,9 @@ SHAPE = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 300, "in
 @pytest.mark.parametrize("prompt_len, completion_len", [(12, 8), (5, 11)])
 def test_trl_step_flops_equal_pytorch_counted_forward_and_backward(prompt_len, completion_len):
     a = argparse.Namespace(**SHAPE, prompt_len=prompt_len, completion_len=completion_len, batch=1)
-    config = transformers.LlamaConfig(
-        vocab_size=a.vocab,
-        hidden_size=a.hidden,
-        intermediate_size=a.intermediate,
-        num_hidden_layers=a.layers,
-        num_attention_heads=a.heads,
-        num_key_value_heads=a.kv_heads,
-        max_position_embeddings=64,
-        attn_implementation="eager",  # explicit products, which the counter sees (it skips CPU SDPA kernels)
-    )
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    # TRL's model in the comparison, with explicit attention products, which the counter sees (it skips CPU SDPA)
+    model = transformers.AutoModelForCausalLM.from_config(vs_trl.llama_config(a), attn_implementation="eager")
     tokens = prompt_len + completion_len
     ids = torch.randint(3, a.vocab, (2, tokens))  # a pair: chosen and rejected rows
     with FlopCounterMode(display=False) as forward:
