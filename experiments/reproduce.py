@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from experiments.summary import final_reward
+
 #: Keys of a result that are not results: they are left out of the comparison.
 NOT_RESULTS = frozenset({"seconds", "wall_seconds_this_invocation", "provenance"})
 
@@ -68,7 +70,7 @@ def largest_final_change(committed: dict, now: dict) -> tuple[float, str]:
     """max over variants v of |final reward_now(v) - final reward_committed(v)| for one seed's results, and
     that variant's name."""
     return max(
-        (abs(now["variants"][name]["stages"][-1]["reward"] - variant["stages"][-1]["reward"]), name)
-        for name, variant in committed["variants"].items()
+        (abs(final_reward(now, name) - final_reward(committed, name)), name)
+        for name in committed["variants"]
         if name in now["variants"]
     )

@@ -67,10 +67,10 @@ def summarize(results: list[dict], names: list[str]) -> dict:
         }
     for name in names:
         summary["variants"][name]["seeds_best"] = sum(
-            all(_final(r, name) > _final(r, other) for other in names if other != name) for r in results
+            all(final_reward(r, name) > final_reward(r, other) for other in names if other != name) for r in results
         )
     summary["paired"] = [
-        {"a": a, "b": b, "a_above_b": sum(_final(r, a) > _final(r, b) for r in results), "of": len(results)}
+        {"a": a, "b": b, "a_above_b": sum(final_reward(r, a) > final_reward(r, b) for r in results), "of": len(results)}
         for a, b in COMPARISONS
         if a in names and b in names
     ]
@@ -102,8 +102,8 @@ COMPARISONS = (
 )
 
 
-def _final(result: dict, name: str) -> float:
-    """A seed's final-stage reward of a variant."""
+def final_reward(result: dict, name: str) -> float:
+    """A seed's (results.json's) final-stage reward of a variant."""
     return result["variants"][name]["stages"][-1]["reward"]
 
 

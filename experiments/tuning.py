@@ -85,7 +85,7 @@ def grid_table(record: dict) -> str:
     """tuning.json's grid as a markdown table: one row per variant, the validation reward at every point
     (learning rate / beta), the chosen one in bold, and which edges of the grid the choice sits on."""
     learning_rates, betas = record["tuning"]["learning_rates"], record["tuning"]["betas"]
-    points = [(learning_rate, beta) for learning_rate in learning_rates for beta in betas]
+    points = TuningSettings(learning_rates=learning_rates, betas=betas).grid()
     lines = [
         "| variant | " + " | ".join(f"{lr:g} / {beta:g}" for lr, beta in points) + " | chosen | on the grid's edge |",
         "|---|" + "---|" * (len(points) + 2),
